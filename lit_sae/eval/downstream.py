@@ -1,0 +1,186 @@
+"""Downstream loss: the language model's next-token loss with the hook point's activation replaced.
+
+For each batch of token contexts the LM runs four times: clean, with the activation replaced by the SAE's
+reconstruction, by zero, and by the mean activation. Reported (means over evaluated tokens):
+
+    clean_ce, sae_ce, zero_ce, mean_ce       next-token cross-entropy (nats)
+    delta_ce = sae_ce - clean_ce
+    kl_sae, kl_zero, kl_mean                 KL(clean || spliced) of the next-token distributions, per token
+    frac_recovered = (zero_ce - sae_ce) / (zero_ce - clean_ce)   (1: as good as clean, 0: as bad as zero ablation)
+    frac_recovered_mean                     the same relative to mean ablation
+
+Positions: the loss at position t is that of predicting token t+1 from the logits at t; positions t >= first_position
+are evaluated (default 1: all but the first). The activation is replaced only at evaluated positions, and not at
+tokens whose activation norm exceeds ``norm_threshold`` (the harvest's outlier filter): the SAE was never trained
+on either, and position 0 (an attention sink in most LMs) would otherwise dominate every number. Both counts are
+in the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lit_sae.data.lm import splice, truncated_forward
+from lit_sae.eval._sae import reconstructor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["make_contexts", "splice_mask", "mean_activation", "downstream_loss", "token_losses"]
+
+
+def make_contexts(tokenizer, documents: Iterable[str], context_length: int, n_contexts: int | None = None) -> Tensor:
+    """Token contexts (n, context_length) int64: each document tokenized and cut into consecutive full windows.
+
+    Windows never cross documents; a document's tail shorter than ``context_length`` is dropped."""
+    rows: list[list[int]] = []
+    for doc in documents:
+        ids = tokenizer(doc)["input_ids"]
+        for start in range(0, len(ids) - context_length + 1, context_length):
+            rows.append(ids[start : start + context_length])
+            if n_contexts is not None and len(rows) >= n_contexts:
+                return torch.tensor(rows, dtype=torch.long)
+    if not rows:
+        raise ValueError(f"no document has {context_length} tokens: cannot build evaluation contexts")
+    if n_contexts is not None and len(rows) < n_contexts:
+        log.warning("only %d contexts of %d tokens available (asked for %d)", len(rows), context_length, n_contexts)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def splice_mask(acts: Tensor, first_position: int = 1, norm_threshold: float | None = None) -> Tensor:
+    """(B, T) bool: where an activation (B, T, d) is replaced (position >= first_position, norm <= threshold)."""
+    B, T = acts.shape[:2]
+    mask = torch.arange(T, device=acts.device).expand(B, T) >= first_position
+    if norm_threshold is not None:
+        mask = mask & (acts.float().norm(dim=-1) <= norm_threshold)
+    return mask
+
+
+@torch.no_grad()
+def mean_activation(
+    model: nn.Module,
+    hook_point: str,
+    input_ids: Tensor,
+    *,
+    first_position: int = 1,
+    norm_threshold: float | None = None,
+    batch_size: int = 8,
+) -> Tensor:
+    """Mean activation (d,) float64 over the positions ``splice_mask`` selects (runs layers up to the hook only)."""
+    total, count = None, 0
+    device = _device(model)
+    for start in range(0, len(input_ids), batch_size):
+        acts = truncated_forward(model, input_ids[start : start + batch_size].to(device), hook_point)
+        mask = splice_mask(acts, first_position, norm_threshold)
+        s = acts[mask].double().sum(0)
+        total = s if total is None else total + s
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _replacer(kind: str, reconstruct, mean: Tensor | None, first_position: int, norm_threshold: float | None):
+    """fn(act (B, T, d)) -> act with the masked positions replaced as ``kind`` says."""
+
+    def fn(act: Tensor) -> Tensor:
+        mask = splice_mask(act, first_position, norm_threshold)
+        out = act.clone()
+        if kind == "sae":
+            out[mask] = reconstruct(act[mask]).to(act.dtype)
+        elif kind == "zero":
+            out[mask] = 0
+        elif kind == "mean":
+            out[mask] = mean.to(act.dtype)
+        else:  # pragma: no cover - internal
+            raise ValueError(kind)
+        return out
+
+    return fn
+
+
+def token_losses(logits: Tensor, input_ids: Tensor, clean_logprobs: Tensor | None, first_position: int):
+    """Per evaluated token: (cross-entropy (n,), log-probs (n, V), KL(clean || these) (n,) or None), float32.
+
+    logits (B, T, V) predict input_ids shifted by one; tokens at positions >= first_position (and < T - 1)."""
+    lp = F.log_softmax(logits[:, first_position:-1].float(), dim=-1).flatten(0, 1)
+    target = input_ids[:, first_position + 1 :].flatten().to(lp.device)
+    ce = -lp.gather(1, target[:, None]).squeeze(1)
+    kl = None
+    if clean_logprobs is not None:
+        kl = (clean_logprobs.exp() * (clean_logprobs - lp)).sum(-1)
+    return ce, lp, kl
+
+
+@torch.no_grad()
+def downstream_loss(
+    model: nn.Module,
+    hook_point: str,
+    sae: nn.Module | Callable[[Tensor], Tensor],
+    input_ids: Tensor,
+    *,
+    first_position: int = 1,
+    norm_threshold: float | None = None,
+    mean: Tensor | None = None,
+    batch_size: int = 8,
+    ablations: Sequence[str] = ("zero", "mean"),
+    progress: bool = True,
+) -> dict:
+    """Downstream loss of ``sae`` spliced into ``model`` at ``hook_point`` on contexts ``input_ids`` (n, T).
+
+    ``sae``: an SAE with encode/decode, or any function (N, d) -> (N, d) of input-space activations.
+    ``mean``: the mean-ablation vector (d,); computed over the same contexts when None.
+    Returns a dict of floats (see the module docstring) plus token counts."""
+    if input_ids.shape[1] < first_position + 2:
+        raise ValueError(f"contexts of {input_ids.shape[1]} tokens leave nothing to evaluate after {first_position}")
+    reconstruct = reconstructor(sae)
+    device = _device(model)
+    if "mean" in ablations and mean is None:
+        mean = mean_activation(model, hook_point, input_ids, first_position=first_position,
+                               norm_threshold=norm_threshold, batch_size=batch_size)
+    kinds = ["sae", *ablations]
+    sums = {f"{k}_ce": 0.0 for k in ["clean", *kinds]} | {f"kl_{k}": 0.0 for k in kinds}
+    n_tokens = n_spliced = n_candidates = 0
+    bar = tqdm(range(0, len(input_ids), batch_size), desc="downstream loss", unit="batch", disable=not progress)
+    for start in bar:
+        ids = input_ids[start : start + batch_size].to(device)
+        captured = {}
+
+        def capture(act: Tensor) -> Tensor:
+            captured["mask"] = splice_mask(act, first_position, norm_threshold)
+            return act
+
+        with splice(model, hook_point, capture):
+            clean_logits = model(input_ids=ids, use_cache=False).logits
+        ce, clean_lp, _ = token_losses(clean_logits, ids, None, first_position)
+        del clean_logits
+        sums["clean_ce"] += ce.double().sum().item()
+        n_tokens += ce.numel()
+        n_spliced += int(captured["mask"].sum())
+        n_candidates += captured["mask"].shape[0] * (captured["mask"].shape[1] - first_position)
+        for kind in kinds:
+            fn = _replacer(kind, reconstruct, mean, first_position, norm_threshold)
+            with splice(model, hook_point, fn):
+                logits = model(input_ids=ids, use_cache=False).logits
+            ce, _, kl = token_losses(logits, ids, clean_lp, first_position)
+            sums[f"{kind}_ce"] += ce.double().sum().item()
+            sums[f"kl_{kind}"] += kl.double().sum().item()
+        bar.set_postfix(delta_ce=(sums["sae_ce"] - sums["clean_ce"]) / n_tokens)
+    out = {k: v / n_tokens for k, v in sums.items()}
+    out["delta_ce"] = out["sae_ce"] - out["clean_ce"]
+    for kind in ablations:
+        gap = out[f"{kind}_ce"] - out["clean_ce"]
+        key = "frac_recovered" if kind == "zero" else f"frac_recovered_{kind}"
+        out[key] = (out[f"{kind}_ce"] - out["sae_ce"]) / gap if gap != 0 else math.nan
+    out.update(n_contexts=len(input_ids), context_length=int(input_ids.shape[1]), n_tokens=n_tokens,
+               n_spliced=n_spliced, n_kept_clean=n_candidates - n_spliced, first_position=first_position,
+               norm_threshold=norm_threshold, hook_point=hook_point)
+    return out
