@@ -1,0 +1,26 @@
+"""lit-sae: TopK sparse autoencoders (Gao et al., 2024) trained with PyTorch Lightning."""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# Lazy attributes: `import lit_sae` stays cheap, and `lit_sae.X` works for every public class.
+_EXPORTS = {
+    "TopKSAE": "lit_sae.sae",
+    "SAEOutput": "lit_sae.sae",
+    "SAEModule": "lit_sae.module",
+    "DeadLatentTracker": "lit_sae.callbacks.dead_latents",
+    "FeatureHistograms": "lit_sae.callbacks.histograms",
+    "ActivationDataModule": "lit_sae.data.datamodule",
+    "SyntheticDataModule": "lit_sae.data.synthetic",
+    "export_sae": "lit_sae.export",
+    "load_exported": "lit_sae.export",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lit_sae' has no attribute {name!r}")

@@ -1,0 +1,274 @@
+"""``SAEModule``: the paper's optimisation recipe for a ``TopKSAE`` as a LightningModule."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lit_sae.callbacks.dead_latents import DeadLatentTracker
+from lit_sae.ema import EMA
+from lit_sae.metrics import L0, NormalizedMSE
+from lit_sae.sae import SAEOutput, TopKSAE
+
+log = logging.getLogger(__name__)
+
+PAPER_LR = 2e-4  # Gao et al. 2024, section 2.3: lr = 2e-4 / sqrt(n_latents / 2^14)
+PAPER_EPS = 6.25e-10  # Adam epsilon of OpenAI's training code
+
+
+def default_lr(n_latents: int) -> float:
+    """The paper's learning-rate scaling law: 2e-4 at 16k latents, proportional to 1/sqrt(n_latents)."""
+    return PAPER_LR / math.sqrt(n_latents / 2**14)
+
+
+def batch_acts(batch: Any) -> Tensor:
+    """The activations of a batch: a dict with ``acts`` (from the DataModules) or a bare (B, d_in) tensor."""
+    return batch["acts"] if isinstance(batch, dict) else batch
+
+
+class SAEModule(L.LightningModule):
+    """Trains a TopK SAE as Gao et al. (2024) do.
+
+    Args:
+        d_in: width of the activations (linked from the data's manifest by the CLI).
+        n_latents: dictionary size.
+        k: active latents per token.
+        k_aux: latents in the AuxK loss (default d_in // 2).
+        auxk_coef: AuxK weight (1/32).
+        multi_topk: add L(4k)/8 to the loss.
+        activation: ``topk`` or ``batchtopk``.
+        normalize: input normalisation, ``none`` / ``scalar`` / ``layernorm``.
+        encoder_init_norm: row norm of W_enc at init (W_enc = this * W_dec^T).
+        fast: sparse kernels (False: dense reference path).
+        lr: Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14).
+        betas: Adam betas.
+        eps: Adam epsilon (6.25e-10, as OpenAI).
+        warmup_steps: linear warm-up steps (0: none).
+        decay_start: fraction of the run after which the LR decays linearly to 0 (null: constant).
+        ema_decay: EMA of the weights used for validation, test and export (null: off; paper: 0.999).
+        dead_after_tokens: a latent that has not fired for this many tokens is dead (10M, the paper's value).
+        init_tokens: tokens sampled at the start of a fit for b_pre (geometric median) and the scale.
+        hook_point: where the activations come from (recorded in exports; linked from the data).
+        lm_name: the language model (recorded in exports; linked from the data).
+        export_dir: where ``on_fit_end`` exports the SAE (default: ``<log_dir>/sae``; ``none`` disables).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int = 16384,
+        k: int = 32,
+        k_aux: Optional[int] = None,
+        auxk_coef: float = 1 / 32,
+        multi_topk: bool = False,
+        activation: Literal["topk", "batchtopk"] = "topk",
+        normalize: Literal["none", "scalar", "layernorm"] = "none",
+        encoder_init_norm: float = 1.0,
+        fast: bool = True,
+        lr: Optional[float] = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = PAPER_EPS,
+        warmup_steps: int = 0,
+        decay_start: Optional[float] = None,
+        ema_decay: Optional[float] = None,
+        dead_after_tokens: int = 10_000_000,
+        init_tokens: int = 32_768,
+        hook_point: Optional[str] = None,
+        lm_name: Optional[str] = None,
+        export_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        if lr is not None and lr <= 0:
+            raise ValueError(f"model.lr={lr} must be positive (or null for the paper's default)")
+        if decay_start is not None and not 0.0 <= decay_start <= 1.0:
+            raise ValueError(f"model.decay_start={decay_start} must be a fraction of the run in [0, 1]")
+        self.save_hyperparameters()
+        self.sae = TopKSAE(
+            d_in,
+            n_latents,
+            k,
+            k_aux=k_aux,
+            auxk_coef=auxk_coef,
+            multi_topk=multi_topk,
+            activation=activation,
+            normalize=normalize,
+            encoder_init_norm=encoder_init_norm,
+            fast=fast,
+        )
+        self.lr = lr if lr is not None else default_lr(n_latents)
+        self.ema = EMA(self.sae, ema_decay) if ema_decay is not None else None
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        self.dead_mask: Optional[Tensor] = None  # set before each step by DeadLatentTracker
+        self.val_nmse, self.val_l0 = NormalizedMSE(), L0()
+        self.test_nmse, self.test_l0 = NormalizedMSE(), L0()
+        self._eval_stack = ExitStack()
+        self._last_time: Optional[float] = None
+
+    # ------------------------------------------------------------------ set-up
+    def configure_callbacks(self):
+        """The dead-latent tracker is part of the recipe (AuxK needs its mask), so the module brings it."""
+        return [DeadLatentTracker(dead_after_tokens=self.hparams.dead_after_tokens)]
+
+    def on_fit_start(self) -> None:
+        """Initialise b_pre (geometric median) and the input scale from data, once: never on resume."""
+        if bool(self.sae.data_initialized):
+            return
+        sample = self._init_sample(self.hparams.init_tokens).to(self.device)
+        self.sae.init_from_data_(sample)
+        # Every rank must start from the same b_pre and scale, whatever its own sample was.
+        self.sae.b_pre.data.copy_(self.trainer.strategy.broadcast(self.sae.b_pre.data, src=0))
+        self.sae.norm_scale.copy_(self.trainer.strategy.broadcast(self.sae.norm_scale, src=0))
+        log.info("b_pre initialised at the geometric median of %d tokens", sample.shape[0])
+
+    def _init_sample(self, n_tokens: int) -> Tensor:
+        """A deterministic sample of training activations, from the DataModule's ``sample_activations`` if any."""
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "sample_activations"):
+            return dm.sample_activations(n_tokens).float()
+        chunks, have = [], 0
+        for batch in self.trainer.fit_loop._data_source.dataloader():
+            chunks.append(batch_acts(batch).float())
+            have += chunks[-1].shape[0]
+            if have >= n_tokens:
+                break
+        return torch.cat(chunks)[:n_tokens]
+
+    def configure_optimizers(self):
+        """Adam with the paper's betas and epsilon; optional linear warm-up and linear decay, per step."""
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
+        opt = torch.optim.Adam(
+            self.sae.parameters(), lr=self.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused
+        )
+        warmup, decay_start = self.hparams.warmup_steps, self.hparams.decay_start
+        if not warmup and decay_start is None:
+            return opt
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if decay_start is not None and not math.isfinite(total):
+            raise ValueError("model.decay_start needs a known run length: set trainer.max_steps")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, decay_start, int(total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
+        """Run the SAE on activations (B, d_in)."""
+        return self.sae(x, dead_mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """One step of the paper's objective; returns the sparse code for the callbacks."""
+        x = batch_acts(batch)
+        out = self.sae(x, self.dead_mask)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite training loss {out.loss.item()} at step {self.global_step}: stopping before the "
+                "weights are updated; the last checkpoint is still good (try a lower model.lr)"
+            )
+        tokens = x.shape[0] * self.trainer.world_size
+        self.tokens_seen += tokens
+        metrics = {
+            "train/loss": out.loss,
+            "train/nmse": out.nmse,
+            "train/auxk_loss": out.auxk_loss,
+            "train/l0": (out.latent_values > 0).sum(dim=1).float().mean(),
+        }
+        if self.hparams.multi_topk:
+            metrics["train/multik_loss"] = out.multik_loss
+        self.log_dict(metrics, prog_bar=False)
+        self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
+        now = time.perf_counter()
+        if self._last_time is not None:
+            self.log("tokens_per_s", tokens / max(now - self._last_time, 1e-9), prog_bar=True)
+        self._last_time = now
+        return {"loss": out.loss, "latent_values": out.latent_values.detach(), "latent_indices": out.latent_indices}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Keep decoder rows on the unit sphere: drop the gradient component along each row."""
+        self.sae.remove_parallel_grads_()
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Adam step, then renormalise the decoder rows and fold the weights into the EMA."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.sae.normalize_decoder_()
+        if self.ema is not None:
+            self.ema.update(self.sae)
+
+    # ------------------------------------------------------------------ evaluation
+    def _enter_ema(self) -> None:
+        if self.ema is not None:
+            self._eval_stack.enter_context(self.ema.swapped_into(self.sae))
+
+    def _exit_ema(self) -> None:
+        self._eval_stack.close()
+
+    def on_validation_epoch_start(self) -> None:
+        self._enter_ema()
+
+    def on_validation_epoch_end(self) -> None:
+        self._exit_ema()
+
+    def on_test_epoch_start(self) -> None:
+        self._enter_ema()
+
+    def on_test_epoch_end(self) -> None:
+        self._exit_ema()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Normalised MSE and L0 over the whole validation split (torchmetrics: exact across batches and ranks)."""
+        x = batch_acts(batch).float()
+        out = self.sae(x)
+        self.val_nmse.update(x, out.x_hat)
+        self.val_l0.update(out.latent_values)
+        self.log("val/nmse", self.val_nmse, prog_bar=True)
+        self.log("val/l0", self.val_l0)
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Like validation; returns what the evaluation callbacks need (see docs/CONTRACT.md)."""
+        x = batch_acts(batch).float()
+        out = self.sae(x)
+        self.test_nmse.update(x, out.x_hat)
+        self.test_l0.update(out.latent_values)
+        self.log("test/nmse", self.test_nmse)
+        self.log("test/l0", self.test_l0)
+        return {
+            "x": x,
+            "x_hat": out.x_hat,
+            "latent_values": out.latent_values,
+            "latent_indices": out.latent_indices,
+            "batch": batch,
+        }
+
+    # ------------------------------------------------------------------ export
+    def on_fit_end(self) -> None:
+        """Export the trained SAE (EMA weights when on) in SAELens's layout."""
+        if self.hparams.export_dir == "none" or not self.trainer.is_global_zero:
+            return
+        from lit_sae.export import export_sae
+
+        out = Path(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "sae")
+        with ExitStack() as stack:
+            if self.ema is not None:
+                stack.enter_context(self.ema.swapped_into(self.sae))
+            export_sae(self.sae, out, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name)
+        log.info("exported the SAE to %s", out)
+
+
+def _schedule(warmup: int, decay_start: Optional[float], total: int):
+    """LR multiplier per step: linear warm-up over ``warmup`` steps, linear decay to 0 from ``decay_start``."""
+    decay_from = int(decay_start * total) if decay_start is not None else None
+
+    def factor(step: int) -> float:
+        f = 1.0
+        if warmup and step < warmup:
+            f = (step + 1) / warmup
+        if decay_from is not None and step >= decay_from:
+            f = min(f, max(total - step, 0) / max(total - decay_from, 1))
+        return f
+
+    return factor

@@ -1,0 +1,250 @@
+"""The TopK sparse autoencoder of Gao et al. (2024) as a plain ``nn.Module``: no Lightning, no files, no DDP.
+
+    z = TopK(W_enc (x - b_pre) + b_enc)          (ReLU on the k kept values)
+    x_hat = W_dec^T z + b_pre                     (W_dec rows have unit norm)
+
+``x`` is first mapped into the SAE's space by the chosen input normalisation, and ``x_hat`` mapped back.
+Latents are kept sparse as (values, indices) pairs of shape (B, k); no dense (B, n_latents) code is built in
+training (the encoder's dense pre-activations exist only inside ``kernels.topk_encode``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lit_sae import kernels
+from lit_sae.losses import auxk_loss, normalized_mse
+from lit_sae.median import geometric_median
+
+Activation = Literal["topk", "batchtopk"]
+Normalize = Literal["none", "scalar", "layernorm"]
+
+LAYERNORM_EPS = 1e-5  # as in OpenAI's released v5 TopK SAEs (sparse_autoencoder/model.py, LN)
+
+
+class SAEOutput(NamedTuple):
+    """What ``TopKSAE.forward`` returns. Losses are computed in the SAE's (normalised) space."""
+
+    x_hat: Tensor
+    """(B, d_in) reconstruction, in the input's space (normalisation undone)."""
+    latent_values: Tensor
+    """(B, k) activations of the selected latents (ReLU applied; zero-padded rows for batchtopk)."""
+    latent_indices: Tensor
+    """(B, k) int64 indices of the selected latents."""
+    loss: Tensor
+    """Training objective: nmse + multik_loss / 8 (if Multi-TopK) + auxk_coef * auxk_loss."""
+    mse_loss: Tensor
+    """Mean squared error per element."""
+    nmse: Tensor
+    """MSE divided by the batch variance of x about its mean (fraction of variance unexplained)."""
+    auxk_loss: Tensor
+    """Normalised MSE of the dead latents' reconstruction of the residual; 0 when nothing is dead."""
+    multik_loss: Tensor
+    """Normalised MSE at k * multi_topk_factor latents; 0 when Multi-TopK is off."""
+
+
+class TopKSAE(nn.Module):
+    """TopK sparse autoencoder.
+
+    Args:
+        d_in: width of the activations.
+        n_latents: number of dictionary latents.
+        k: active latents per token.
+        k_aux: latents used by the AuxK loss (default d_in // 2, the paper's choice).
+        auxk_coef: weight of the AuxK loss (1/32 in the paper).
+        multi_topk: add L(multi_topk_factor * k) / 8 to the loss (the paper's Multi-TopK, factor 4).
+        activation: ``topk`` (per token) or ``batchtopk`` (k*B over the batch, threshold at inference).
+        normalize: ``none``, ``scalar`` (one factor with E||x||^2 = d_in) or ``layernorm`` (per token).
+        encoder_init_norm: row norm of W_enc at init (W_enc starts as the decoder's transpose times this).
+        fast: use the sparse custom-autograd kernels (False: the dense reference path, for checking).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        k: int,
+        *,
+        k_aux: Optional[int] = None,
+        auxk_coef: float = 1 / 32,
+        multi_topk: bool = False,
+        multi_topk_factor: int = 4,
+        activation: Activation = "topk",
+        normalize: Normalize = "none",
+        encoder_init_norm: float = 1.0,
+        threshold_momentum: float = 0.99,
+        fast: bool = True,
+    ):
+        super().__init__()
+        _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, multi_topk_factor)
+        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        self.k_aux = min(k_aux if k_aux is not None else d_in // 2, n_latents)
+        self.auxk_coef = auxk_coef
+        self.multi_topk, self.multi_topk_factor = multi_topk, multi_topk_factor
+        self.activation, self.normalize = activation, normalize
+        self.threshold_momentum = threshold_momentum
+        self.fast = fast
+
+        W_dec = torch.randn(n_latents, d_in)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.clone() * encoder_init_norm)
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_pre = nn.Parameter(torch.zeros(d_in))
+        # Estimated from data at the start of a fit; saved with the weights so a resume does not redo it.
+        self.register_buffer("norm_scale", torch.ones(()))
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("data_initialized", torch.zeros((), dtype=torch.bool))
+
+    # ---------------------------------------------------------------- normalisation
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """Map input-space activations (B, d_in) into the SAE's space; returns (x_n, state for ``denormalize``)."""
+        if self.normalize == "scalar":
+            return x * self.norm_scale, None
+        if self.normalize == "layernorm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            std = x.std(dim=-1, keepdim=True)
+            return x / (std + LAYERNORM_EPS), (mu, std)
+        return x, None
+
+    def denormalize(self, x_n: Tensor, state: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Inverse of ``normalize_input``; ``state`` is what it returned (needed for ``layernorm``)."""
+        if self.normalize == "scalar":
+            return x_n / self.norm_scale
+        if self.normalize == "layernorm":
+            if state is None:
+                raise ValueError("normalize='layernorm' needs the (mu, std) state returned by normalize_input")
+            mu, std = state
+            return x_n * (std + LAYERNORM_EPS) + mu
+        return x_n
+
+    @torch.no_grad()
+    def init_from_data_(self, sample: Tensor) -> None:
+        """Set the normalisation scale and b_pre (geometric median) from a sample (N, d_in) of activations."""
+        sample = sample.to(self.W_dec.device, torch.float32)
+        if self.normalize == "scalar":
+            mean_sq = sample.double().pow(2).sum(dim=1).mean()
+            self.norm_scale.fill_(math.sqrt(self.d_in / float(mean_sq)))
+        x_n, _ = self.normalize_input(sample)
+        self.b_pre.copy_(geometric_median(x_n))
+        self.data_initialized.fill_(True)
+
+    # ---------------------------------------------------------------- encode / decode
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Dense pre-activations (B, n_latents) of input-space ``x``; for analysis only, training never builds them."""
+        x_n, _ = self.normalize_input(x)
+        return (x_n - self.b_pre) @ self.W_enc.T + self.b_enc
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Sparse code of input-space ``x`` (B, d_in): (values (B, k), indices (B, k) int64), ReLU applied."""
+        x_n, _ = self.normalize_input(x)
+        values, indices, *_ = self._encode_n(x_n, None)
+        return values, indices
+
+    def decode(self, values: Tensor, indices: Tensor, norm_state=None) -> Tensor:
+        """x_hat (B, d_in) in input space = sum_i values_i W_dec[indices_i] + b_pre, normalisation undone."""
+        return self.denormalize(self._decode_n(values, indices) + self.b_pre, norm_state)
+
+    def _decode_n(self, values: Tensor, indices: Tensor) -> Tensor:
+        decode = kernels.sparse_decode if self.fast else kernels.naive_sparse_decode
+        return decode(values, indices, self.W_dec)
+
+    def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor]):
+        """Returns (values, indices, multi_values, multi_indices, aux_values, aux_indices) in the SAE's space."""
+        use_aux = dead_mask is not None and self.auxk_coef > 0
+        if self.activation == "batchtopk":
+            return self._encode_batchtopk(x_n, dead_mask if use_aux else None)
+        encode = kernels.topk_encode if self.fast else kernels.naive_topk_encode
+        out = encode(
+            x_n - self.b_pre,
+            self.W_enc,
+            self.b_enc,
+            self.k,
+            k_multi=self.k * self.multi_topk_factor if self.multi_topk else 0,
+            k_aux=self.k_aux if use_aux else 0,
+            dead_mask=dead_mask if use_aux else None,
+        )
+        return out.values, out.indices, out.multi_values, out.multi_indices, out.aux_values, out.aux_indices
+
+    def _encode_batchtopk(self, x_n: Tensor, dead_mask: Optional[Tensor]):
+        """BatchTopK (Bussmann et al., 2024): the k*B largest activations of the batch in training, a learned
+        threshold at inference. Rows are zero-padded to the batch's largest count. Dense reference path."""
+        pre = (x_n - self.b_pre) @ self.W_enc.T + self.b_enc
+        acts = torch.relu(pre)
+        if self.training:
+            flat = acts.flatten()
+            kept = flat.topk(min(self.k * acts.shape[0], flat.numel()), sorted=False)
+            mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, kept.indices, True).view_as(acts)
+            mask &= acts > 0
+            with torch.no_grad():
+                smallest = kept.values[kept.values > 0].min() if bool((kept.values > 0).any()) else None
+                if smallest is not None:
+                    m = self.threshold_momentum
+                    first = float(self.threshold) == 0.0
+                    self.threshold.copy_(smallest if first else m * self.threshold + (1 - m) * smallest)
+        else:
+            mask = acts > self.threshold
+        width = max(int(mask.sum(dim=1).max()), 1)
+        values, indices = torch.where(mask, acts, torch.zeros_like(acts)).topk(width, dim=1)
+        aux_values = aux_indices = None
+        if dead_mask is not None and bool(dead_mask.any()):
+            k_aux = min(self.k_aux, int(dead_mask.sum()))
+            aux = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=1)
+            aux_values, aux_indices = torch.relu(aux.values), aux.indices
+        return values, indices, None, None, aux_values, aux_indices
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
+        """Encode, decode and compute the losses of ``x`` (B, d_in); ``dead_mask`` (n_latents,) bool enables AuxK."""
+        # fp16/bf16 data is promoted to the weights' dtype; autocast still runs the products in low precision
+        x_n, state = self.normalize_input(x.to(self.W_dec.dtype))
+        values, indices, multi_values, multi_indices, aux_values, aux_indices = self._encode_n(x_n, dead_mask)
+        recon_n = (self._decode_n(values, indices) + self.b_pre).to(x_n.dtype)
+        nmse = normalized_mse(recon_n, x_n)
+        zero = nmse.new_zeros(())
+        multik = zero
+        if multi_values is not None:
+            multik = normalized_mse((self._decode_n(multi_values, multi_indices) + self.b_pre).to(x_n.dtype), x_n)
+        # b_pre stays out of the auxiliary reconstruction: it explains the residual x - x_hat, not x.
+        aux_recon = None if aux_values is None else self._decode_n(aux_values, aux_indices).to(x_n.dtype)
+        aux = auxk_loss(aux_recon, (x_n - recon_n).detach())
+        loss = nmse + multik / 8 + self.auxk_coef * aux
+        mse = (recon_n - x_n).pow(2).mean()
+        return SAEOutput(self.denormalize(recon_n, state), values, indices, loss, mse, nmse, aux, multik)
+
+    # ---------------------------------------------------------------- decoder constraints
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm (after each optimizer step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Remove from each decoder row's gradient its component along the row (before each optimizer step)."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.grad.sub_((self.W_dec.grad * W).sum(dim=1, keepdim=True) * W)
+
+
+def _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, multi_topk_factor) -> None:
+    """Reject settings that cannot train, with the key's name and a fix."""
+    if d_in <= 0 or n_latents <= 0:
+        raise ValueError(f"d_in ({d_in}) and n_latents ({n_latents}) must be positive")
+    if not 0 < k <= n_latents:
+        raise ValueError(f"k={k} must satisfy 0 < k <= n_latents={n_latents}: choose a k in that range")
+    if k_aux is not None and k_aux <= 0:
+        raise ValueError(f"k_aux={k_aux} must be positive (or null for the default d_in // 2)")
+    if activation not in ("topk", "batchtopk"):
+        raise ValueError(f"activation={activation!r}: use 'topk' or 'batchtopk'")
+    if normalize not in ("none", "scalar", "layernorm"):
+        raise ValueError(f"normalize={normalize!r}: use 'none', 'scalar' or 'layernorm'")
+    if multi_topk and activation == "batchtopk":
+        raise ValueError("multi_topk is only defined for activation='topk'")
+    if multi_topk and k * multi_topk_factor > n_latents:
+        raise ValueError(f"multi_topk needs k * {multi_topk_factor} <= n_latents ({n_latents}); lower k or disable it")
