@@ -1,5 +1,30 @@
-"""TopK encode / sparse decode kernels. PLACEHOLDER by the lead (dense reference only); the kernels owner replaces
-the fast path keeping these signatures (see docs/CONTRACT.md)."""
+"""TopK encode and sparse decode: a fast path that costs about one dense matmul per step, and the dense reference.
+
+Shapes (B = tokens, d = d_in, n = n_latents):
+    x_c: (B, d) = x_n - b_pre;  W_enc, W_dec: (n, d);  b_enc: (n,)
+    values: (B, k) ReLU applied;  indices: (B, k) int64.
+
+The only dense work a TopK SAE needs in training is the encoder's product ``x_c @ W_enc.T``. The fast path
+(``topk_encode``, ``sparse_decode``) therefore:
+
+- computes the pre-activations in row chunks of at most ``MAX_PREACT_BYTES`` (so the step never holds more than
+  one (B, n) buffer, and less for very wide dictionaries), selects top-k / top-k_multi / the AuxK top-k_aux among
+  dead latents from that same buffer, and drops it;
+- computes the encoder's backward (grads of x_c, W_enc, b_enc) from the selected (index, grad) pairs only, with
+  ``embedding_bag`` (a gather-and-sum forward whose weight-gradient is the scatter-add we need);
+- decodes with ``embedding_bag`` (gather-and-sum), whose backward touches only the selected rows of W_dec and
+  computes the values' gradient as row dot products.
+
+Selection order is defined exactly, so that the fast and the reference path agree even with ties: values in
+descending order, ties broken by the lower latent index first (what a stable descending sort gives). Rows whose
+pre-activations contain NaN have no defined selection.
+
+Under ``torch.autocast`` the encoder product runs in the autocast dtype (bf16: values come out in bf16, like the
+reference path); the sparse backward and the decoder accumulate in the parameters' dtype.
+
+The CUDA path is the same PyTorch code (no Triton kernels yet); it has not been run on a GPU in this repository's
+CI. ``scripts/gpu_check.sh`` checks it on a machine that has one.
+"""
 
 from __future__ import annotations
 
@@ -9,42 +34,269 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+MAX_PREACT_BYTES = 256 * 2**20
+"""Largest pre-activation chunk (rows x n_latents x element size) the fast encoder materialises at once.
+256 MiB holds a whole 4096 x 16384 fp32 batch (one chunk, no slicing overhead) and bounds a 2^20-latent
+dictionary to 64-row chunks instead of a 16 GiB buffer."""
+
 
 class EncodeOut(NamedTuple):
-    """values/indices (B, k); multi_* (B, k_multi) or None; aux_* (B, k_aux) or None."""
+    """Output of ``topk_encode`` / ``naive_topk_encode``. All values have ReLU applied; indices are int64."""
 
     values: Tensor
+    """(B, k) the k largest pre-activations per row, descending (ties: lower index first)."""
     indices: Tensor
+    """(B, k) their latent indices."""
     multi_values: Optional[Tensor]
+    """(B, k_multi) the k_multi largest (first k equal ``values``), or None when k_multi == 0."""
     multi_indices: Optional[Tensor]
+    """(B, k_multi) their indices, or None."""
     aux_values: Optional[Tensor]
+    """(B, min(k_aux, n_dead)) the largest pre-activations among dead latents, or None (no AuxK / nothing dead)."""
     aux_indices: Optional[Tensor]
+    """(B, min(k_aux, n_dead)) their (global) latent indices, or None."""
 
 
-def naive_topk_encode(x_c, W_enc, b_enc, k, *, k_multi=0, k_aux=0, dead_mask=None) -> EncodeOut:
-    """Dense reference: pre = x_c @ W_enc.T + b_enc, then top-k (and top-k_multi, and top-k_aux among dead)."""
-    pre = x_c @ W_enc.T + b_enc
-    top = pre.topk(max(k, k_multi), dim=1)
-    values, indices = F.relu(top.values), top.indices
+# ---------------------------------------------------------------------------------------------- exact selection
+def _stable_topk_reference(pre: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Top-K by a stable descending sort of whole rows: the definition of the selection order (slow)."""
+    vals, idx = torch.sort(pre, dim=1, descending=True, stable=True)
+    return vals[:, :K], idx[:, :K]
+
+
+def _order_ties_(vals: Tensor, idx: Tensor) -> None:
+    """In place: within each row (already sorted by value, descending), order equal values by ascending index."""
+    if vals.shape[1] < 2:
+        return
+    rows = (vals[:, 1:] == vals[:, :-1]).any(dim=1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    v, i = vals[rows], idx[rows]
+    o = i.argsort(dim=1)
+    v, i = v.gather(1, o), i.gather(1, o)
+    o = v.argsort(dim=1, descending=True, stable=True)
+    vals[rows], idx[rows] = v.gather(1, o), i.gather(1, o)
+
+
+def _topk_exact(pre: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Top-K of each row of ``pre`` (R, m) in the exact order (value descending, ties by lower index first).
+
+    One ``torch.topk`` of K+1 does the work; the extra element tells which rows have a tie across the selection
+    boundary. Only those rows are repaired: the places held by the boundary value T go to the lowest indices
+    whose value equals T (an index search over that row only). Returns (values (R, K'), indices (R, K') int64)
+    with K' = min(K, m).
+    """
+    m = pre.shape[1]
+    K = min(K, m)
+    if K == 0:
+        return pre.new_empty(pre.shape[0], 0), torch.empty(pre.shape[0], 0, dtype=torch.long, device=pre.device)
+    kk = min(K + 1, m)
+    vals, idx = pre.topk(kk, dim=1, largest=True, sorted=True)
+    boundary = vals[:, K] == vals[:, K - 1] if kk > K else None
+    vals, idx = vals[:, :K].contiguous(), idx[:, :K].contiguous()
+    if boundary is not None:
+        rows = boundary.nonzero().squeeze(1)
+        if rows.numel():
+            T = vals[rows, K - 1]
+            n_gt = (vals[rows] > T[:, None]).sum(dim=1)  # all elements > T are already selected
+            need = K - n_gt
+            cols = torch.arange(m, device=pre.device)
+            eq_pos = torch.where(pre[rows] == T[:, None], cols, m)
+            lowest = eq_pos.topk(int(need.max()), dim=1, largest=False, sorted=True).values
+            slot = torch.arange(K, device=pre.device)[None, :] - n_gt[:, None]  # place among the T's
+            fill = slot >= 0
+            from_T = lowest.gather(1, slot.clamp(0, lowest.shape[1] - 1))
+            idx[rows] = torch.where(fill, from_T, idx[rows])
+            vals[rows] = torch.where(fill, T[:, None].expand(-1, K), vals[rows])
+    _order_ties_(vals, idx)
+    return vals, idx
+
+
+# ---------------------------------------------------------------------------------------------- fast encoder
+def _compute_dtype(x_c: Tensor, W_enc: Tensor) -> torch.dtype:
+    """The dtype the dense product runs in: the autocast dtype when autocast is on for this device."""
+    dev = x_c.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x_c.dtype, W_enc.dtype)
+
+
+def _select_chunks(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, K: int, dead_idx: Optional[Tensor], k_aux: int):
+    """Dense pre-activations in row chunks; top-K and the AuxK selection from each chunk, then the chunk is freed."""
+    B, n = x_c.shape[0], W_enc.shape[0]
+    dt = _compute_dtype(x_c, W_enc)
+    xc, Wc, bc = x_c.to(dt), W_enc.to(dt), b_enc.to(dt)
+    rows_per_chunk = max(1, MAX_PREACT_BYTES // max(1, n * torch.finfo(dt).bits // 8))
+    vals = torch.empty(B, min(K, n), dtype=dt, device=x_c.device)
+    idx = torch.empty(B, min(K, n), dtype=torch.long, device=x_c.device)
+    ka = 0 if dead_idx is None else min(k_aux, dead_idx.numel())
+    aux_vals = torch.empty(B, ka, dtype=dt, device=x_c.device)
+    aux_idx = torch.empty(B, ka, dtype=torch.long, device=x_c.device)
+    with torch.autocast(x_c.device.type, enabled=False):
+        for r0 in range(0, B, rows_per_chunk):
+            r1 = min(B, r0 + rows_per_chunk)
+            pre = torch.addmm(bc, xc[r0:r1], Wc.t())
+            vals[r0:r1], idx[r0:r1] = _topk_exact(pre, K)
+            if ka:
+                # dead_idx is ascending, so "lower local index" is "lower latent index": the tie order carries over.
+                av, ai = _topk_exact(pre.index_select(1, dead_idx), ka)
+                aux_vals[r0:r1], aux_idx[r0:r1] = av, dead_idx[ai]
+            del pre
+    return vals, idx, aux_vals, aux_idx
+
+
+class _TopKEncode(torch.autograd.Function):
+    """values = ReLU(top-K of x_c @ W_enc.T + b_enc) (and AuxK values), backward from the selected pairs only."""
+
+    @staticmethod
+    def forward(ctx, x_c, W_enc, b_enc, K: int, k_aux: int, dead_idx: Optional[Tensor]):
+        vals, idx, aux_vals, aux_idx = _select_chunks(x_c, W_enc, b_enc, K, dead_idx, k_aux)
+        vals.relu_()
+        aux_vals.relu_()
+        ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
+        ctx.b_enc_meta = (b_enc.dtype, b_enc.shape)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        need_x, need_W, need_b = ctx.needs_input_grad[:3]
+        pt = W_enc.dtype
+        # d ReLU: the gradient passes where the kept value is > 0 (i.e. the pre-activation was > 0).
+        parts_g, parts_i = [], []
+        if g_vals is not None:
+            parts_g.append((g_vals * (vals > 0)).to(pt))
+            parts_i.append(idx)
+        if g_aux is not None and aux_idx.shape[1]:
+            parts_g.append((g_aux * (aux_vals > 0)).to(pt))
+            parts_i.append(aux_idx)
+        if not parts_g:
+            return None, None, None, None, None, None
+        g = torch.cat(parts_g, dim=1) if len(parts_g) > 1 else parts_g[0]
+        ii = torch.cat(parts_i, dim=1) if len(parts_i) > 1 else parts_i[0]
+        dx = dW = db = None
+        with torch.autocast(x_c.device.type, enabled=False):
+            if need_x or need_W:
+                # embedding_bag(ii, W, g) = sum_j g_j W[ii_j] is dx_c; its weight-gradient with grad_output = x_c is
+                # dW_enc[ii_j] += g_j * x_c (a scatter-add over the selected rows only).
+                with torch.enable_grad():
+                    Wd = W_enc.detach().requires_grad_(need_W)
+                    dx_full = F.embedding_bag(ii, Wd, per_sample_weights=g, mode="sum")
+                    if need_W:
+                        (dW,) = torch.autograd.grad(dx_full, Wd, x_c.detach().to(pt))
+                dx = dx_full.detach().to(x_c.dtype) if need_x else None
+            if need_b:
+                b_dtype, b_shape = ctx.b_enc_meta
+                db = torch.zeros(b_shape, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
+                db = db.to(b_dtype)
+        return dx, dW, db, None, None, None
+
+
+def _dead_indices(dead_mask: Optional[Tensor], k_aux: int, device) -> Optional[Tensor]:
+    """Ascending indices of dead latents, or None when AuxK is off or nothing is dead."""
+    if not k_aux or dead_mask is None:
+        return None
+    dead_idx = dead_mask.to(device).nonzero().squeeze(1)
+    return dead_idx if dead_idx.numel() else None
+
+
+def _check_encode_args(x_c: Tensor, W_enc: Tensor, k: int, k_multi: int) -> None:
+    """Shape and k checks shared by both encoders (errors name the argument)."""
+    if x_c.dim() != 2 or W_enc.dim() != 2 or x_c.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"x_c {tuple(x_c.shape)} and W_enc {tuple(W_enc.shape)} must be (B, d) and (n_latents, d)")
+    if not 0 < k <= W_enc.shape[0]:
+        raise ValueError(f"k={k} must satisfy 0 < k <= n_latents={W_enc.shape[0]}")
+    if k_multi and not k <= k_multi <= W_enc.shape[0]:
+        raise ValueError(f"k_multi={k_multi} must satisfy k={k} <= k_multi <= n_latents={W_enc.shape[0]}")
+
+
+def topk_encode(
+    x_c: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    k_multi: int = 0,
+    k_aux: int = 0,
+    dead_mask: Optional[Tensor] = None,
+) -> EncodeOut:
+    """Fast TopK encoder: one dense product, exact top-k / top-k_multi / AuxK selection, sparse backward.
+
+    x_c: (B, d) centred input (x_n - b_pre; the gradient reaches b_pre through that subtraction).
+    W_enc: (n, d); b_enc: (n,); dead_mask: (n,) bool or None. See ``EncodeOut`` for the outputs. Gradients flow
+    to x_c, W_enc and b_enc from values, multi_values and aux_values, computed from the selected indices only.
+    """
+    _check_encode_args(x_c, W_enc, k, k_multi)
+    K = max(k, k_multi)
+    dead_idx = _dead_indices(dead_mask, k_aux, x_c.device)
+    vals, idx, aux_vals, aux_idx = _TopKEncode.apply(x_c, W_enc, b_enc, K, k_aux, dead_idx)
+    multi = (vals, idx) if k_multi else (None, None)
+    aux = (aux_vals, aux_idx) if dead_idx is not None else (None, None)
+    return EncodeOut(vals[:, :k], idx[:, :k], *multi, *aux)
+
+
+# ---------------------------------------------------------------------------------------------- fast decoder
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """(B, d) = sum_j values[:, j, None] * W_dec[indices[:, j]], a gather-and-sum over the selected rows only.
+
+    values: (B, k) (cast to W_dec's dtype); indices: (B, k) int64, repeats allowed (they add up).
+    Backward: d values = rows of W_dec dotted with the output gradient; d W_dec = scatter-add into the used rows.
+    """
+    if values.dtype != W_dec.dtype:
+        values = values.to(W_dec.dtype)
+    with torch.autocast(values.device.type, enabled=False):
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
+# ---------------------------------------------------------------------------------------------- dense reference
+def _topk_reference(pre: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Top-K with the exact order: plain ``torch.topk``, and a stable full sort for the rows where ties make
+    topk's choice ambiguous (at the boundary or inside the selection)."""
+    K = min(K, pre.shape[1])
+    kk = min(K + 1, pre.shape[1])
+    vals, idx = pre.topk(kk, dim=1)
+    tied = (vals[:, 1:] == vals[:, :-1]).any(dim=1) if kk > 1 else torch.zeros_like(vals[:, 0], dtype=torch.bool)
+    vals, idx = vals[:, :K], idx[:, :K]
+    rows = tied.nonzero().squeeze(1)
+    if rows.numel():
+        _, sidx = _stable_topk_reference(pre[rows].detach(), K)
+        idx = idx.clone()
+        idx[rows] = sidx
+        vals = pre.gather(1, idx)
+    return vals, idx
+
+
+def naive_topk_encode(
+    x_c: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    k_multi: int = 0,
+    k_aux: int = 0,
+    dead_mask: Optional[Tensor] = None,
+) -> EncodeOut:
+    """Dense reference of ``topk_encode`` (same signature and outputs); plain autograd through a dense product,
+    so its backward builds dense (B, n) gradients. For tests and the benchmark's baseline."""
+    _check_encode_args(x_c, W_enc, k, k_multi)
+    pre = F.linear(x_c, W_enc, b_enc)
+    _, idx = _topk_reference(pre.detach(), max(k, k_multi))
+    values = F.relu(pre.gather(1, idx))
     mv = mi = av = ai = None
     if k_multi:
-        mv, mi = values, indices
-    if k_aux and dead_mask is not None and bool(dead_mask.any()):
-        ka = min(k_aux, int(dead_mask.sum()))
-        aux = pre.masked_fill(~dead_mask, float("-inf")).topk(ka, dim=1)
-        av, ai = F.relu(aux.values), aux.indices
-    return EncodeOut(values[:, :k], indices[:, :k], mv, mi, av, ai)
+        mv, mi = values, idx
+    dead_idx = _dead_indices(dead_mask, k_aux, x_c.device)
+    if dead_idx is not None:
+        dead = torch.zeros(W_enc.shape[0], dtype=torch.bool, device=x_c.device)
+        dead[dead_idx] = True
+        masked = pre.masked_fill(~dead, float("-inf"))
+        _, ai = _topk_reference(masked.detach(), min(k_aux, dead_idx.numel()))
+        av = F.relu(pre.gather(1, ai))
+    return EncodeOut(values[:, :k], idx[:, :k], mv, mi, av, ai)
 
 
 def naive_sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """Dense reference: scatter the code into (B, n_latents) and multiply by W_dec."""
+    """Dense reference of ``sparse_decode``: scatter-add the code into (B, n) and multiply by W_dec."""
     dense = torch.zeros(values.shape[0], W_dec.shape[0], dtype=values.dtype, device=values.device)
-    return dense.scatter(1, indices, values) @ W_dec.to(values.dtype)
-
-
-topk_encode = naive_topk_encode
-
-
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """(B, d) = sum_j values[:, j] * W_dec[indices[:, j]], touching only the selected rows."""
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return dense.scatter_add(1, indices, values) @ W_dec.to(values.dtype)

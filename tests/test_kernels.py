@@ -1,0 +1,237 @@
+"""The fast kernels against the dense reference (float64, outputs and every gradient), plus the properties that make
+them fast: no dense (B, n_latents) tensor in the backward, bounded pre-activation chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lit_sae import kernels
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+RTOL = 1e-6
+
+
+def _close(a, b, name):
+    """Relative closeness (to the larger tensor's scale), with a message naming the tensor."""
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+    err = (a - b).abs().max().item()
+    assert err <= RTOL * scale, f"{name}: max abs err {err:.3g} > {RTOL} x {scale:.3g}"
+
+
+def _inputs(B, d, n, device, *, integer=False, dup_rows=0, seed=0):
+    """Random float64 inputs. integer=True draws small integers so that pre-activations tie all over the place;
+    dup_rows copies encoder rows (and biases) so that whole columns of pre-activations tie."""
+    g = torch.Generator().manual_seed(seed)
+    if integer:
+        x = torch.randint(-2, 3, (B, d), generator=g).double()
+        W = torch.randint(-1, 2, (n, d), generator=g).double()
+        b = torch.randint(-1, 2, (n,), generator=g).double()
+    else:
+        x, W, b = torch.randn(B, d, generator=g), torch.randn(n, d, generator=g) / d**0.5, torch.randn(n, generator=g)
+        x, W, b = x.double(), W.double(), b.double() * 0.1
+    if dup_rows:
+        src = torch.randperm(n, generator=g)[:dup_rows]
+        dst = torch.randperm(n, generator=g)[:dup_rows]
+        W[dst], b[dst] = W[src], b[src]
+    return [t.to(device).requires_grad_() for t in (x, W, b)]
+
+
+def _run_encode(fn, x, W, b, k, k_multi, k_aux, dead_mask, seed=1):
+    """Outputs of ``fn`` and the gradients of a random linear function of all its value outputs."""
+    out = fn(x, W, b, k, k_multi=k_multi, k_aux=k_aux, dead_mask=dead_mask)
+    g = torch.Generator().manual_seed(seed)
+    loss = 0
+    for v in (out.values, out.multi_values, out.aux_values):
+        if v is not None:
+            loss = loss + (v * torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device)).sum()
+    grads = torch.autograd.grad(loss, (x, W, b))
+    return out, grads
+
+
+def _compare_encode(x, W, b, k, k_multi=0, k_aux=0, dead_mask=None):
+    fast, gf = _run_encode(kernels.topk_encode, x, W, b, k, k_multi, k_aux, dead_mask)
+    ref, gr = _run_encode(kernels.naive_topk_encode, x, W, b, k, k_multi, k_aux, dead_mask)
+    for name in kernels.EncodeOut._fields:
+        a, r = getattr(fast, name), getattr(ref, name)
+        assert (a is None) == (r is None), f"{name}: fast {a is None} vs reference {r is None}"
+        if a is None:
+            continue
+        if "indices" in name:
+            assert torch.equal(a, r), f"{name} differ"
+            assert a.dtype == torch.long
+        else:
+            _close(a, r, name)
+    for name, a, r in zip(("x_c", "W_enc", "b_enc"), gf, gr):
+        _close(a, r, f"grad {name}")
+    return fast
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "k,k_multi,k_aux,n_dead",
+    [(8, 0, 0, 0), (8, 32, 0, 0), (8, 0, 16, 40), (8, 32, 16, 40), (8, 0, 16, 5), (1, 4, 3, 1), (64, 64, 0, 0)],
+)
+def test_encode_matches_reference(device, k, k_multi, k_aux, n_dead):
+    x, W, b = _inputs(48, 24, 64 if k == 64 else 200, device)
+    dead = None
+    if n_dead:
+        dead = torch.zeros(W.shape[0], dtype=torch.bool, device=device)
+        dead[torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(3))[:n_dead].to(device)] = True
+    out = _compare_encode(x, W, b, k, k_multi, k_aux, dead)
+    if n_dead:
+        assert out.aux_values.shape[1] == min(k_aux, n_dead)
+        assert bool(dead[out.aux_indices].all()), "AuxK picked a live latent"
+    if k_multi:
+        assert torch.equal(out.multi_indices[:, :k], out.indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("integer,dup_rows", [(True, 0), (False, 30), (True, 30)])
+def test_encode_ties_match_reference_and_definition(device, integer, dup_rows):
+    x, W, b = _inputs(64, 12, 150, device, integer=integer, dup_rows=dup_rows, seed=5)
+    dead = torch.zeros(150, dtype=torch.bool, device=device)
+    dead[::3] = True
+    pre = torch.nn.functional.linear(x, W, b).detach()  # the product both paths compute (same rounding)
+    _, s_idx = torch.sort(pre, dim=1, descending=True, stable=True)
+    s_ties = (pre.sort(dim=1).values.diff(dim=1) == 0).any(dim=1)
+    assert bool(s_ties.all()), "test inputs should tie in every row"
+    out = _compare_encode(x, W, b, 10, 20, 12, dead)
+    assert torch.equal(out.multi_indices, s_idx[:, :20]), "order differs from a stable descending sort"
+    _, s_aux = torch.sort(pre.masked_fill(~dead, float("-inf")), dim=1, descending=True, stable=True)
+    assert torch.equal(out.aux_indices, s_aux[:, :12])
+
+
+def test_encode_chunked_rows_match(monkeypatch):
+    x, W, b = _inputs(37, 16, 100, "cpu", integer=True, seed=7)
+    dead = torch.rand(100, generator=torch.Generator().manual_seed(2)) < 0.3
+    # 5 rows of 100 float64 per chunk: 8 chunks, the last one partial.
+    monkeypatch.setattr(kernels, "MAX_PREACT_BYTES", 5 * 100 * 8)
+    _compare_encode(x, W, b, 6, 24, 9, dead)
+
+
+def test_encode_without_dead_or_k_aux_gives_no_aux():
+    x, W, b = _inputs(8, 8, 32, "cpu")
+    none_dead = torch.zeros(32, dtype=torch.bool)
+    for k_aux, dead in [(0, torch.ones(32, dtype=torch.bool)), (4, None), (4, none_dead)]:
+        out = kernels.topk_encode(x, W, b, 4, k_aux=k_aux, dead_mask=dead)
+        assert out.aux_values is None and out.aux_indices is None and out.multi_values is None
+
+
+def test_encode_rejects_bad_k():
+    x, W, b = _inputs(4, 8, 16, "cpu")
+    with pytest.raises(ValueError, match="k=17"):
+        kernels.topk_encode(x, W, b, 17)
+    with pytest.raises(ValueError, match="k_multi=2"):
+        kernels.topk_encode(x, W, b, 4, k_multi=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_matches_reference_with_repeated_indices(device):
+    g = torch.Generator().manual_seed(0)
+    B, k, n, d = 40, 12, 30, 20
+    values = torch.randn(B, k, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    indices = torch.randint(0, n, (B, k), generator=g).to(device)
+    indices[:, 1] = indices[:, 0]  # every row repeats an index
+    W = torch.randn(n, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    gout = torch.randn(B, d, generator=g, dtype=torch.float64).to(device)
+    res = []
+    for fn in (kernels.sparse_decode, kernels.naive_sparse_decode):
+        out = fn(values, indices, W)
+        res.append((out, *torch.autograd.grad(out, (values, W), gout)))
+    for name, a, r in zip(("x_hat", "grad values", "grad W_dec"), *res):
+        _close(a, r, name)
+
+
+class _ShapeLog(TorchDispatchMode):
+    """Records the shape of every tensor an op produces (to prove no dense (B, n) tensor is built)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_no_dense_latent_tensor_in_backward_and_chunked_forward(monkeypatch):
+    B, d, n = 64, 16, 512
+    x, W, b = _inputs(B, d, n, "cpu")
+    Wd = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[:100] = True
+    monkeypatch.setattr(kernels, "MAX_PREACT_BYTES", 16 * n * 8)  # 16-row chunks
+    fwd, bwd = _ShapeLog(), _ShapeLog()
+    with fwd:
+        out = kernels.topk_encode(x, W, b, 8, k_multi=32, k_aux=16, dead_mask=dead)
+        loss = kernels.sparse_decode(out.values, out.indices, Wd).square().sum()
+        loss = loss + kernels.sparse_decode(out.multi_values, out.multi_indices, Wd).square().sum()
+        loss = loss + kernels.sparse_decode(out.aux_values, out.aux_indices, Wd).square().sum()
+    with bwd:
+        loss.backward()
+    assert (16, n) in fwd.shapes  # the chunks did run
+    assert max(s[0] * s[1] for s in fwd.shapes if len(s) == 2 and s[1] == n) <= 16 * n
+    assert not [s for s in bwd.shapes if len(s) == 2 and s == (B, n)], "dense (B, n) tensor in the backward"
+    assert W.grad is not None and Wd.grad is not None and x.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_runs_and_stays_close(device):
+    g = torch.Generator().manual_seed(0)
+    B, d, n, k = 64, 32, 256, 8
+    x = torch.randn(B, d, generator=g).to(device).requires_grad_()
+    W = (torch.randn(n, d, generator=g) / d**0.5).to(device).requires_grad_()
+    b = torch.zeros(n, device=device, requires_grad=True)
+    Wd = (torch.randn(n, d, generator=g) / d**0.5).to(device).requires_grad_()
+    dead = torch.zeros(n, dtype=torch.bool, device=device)
+    dead[:50] = True
+
+    def step(autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = kernels.topk_encode(x, W, b, k, k_multi=4 * k, k_aux=16, dead_mask=dead)
+            x_hat = kernels.sparse_decode(out.values, out.indices, Wd)
+            aux = kernels.sparse_decode(out.aux_values, out.aux_indices, Wd)
+            loss = (x_hat.float() - x).square().mean() + aux.float().square().mean()
+        grads = torch.autograd.grad(loss, (x, W, b, Wd))
+        return out, loss, grads
+
+    out16, loss16, g16 = step(True)
+    out32, loss32, g32 = step(False)
+    assert out16.values.dtype == torch.bfloat16 and out32.values.dtype == torch.float32
+    assert torch.isfinite(loss16) and abs(loss16.item() - loss32.item()) < 0.05 * loss32.item()
+    for a, r in zip(g16, g32):
+        assert a.dtype == r.dtype == torch.float32 and torch.isfinite(a).all()
+        assert (a - r).norm() < 0.1 * r.norm()
+
+
+def _sae_loss_curve(fast: bool, steps: int = 50):
+    sae_mod = pytest.importorskip("lit_sae.sae")
+    torch.manual_seed(0)
+    sae = sae_mod.TopKSAE(16, 96, 4, k_aux=8, multi_topk=True, fast=fast).double()
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(steps, 64, 16, generator=g, dtype=torch.float64) + 0.5
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::4] = True  # a fixed set of "dead" latents so that AuxK contributes every step
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    curve = []
+    for x in data:
+        out = sae(x, dead_mask=dead)
+        opt.zero_grad()
+        out.loss.backward()
+        sae.remove_parallel_grads_()
+        opt.step()
+        sae.normalize_decoder_()
+        curve.append(out.loss.item())
+    return torch.tensor(curve, dtype=torch.float64)
+
+
+def test_topksae_fast_and_naive_train_identically():
+    fast, naive = _sae_loss_curve(True), _sae_loss_curve(False)
+    assert fast[-1] < fast[0], "loss did not go down"
+    assert torch.allclose(fast, naive, rtol=1e-9, atol=0), f"max diff {(fast - naive).abs().max():.3g}"
