@@ -424,13 +424,20 @@ def read_manifest(path_or_url: str) -> dict:
 
 
 def _load_npy(data: Any, source: str, member: str) -> np.ndarray:
-    """Parse one .npy member (bytes) without pickle; numpy arrays pass through."""
+    """Parse one .npy member without pickle and without copying (a read-only view on ``data``)."""
     if isinstance(data, np.ndarray):
         return data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ShardError(f"{source}: member {member} is {type(data).__name__}, expected .npy bytes")
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        f = io.BytesIO(data)
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject or fortran:
+            raise ValueError(f"unsupported array layout (dtype {dtype}, fortran_order={fortran})")
+        count = int(np.prod(shape)) if shape else 1
+        return np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
     except Exception as exn:
         raise ShardError(f"{source}: member {member} is not a valid .npy array ({exn}); the shard is corrupt: "
                          f"{_FIX_HINT}") from exn
@@ -438,36 +445,21 @@ def _load_npy(data: Any, source: str, member: str) -> np.ndarray:
 
 def nonfinite_rows(acts: np.ndarray, dtype: str) -> np.ndarray:
     """Boolean (T,) mask of rows with any NaN/Inf, for stored fp16 or bf16-bits arrays."""
-    if dtype == "bfloat16":
-        # bf16 is non-finite iff all 8 exponent bits are set; test the bits instead of converting to float.
-        bad = (acts & np.uint16(0x7F80)) == np.uint16(0x7F80)
-    else:
-        bad = ~np.isfinite(acts)
-    return bad.any(axis=1)
+    # A float is non-finite iff all its exponent bits are set. Testing the bits is ~8x faster than np.isfinite on
+    # fp16 and works for bf16 (stored as uint16) too; the max() fast path keeps the common all-finite case cheap.
+    mask = np.uint16(0x7F80 if dtype == "bfloat16" else 0x7C00)
+    exp = np.bitwise_and(acts.view(np.uint16), mask)
+    if acts.size == 0 or exp.max() < mask:
+        return np.zeros(acts.shape[0], dtype=bool)
+    return (exp == mask).any(axis=1)
 
 
-def decode_block(
-    sample: dict,
-    manifest: dict,
-    source_name: str,
-    *,
-    nonfinite: str = "raise",
-) -> dict:
-    """Decode and validate one tar sample (a block) against the manifest.
+def decode_block_arrays(sample: dict, manifest: dict, source_name: str) -> dict:
+    """Validate one tar sample against the manifest and return zero-copy numpy views (no non-finite check).
 
-    Args:
-        sample: webdataset sample: ``{"__key__", "acts.npy", "tok.npy", "ctx.npy", "pos.npy"}`` with .npy bytes
-            (already-decoded numpy arrays are accepted too).
-        manifest: the shard folder's manifest (d_in, dtype, block_tokens).
-        source_name: file name used in error messages (the shard's URL or path).
-        nonfinite: "raise" (default) raises ShardError on NaN/Inf; "drop" removes those rows; "keep" skips the check.
-
-    Returns:
-        ``{"key", "acts": torch (T, d_in) float16/bfloat16, "tok": torch (T,) int32, "ctx": torch (T,) int64,
-        "pos": torch (T,) int32, "n_nonfinite": int}`` (rows dropped when nonfinite="drop").
-
-    Raises:
-        ShardError(f"{source_name}: {problem}") on a missing member, wrong shape, wrong dtype or non-finite values.
+    Returns ``{"key", "acts": (T, d_in) np.float16 or bf16 bits as np.uint16, "tok": (T,) int32,
+    "ctx": (T,) int64, "pos": (T,) int32}``; arrays may be read-only views on the sample's bytes.
+    Raises ShardError naming ``source_name`` and the block on a missing member, wrong shape or wrong dtype.
     """
     key = sample.get("__key__", "?")
     where = f"{source_name} (block {key})"
@@ -493,33 +485,67 @@ def decode_block(
     if t > manifest["block_tokens"]:
         raise ShardError(f"{where}: block has {t} rows, more than manifest block_tokens={manifest['block_tokens']}; "
                          f"{_FIX_HINT}")
-    ids = {}
+    out = {"key": key, "acts": acts}
     for name, np_dtype in (("tok", np.int32), ("ctx", np.int64), ("pos", np.int32)):
         a = _load_npy(sample[f"{name}.npy"], where, f"{name}.npy")
         if a.shape != (t,) or a.dtype != np.dtype(np_dtype):
             raise ShardError(f"{where}: {name}.npy is {a.dtype}{a.shape}, expected {np.dtype(np_dtype)}({t},); "
                              f"{_FIX_HINT}")
-        ids[name] = a
+        out[name] = a
+    return out
+
+
+def nonfinite_error(where: str, bad: np.ndarray, ctx: np.ndarray, pos: np.ndarray) -> ShardError:
+    """The ShardError for a block with non-finite rows (``bad``: (T,) bool mask)."""
+    first = int(np.flatnonzero(bad)[0])
+    return ShardError(
+        f"{where}: {int(bad.sum())} of {bad.shape[0]} rows hold NaN/Inf activations (first at row {first}, ctx "
+        f"{int(ctx[first])}, pos {int(pos[first])}); re-harvest with a finite model/dtype, or set "
+        "data.skip_nonfinite=true to skip such rows with a warning"
+    )
+
+
+def decode_block(
+    sample: dict,
+    manifest: dict,
+    source_name: str,
+    *,
+    nonfinite: str = "raise",
+) -> dict:
+    """Decode and validate one tar sample (a block) against the manifest, as torch tensors.
+
+    Args:
+        sample: webdataset sample: ``{"__key__", "acts.npy", "tok.npy", "ctx.npy", "pos.npy"}`` with .npy bytes
+            (already-decoded numpy arrays are accepted too).
+        manifest: the shard folder's manifest (d_in, dtype, block_tokens).
+        source_name: file name used in error messages (the shard's URL or path).
+        nonfinite: "raise" (default) raises ShardError on NaN/Inf; "drop" removes those rows; "keep" skips the check.
+
+    Returns:
+        ``{"key", "acts": torch (T, d_in) float16/bfloat16, "tok": torch (T,) int32, "ctx": torch (T,) int64,
+        "pos": torch (T,) int32, "n_nonfinite": int}`` (rows dropped when nonfinite="drop").
+
+    Raises:
+        ShardError(f"{source_name} (block KEY): {problem}") on a missing member, wrong shape or dtype, or NaN/Inf.
+    """
+    if nonfinite not in ("raise", "drop", "keep"):
+        raise ValueError(f"nonfinite must be 'raise', 'drop' or 'keep', got {nonfinite!r}")
+    b = decode_block_arrays(sample, manifest, source_name)
+    arrays = {k: b[k] for k in ("acts", "tok", "ctx", "pos")}
     n_bad = 0
     if nonfinite != "keep":
-        bad = nonfinite_rows(acts, dtype)
+        bad = nonfinite_rows(arrays["acts"], manifest["dtype"])
         n_bad = int(bad.sum())
         if n_bad and nonfinite == "raise":
-            first = int(np.flatnonzero(bad)[0])
-            raise ShardError(
-                f"{where}: {n_bad} of {t} rows hold NaN/Inf activations (first at row {first}, ctx "
-                f"{int(ids['ctx'][first])}, pos {int(ids['pos'][first])}); re-harvest with a finite model/dtype, or "
-                "set data.skip_nonfinite=true to skip such rows with a warning"
-            )
+            raise nonfinite_error(f"{source_name} (block {b['key']})", bad, arrays["ctx"], arrays["pos"])
         if n_bad:
-            keep = ~bad
-            acts = acts[keep]
-            ids = {k: v[keep] for k, v in ids.items()}
+            arrays = {k: v[~bad] for k, v in arrays.items()}
+    arrays = {k: np.array(v) for k, v in arrays.items()}  # writable copies (the views share the tar bytes)
     return {
-        "key": key,
-        "acts": from_storage(acts, dtype),
-        "tok": torch.from_numpy(ids["tok"]),
-        "ctx": torch.from_numpy(ids["ctx"]),
-        "pos": torch.from_numpy(ids["pos"]),
+        "key": b["key"],
+        "acts": from_storage(arrays["acts"], manifest["dtype"]),
+        "tok": torch.from_numpy(arrays["tok"]),
+        "ctx": torch.from_numpy(arrays["ctx"]),
+        "pos": torch.from_numpy(arrays["pos"]),
         "n_nonfinite": n_bad,
     }

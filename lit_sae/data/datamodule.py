@@ -1,0 +1,701 @@
+"""Streaming activation shards into training: ``ActivationDataModule``.
+
+How one epoch is laid out (deterministic given seed, epoch, world size, workers, batch and buffer sizes):
+
+1. The train split's shards (as listed in manifest.json) are put in a seeded order for the epoch; their tokens,
+   concatenated in that order, form the epoch's token sequence of N tokens.
+2. Each of the W ranks gets an equal contiguous slice of ``n * batch_size_tokens`` tokens, with
+   ``n = N // (W * batch_size_tokens)`` batches per rank. **Drop rule:** the last ``N - W * n * B`` tokens of the
+   epoch's sequence (fewer than W * B tokens, so less than one batch per rank) are not used in that epoch; as the
+   shard order changes each epoch, so do the dropped tokens. Every other stored token is used exactly once.
+   Slices cut through shards and blocks, so any shard count works with any W and number of workers.
+3. Within a rank, DataLoader worker k gets a contiguous part of the rank's slice holding the batches it returns,
+   ``n // K + (k < n % K)``; the DataLoader takes batches round-robin from its workers, so batch j of the rank comes
+   from worker ``j % K``.
+4. Token shuffle: each worker cuts its part into windows of ``shuffle_buffer_tokens`` tokens (several blocks from
+   several contexts), permutes every window with a seeded permutation and cuts batches from the concatenated,
+   permuted windows. Batch composition is thus a pure function of token positions, which is what lets a resumed run
+   skip exactly the batches already consumed without reading them.
+
+Resume: the DataModule counts train batches in ``on_before_batch_transfer`` (main process, after Lightning's
+prefetch, so a checkpoint taken after batch i counts i + 1) and saves ``{epoch, batches_consumed}`` in
+``state_dict``; on resume each worker starts at its share of the consumed batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, Iterator, NamedTuple, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lit_sae.data.shards import (
+    ShardError,
+    ShardNotFoundError,
+    decode_block_arrays,
+    from_storage,
+    is_url,
+    manifest_location,
+    nonfinite_error,
+    nonfinite_rows,
+    read_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+_FIX = "re-run `lit-sae harvest` for this folder (it resumes after the last complete shard) or restore the file"
+
+
+class ShardRef(NamedTuple):
+    """One shard of a split: where to open it, its manifest name and token count."""
+
+    url: str
+    name: str
+    tokens: int
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading token ranges out of shards
+
+
+def _open(url: str):
+    """Open a shard for reading with webdataset's gopen (local paths, file:, http(s):, pipe:, gs:, ...)."""
+    import webdataset as wds
+
+    try:
+        return wds.gopen(url, "rb")
+    except FileNotFoundError as exn:
+        raise ShardNotFoundError(f"{url}: shard listed in manifest.json is missing; {_FIX}") from exn
+    except Exception as exn:
+        raise ShardError(f"{url}: cannot open shard ({type(exn).__name__}: {exn}); check the path or URL") from exn
+
+
+def read_shard(
+    ref: ShardRef, manifest: dict, start: int = 0, stop: Optional[int] = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield validated pieces of rows ``[start, stop)`` of one shard: dicts of numpy acts/tok/ctx/pos (views).
+
+    Blocks before ``start`` are skipped without being decoded (block b starts at row b * block_tokens, as
+    ShardWriter writes them). Raises ShardError naming the shard for a truncated or corrupt tar, a block out of
+    place, or a shard holding fewer rows than the manifest lists.
+    """
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    stop = ref.tokens if stop is None else stop
+    if not 0 <= start <= stop <= ref.tokens:
+        raise ValueError(f"bad row range [{start}, {stop}) for {ref.name} with {ref.tokens} rows")
+    if start == stop:
+        return
+    bt = manifest["block_tokens"]
+    first_block = start // bt
+    prefix = ref.name[:-4] if ref.name.endswith(".tar") else ref.name
+
+    def block_of(fname: str) -> int:
+        try:
+            return int(fname.split(".", 1)[0].rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            return first_block  # not a lit-sae member name: let decoding report it
+
+    def wanted(fname: str) -> bool:
+        return block_of(fname) >= first_block
+
+    stream = _open(ref.url)
+    offset = None
+    pending: dict[str, Any] = {}
+    try:
+        files = tar_file_iterator(stream, select_files=wanted if first_block else None)
+        for f in files:
+            key, ext = base_plus_ext(f["fname"])
+            if key is None:
+                continue
+            if pending and pending["__key__"] != key:
+                raise ShardError(f"{ref.url} (block {pending['__key__']}): incomplete block, members "
+                                 f"{sorted(k for k in pending if k != '__key__')}; the shard is corrupt: {_FIX}")
+            pending["__key__"] = key
+            pending[ext.lower()] = f["data"]
+            if len(pending) < 5:
+                continue
+            sample, pending = pending, {}
+            if not key.startswith(prefix + "-"):
+                raise ShardError(f"{ref.url}: holds block {key}, expected blocks named {prefix}-NNNNN; the file was "
+                                 f"renamed or mixed up with another shard: {_FIX}")
+            b = decode_block_arrays(sample, manifest, ref.url)
+            n = b["acts"].shape[0]
+            blk = block_of(key)
+            if offset is None:
+                offset = blk * bt
+            if blk * bt != offset:
+                raise ShardError(f"{ref.url} (block {key}): starts at row {offset}, expected {blk * bt} "
+                                 f"(block_tokens={bt}); a short block sits before the end of the shard: {_FIX}")
+            lo, hi = max(start - offset, 0), min(stop - offset, n)
+            if hi > lo:
+                yield {k: b[k][lo:hi] for k in ("acts", "tok", "ctx", "pos")}
+            offset += n
+            if offset >= stop:
+                if offset > ref.tokens:
+                    raise ShardError(f"{ref.url}: holds more than the {ref.tokens} rows manifest.json lists; the "
+                                     f"shard and manifest disagree: {_FIX}")
+                return
+    except ShardError:
+        raise
+    except Exception as exn:
+        raise ShardError(f"{ref.url}: truncated or corrupt tar ({type(exn).__name__}: {exn}); {_FIX}") from exn
+    finally:
+        stream.close()
+    got = first_block * bt if offset is None else offset
+    raise ShardError(f"{ref.url}: ends after {got} rows but manifest.json lists {ref.tokens}; the shard is truncated "
+                     f"or was replaced after harvest: {_FIX}")
+
+
+def read_range(shards: list[ShardRef], manifest: dict, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+    """Yield pieces of tokens ``[start, stop)`` of the sequence formed by concatenating ``shards`` in order."""
+    offset = 0
+    for ref in shards:
+        lo, hi = offset, offset + ref.tokens
+        offset = hi
+        if hi <= start:
+            continue
+        if lo >= stop:
+            return
+        yield from read_shard(ref, manifest, max(start - lo, 0), min(stop, hi) - lo)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The per-rank stream
+
+
+class ActivationStream(IterableDataset):
+    """Dict batches of one split for one rank; splits its work over DataLoader workers itself (see module doc).
+
+    Use with ``DataLoader(stream, batch_size=None, num_workers=K)``. ``len(stream)`` is the rank's batch count for
+    the epoch (equal on every rank).
+
+    Args:
+        shards: the split's shards, in manifest order.
+        manifest: the folder's manifest (d_in, dtype, block_tokens).
+        batch_size_tokens: tokens per batch (B).
+        rank, world_size: this process's rank and the number of ranks.
+        seed: fixes the shard order and the token permutations.
+        shuffle: shuffle shards and tokens (train); False reads in manifest order (val/test).
+        shuffle_buffer_tokens: window of the token shuffle (tokens mixed together); 0 keeps the stored order.
+        drop_last: True (train): every rank gets n = N // (W * B) full batches. False (eval): each rank gets
+            N // W tokens and the last batch of a worker may be short.
+        max_tokens: use only the first max_tokens tokens of the split (eval subsets).
+        skip_nonfinite: drop rows holding NaN/Inf (counted in each batch's "nonfinite_skipped") instead of raising.
+    """
+
+    def __init__(
+        self,
+        shards: list[ShardRef],
+        manifest: dict,
+        *,
+        batch_size_tokens: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer_tokens: int = 65536,
+        drop_last: bool = True,
+        max_tokens: Optional[int] = None,
+        skip_nonfinite: bool = False,
+    ):
+        super().__init__()
+        if batch_size_tokens <= 0:
+            raise ValueError(f"batch_size_tokens must be positive, got {batch_size_tokens}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.shards = list(shards)
+        self.manifest = manifest
+        self.batch_size_tokens = int(batch_size_tokens)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.shuffle_buffer_tokens = max(int(shuffle_buffer_tokens), 0)
+        self.drop_last = bool(drop_last)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        total = sum(s.tokens for s in self.shards)
+        self.total_tokens = total if max_tokens is None else min(total, int(max_tokens))
+        self.epoch = 0
+        self.skip_batches = 0
+
+    # ---- layout -------------------------------------------------------------------------------------------------
+    @property
+    def rank_tokens(self) -> int:
+        """Tokens each rank reads per epoch (equal on every rank)."""
+        if self.drop_last:
+            return self.num_batches * self.batch_size_tokens
+        return self.total_tokens // self.world_size
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per rank per epoch (equal on every rank)."""
+        b = self.batch_size_tokens
+        if self.drop_last:
+            return self.total_tokens // (self.world_size * b)
+        return math.ceil((self.total_tokens // self.world_size) / b)
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Tokens of the split not used in an epoch (the tail of the epoch's shard order; see the drop rule)."""
+        return self.total_tokens - self.world_size * self.rank_tokens
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_position(self, epoch: int, skip_batches: int = 0) -> None:
+        """Choose the epoch (shuffle order) and how many of this rank's batches to skip (resume)."""
+        self.epoch, self.skip_batches = int(epoch), int(skip_batches)
+
+    def shard_order(self, epoch: int) -> list[ShardRef]:
+        """The epoch's shard order: seeded permutation when shuffling, manifest order otherwise."""
+        if not self.shuffle:
+            return list(self.shards)
+        perm = np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(len(self.shards))
+        return [self.shards[i] for i in perm]
+
+    def worker_part(self, worker: int, num_workers: int) -> tuple[int, int, int]:
+        """(first batch index, number of batches, first token) of worker ``worker`` within this rank's slice."""
+        n, k = self.num_batches, num_workers
+        counts = [n // k + (j < n % k) for j in range(k)]
+        first = sum(counts[:worker])
+        return first, counts[worker], self.rank * self.rank_tokens + first * self.batch_size_tokens
+
+    # ---- iteration ------------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        physical, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        c = self.skip_batches
+        # The DataLoader always starts its round-robin at worker 0, but after c consumed batches the next batch
+        # belongs to part c % K: rotate parts over workers so that the output order continues where it stopped.
+        worker = (physical + c) % num_workers
+        first, count, tok_start = self.worker_part(worker, num_workers)
+        skip = c // num_workers + (worker < c % num_workers)  # this part's share of the consumed batches
+        if count == 0 or skip >= count:
+            return
+        tok_stop = min(tok_start + count * self.batch_size_tokens, (self.rank + 1) * self.rank_tokens)
+        yield from self._batches(self.shard_order(self.epoch), tok_start, tok_stop, skip)
+
+    def _window_perm(self, n: int, global_start: int) -> Optional[np.ndarray]:
+        """Seeded permutation of a window of n tokens starting at ``global_start`` (None: keep order)."""
+        if not self.shuffle or self.shuffle_buffer_tokens <= 1:
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, global_start, 0x70C])
+        return rng.permutation(n)
+
+    def _batches(self, order: list[ShardRef], tok_start: int, tok_stop: int, skip: int):
+        b = self.batch_size_tokens
+        length = tok_stop - tok_start
+        # Window size: the shuffle buffer; without shuffling any size works, so read a few batches at a time.
+        window = self.shuffle_buffer_tokens if (self.shuffle and self.shuffle_buffer_tokens > 1) else 4 * b
+        window = max(window, 1)
+        pos = skip * b  # local position of the first token to emit
+        w = pos // window
+        dtype = self.manifest["dtype"]
+        pieces: list[dict[str, np.ndarray]] = []
+        filled = 0
+        skipped = 0
+        # One reader over the worker's whole remaining part (opening each shard once), cut into windows.
+        source = _Taker(read_range(order, self.manifest, tok_start + w * window, tok_stop))
+        while w * window < length:
+            ws, we = w * window, min((w + 1) * window, length)
+            n_win = we - ws
+            win = source.take(n_win)
+            bad = nonfinite_rows(win["acts"], dtype)
+            if bad.any() and not self.skip_nonfinite:
+                raise nonfinite_error(self._locate(order, tok_start + ws + int(np.flatnonzero(bad)[0])), bad,
+                                      win["ctx"], win["pos"])
+            perm = self._window_perm(n_win, tok_start + ws)
+            acts_t = from_storage(win["acts"], dtype)
+            p = pos - ws if ws <= pos else 0
+            while p < n_win:
+                r = min(b - filled, n_win - p)
+                idx = np.arange(p, p + r) if perm is None else perm[p:p + r]
+                if bad.any():
+                    keep = idx[~bad[idx]]
+                    skipped += len(idx) - len(keep)
+                    idx = keep
+                pieces.append(self._gather(acts_t, win, idx))
+                p += r
+                filled += r
+                if filled == b or ws + p == length:
+                    yield self._emit(pieces, skipped)
+                    pieces, filled, skipped = [], 0, 0
+            w += 1
+
+    @staticmethod
+    def _gather(acts_t: torch.Tensor, win: dict, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        it = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        return {
+            "acts": acts_t.index_select(0, it),
+            "tok": torch.from_numpy(win["tok"][idx].astype(np.int64)),
+            "ctx": torch.from_numpy(win["ctx"][idx]),
+            "pos": torch.from_numpy(win["pos"][idx].astype(np.int64)),
+        }
+
+    def _emit(self, pieces: list[dict], skipped: int) -> dict[str, torch.Tensor]:
+        batch = pieces[0] if len(pieces) == 1 else {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+        if batch["acts"].shape[0] == 0:
+            raise ShardError(f"a whole batch of {self.batch_size_tokens} tokens held only NaN/Inf rows (epoch "
+                             f"{self.epoch}, rank {self.rank}); the shards are broken: re-harvest them")
+        if self.skip_nonfinite:
+            batch["nonfinite_skipped"] = torch.tensor(skipped, dtype=torch.int64)
+            if skipped:
+                log.warning("skipped %d NaN/Inf activation rows in a batch (skip_nonfinite=True)", skipped)
+        return batch
+
+    def _locate(self, order: list[ShardRef], token: int) -> str:
+        """Name the shard holding token ``token`` of the epoch sequence (for error messages)."""
+        offset = 0
+        for ref in order:
+            if offset + ref.tokens > token:
+                bt = self.manifest["block_tokens"]
+                return f"{ref.url} (block {(token - offset) // bt}, row {(token - offset) % bt})"
+            offset += ref.tokens
+        return "?"
+
+
+class _Taker:
+    """Pulls exactly n rows at a time out of an iterator of row pieces, splitting pieces where needed."""
+
+    def __init__(self, pieces: Iterator[dict[str, np.ndarray]]):
+        self.pieces = pieces
+        self.carry: Optional[dict[str, np.ndarray]] = None
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        """The next n rows as writable contiguous arrays (one copy out of the tar's bytes)."""
+        parts, got = [], 0
+        while got < n:
+            piece = self.carry if self.carry is not None else next(self.pieces, None)
+            self.carry = None
+            if piece is None:  # read_range raises on short shards, so running dry here is a bug, not bad data
+                raise RuntimeError(f"shard reader ran dry after {got} of {n} rows")
+            m = piece["acts"].shape[0]
+            if got + m > n:
+                cut = n - got
+                self.carry = {k: v[cut:] for k, v in piece.items()}
+                piece = {k: v[:cut] for k, v in piece.items()}
+                m = cut
+            parts.append(piece)
+            got += m
+        return {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else np.array(parts[0][k])
+                for k in ("acts", "tok", "ctx", "pos")}
+
+
+class _StreamLoader(DataLoader):
+    """A DataLoader that calls ``on_iter(dataset)`` in the main process before each pass (to set epoch/resume)."""
+
+    def __init__(self, dataset: ActivationStream, on_iter: Optional[Callable[[ActivationStream], None]] = None,
+                 **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.on_iter = on_iter
+
+    def __iter__(self):
+        if self.on_iter is not None:
+            self.on_iter(self.dataset)
+        return super().__iter__()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The DataModule
+
+
+def _shard_base(path: str) -> str:
+    """Folder or URL prefix the manifest's shard names are relative to."""
+    return manifest_location(path).rsplit("/", 1)[0] if "/" in manifest_location(path) else "."
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Streams activation shards written by ``lit-sae harvest`` into training, validation and test.
+
+    Args:
+        path: a shard folder, a ``manifest.json`` path, a brace pattern of shards (``dir/train-{000000..000009}.tar``:
+            only the listed shards that the pattern names are used) or any URL webdataset opens
+            (``https://host/shards``, ``file:``, ``gs://``, ...) whose folder holds manifest.json.
+        batch_size_tokens: tokens (activation vectors) per batch.
+        shuffle_buffer_tokens: tokens mixed by the token shuffle (windows of several blocks, so tokens of many
+            contexts share a batch). Memory per worker: about 2 * d_in * this many bytes. 0 disables token shuffle.
+        num_workers: DataLoader worker processes (0: read in the main process). On 2 cores, 1 is a good default.
+        seed: fixes shard order and token permutations (with the epoch).
+        skip_nonfinite: skip rows with NaN/Inf (warning, counted in ``nonfinite_skipped`` and logged as
+            ``data/nonfinite_skipped``) instead of raising ShardError.
+        val_tokens, test_tokens: use only the first this many tokens of the val/test split (None: all).
+        shuffle: shuffle the training stream (False: manifest order, for debugging).
+        manifest_path: where manifest.json is, when it cannot be derived from ``path`` (e.g. ``pipe:`` URLs).
+        pin_memory: pin batches (for GPU training).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size_tokens: int = 4096,
+        shuffle_buffer_tokens: int = 65536,
+        num_workers: int = 1,
+        seed: int = 0,
+        skip_nonfinite: bool = False,
+        val_tokens: Optional[int] = None,
+        test_tokens: Optional[int] = None,
+        shuffle: bool = True,
+        manifest_path: Optional[str] = None,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if batch_size_tokens <= 0:
+            raise ValueError(f"data.batch_size_tokens must be positive, got {batch_size_tokens}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.path = str(path)
+        self.batch_size_tokens = int(batch_size_tokens)
+        self.shuffle_buffer_tokens = int(shuffle_buffer_tokens)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.val_tokens, self.test_tokens = val_tokens, test_tokens
+        self.shuffle = bool(shuffle)
+        self.pin_memory = bool(pin_memory)
+
+        source = manifest_path or self.path
+        self.manifest: dict = read_manifest(source)
+        self.manifest_url = manifest_location(source)
+        self.d_in: int = int(self.manifest["d_in"])
+        self.dtype: str = self.manifest["dtype"]
+        self.hook_point: Optional[str] = self.manifest.get("hook_point")
+        self.model_name: Optional[str] = (self.manifest.get("model") or {}).get("name_or_path")
+        if not self.manifest.get("complete", True):
+            log.warning("%s: harvest is not complete; training on the %d shards finished so far",
+                        self.manifest_url, sum(len(s.get("shards", [])) for s in self.manifest["splits"].values()))
+        self._splits = self._resolve_shards()
+
+        # Stream position (see state_dict). _resume holds a loaded position until the epoch it belongs to starts.
+        self._epoch = 0
+        self._consumed = 0
+        self._next_epoch = 0
+        self._resume: Optional[dict] = None
+        self.nonfinite_skipped = 0
+
+    # ---- shards ---------------------------------------------------------------------------------------------------
+    def _resolve_shards(self) -> dict[str, list[ShardRef]]:
+        """Shard refs per split: manifest names, joined to the folder/URL, filtered by a brace pattern if given."""
+        base = _shard_base(self.path if "{" in self.path or not self.hparams.manifest_path else
+                           self.hparams.manifest_path)
+        selected = None
+        if "{" in self.path:
+            import braceexpand
+
+            selected = {p.rsplit("/", 1)[-1] for p in braceexpand.braceexpand(self.path)}
+            listed = {s["name"] for e in self.manifest["splits"].values() for s in e["shards"]}
+            unknown = sorted(selected - listed)
+            if unknown:
+                raise ShardError(f"{self.manifest_url}: the pattern {self.path!r} names shards the manifest does not "
+                                 f"list ({unknown[:5]}{' ...' if len(unknown) > 5 else ''}); they are incomplete or "
+                                 "from another harvest; use the folder path or a pattern of listed shards")
+        splits: dict[str, list[ShardRef]] = {}
+        missing = []
+        for split, entry in self.manifest["splits"].items():
+            refs = []
+            for s in entry["shards"]:
+                if selected is not None and s["name"] not in selected:
+                    continue
+                url = f"{base}/{s['name']}"
+                if not is_url(url) and not os.path.exists(url):
+                    missing.append(url)
+                refs.append(ShardRef(url, s["name"], int(s["tokens"])))
+            splits[split] = refs
+        if missing:
+            raise ShardNotFoundError(f"{missing[0]}: shard listed in {self.manifest_url} is missing "
+                                     f"({len(missing)} missing in all); {_FIX}")
+        return splits
+
+    def shards(self, split: str) -> list[ShardRef]:
+        """The shards of ``split`` (train/val/test) in manifest order."""
+        return list(self._splits.get(split, []))
+
+    def _split_or_raise(self, split: str) -> list[ShardRef]:
+        refs = self.shards(split)
+        if not refs or sum(r.tokens for r in refs) == 0:
+            raise ShardError(f"{self.manifest_url}: split {split!r} has no shards (or no tokens); harvest it, e.g. "
+                             f"set the harvest's {split} token count above 0, or point data.path at a complete folder")
+        return refs
+
+    # ---- distribution ----------------------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        """(rank, world_size) from the trainer, else torch.distributed, else (0, 1)."""
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    # ---- datasets and loaders ------------------------------------------------------------------------------------------
+    def train_dataset(self, rank: Optional[int] = None, world_size: Optional[int] = None) -> ActivationStream:
+        """The training stream for one rank (rank/world_size default to the trainer's or torch.distributed's)."""
+        r, w = self._world()
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+        ds = ActivationStream(
+            self._split_or_raise("train"), self.manifest, batch_size_tokens=self.batch_size_tokens, rank=rank,
+            world_size=world_size, seed=self.seed, shuffle=self.shuffle,
+            shuffle_buffer_tokens=self.shuffle_buffer_tokens, drop_last=True, skip_nonfinite=self.skip_nonfinite,
+        )
+        if ds.num_batches == 0:
+            raise ShardError(f"{self.manifest_url}: the train split has {ds.total_tokens} tokens, fewer than one "
+                             f"batch per rank (world_size {world_size} x batch_size_tokens {self.batch_size_tokens}); "
+                             "harvest more tokens or lower data.batch_size_tokens")
+        if ds.dropped_tokens:
+            log.info("train: %d of %d tokens per epoch unused (drop rule: tail of the epoch's shard order)",
+                     ds.dropped_tokens, ds.total_tokens)
+        return ds
+
+    def eval_dataset(self, split: str, rank: Optional[int] = None, world_size: Optional[int] = None,
+                     max_tokens: Optional[int] = None) -> ActivationStream:
+        """An unshuffled stream over ``split`` for one rank (each rank gets N // world_size tokens)."""
+        r, w = self._world()
+        return ActivationStream(
+            self._split_or_raise(split), self.manifest, batch_size_tokens=self.batch_size_tokens,
+            rank=r if rank is None else rank, world_size=w if world_size is None else world_size, seed=self.seed,
+            shuffle=False, drop_last=False, max_tokens=max_tokens, skip_nonfinite=self.skip_nonfinite,
+        )
+
+    def _loader(self, ds: ActivationStream, on_iter=None) -> DataLoader:
+        return _StreamLoader(
+            ds, on_iter=on_iter, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            # Fresh workers each epoch: they must see the epoch and resume position set in the main process.
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches of this rank; the epoch and resume position are applied at each pass."""
+        return self._loader(self.train_dataset(), on_iter=self._begin_train_epoch)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (val split, manifest order, first ``val_tokens`` tokens)."""
+        return self._loader(self.eval_dataset("val", max_tokens=self.val_tokens))
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches (test split, manifest order, first ``test_tokens`` tokens)."""
+        return self._loader(self.eval_dataset("test", max_tokens=self.test_tokens))
+
+    # ---- stream position --------------------------------------------------------------------------------------------
+    def _begin_train_epoch(self, ds: ActivationStream) -> None:
+        """Main process, before workers start: pick the epoch and the batches to skip (after a resume)."""
+        trainer = self._trainer_or_none()
+        epoch = int(trainer.current_epoch) if trainer is not None else self._next_epoch
+        skip = 0
+        if self._resume is not None:
+            if self._resume["epoch"] == epoch:
+                skip = min(int(self._resume["batches_consumed"]), ds.num_batches)
+                log.info("resuming the data stream at epoch %d, batch %d of %d", epoch, skip, ds.num_batches)
+            self._resume = None
+        ds.set_position(epoch, skip)
+        self._epoch, self._consumed, self._next_epoch = epoch, skip, epoch + 1
+
+    def advance(self, n_batches: int = 1) -> None:
+        """Count train batches consumed. Lightning does this through ``on_before_batch_transfer``; call it yourself
+        when iterating ``train_dataloader()`` without a Trainer and you want ``state_dict`` to track the position."""
+        self._consumed += int(n_batches)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a consumed train batch (main process, once per step) and collect the non-finite skip count."""
+        if isinstance(batch, dict):
+            skipped = batch.pop("nonfinite_skipped", None)
+            if skipped is not None and int(skipped):
+                self._note_nonfinite(int(skipped))
+            trainer = self._trainer_or_none()
+            if trainer is not None and trainer.training:
+                self._consumed += 1
+        return batch
+
+    def _note_nonfinite(self, n: int) -> None:
+        self.nonfinite_skipped += n
+        log.warning("skip_nonfinite: skipped %d NaN/Inf rows (%d so far)", n, self.nonfinite_skipped)
+        trainer = self._trainer_or_none()
+        if trainer is not None and trainer.logger is not None:
+            trainer.logger.log_metrics({"data/nonfinite_skipped": float(self.nonfinite_skipped)},
+                                       step=trainer.global_step)
+
+    def _layout(self) -> dict:
+        """What the batch order depends on besides epoch: a resume with another layout cannot continue exactly."""
+        _, world_size = self._world()
+        names = [(r.name, r.tokens) for r in self.shards("train")]
+        return {
+            "world_size": world_size,
+            "num_workers": max(self.num_workers, 1),
+            "batch_size_tokens": self.batch_size_tokens,
+            "shuffle_buffer_tokens": self.shuffle_buffer_tokens,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "train_shards": hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16],
+        }
+
+    def state_dict(self) -> dict:
+        """Position in the training stream (saved by Lightning in checkpoints)."""
+        return {
+            "version": 1,
+            "epoch": self._epoch,
+            "batches_consumed": self._consumed,
+            "layout": self._layout(),
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the stream position; the next train pass of that epoch skips the consumed batches.
+
+        Raises ValueError naming the settings that differ when the checkpoint's data layout does not match (the
+        batch order depends on them, so the run could not continue exactly).
+        """
+        saved = state_dict.get("layout", {})
+        now = self._layout()
+        diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+        if diff:
+            desc = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"data: the checkpoint's stream position does not fit this data setup ({desc}); the batch order "
+                "depends on these settings, so resuming would repeat or skip data. Set them back to the checkpoint's "
+                "values (train_shards: use the same shard folder) or start a fresh run without --ckpt_path"
+            )
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches_consumed": int(state_dict["batches_consumed"])}
+        self._epoch, self._consumed = self._resume["epoch"], self._resume["batches_consumed"]
+        self._next_epoch = self._epoch
+        self.nonfinite_skipped = int(state_dict.get("nonfinite_skipped", 0))
+
+    # ---- samples ----------------------------------------------------------------------------------------------------
+    def sample_activations(self, n_tokens: int) -> torch.Tensor:
+        """A deterministic float32 (n, d_in) sample of training activations (for b_pre / scale initialisation).
+
+        Takes n_tokens / m tokens from each of m = min(8, shards) evenly spaced places of the seed's shard order, so
+        the sample spans several parts of the corpus. Returns fewer rows if the split is smaller (or rows were
+        NaN/Inf and skip_nonfinite is on).
+        """
+        refs = self._split_or_raise("train")
+        order = ActivationStream(refs, self.manifest, batch_size_tokens=1, seed=self.seed).shard_order(0)
+        total = sum(r.tokens for r in refs)
+        if n_tokens > total:
+            log.warning("sample_activations: asked for %d tokens, the train split has %d", n_tokens, total)
+        n = min(int(n_tokens), total)
+        m = max(1, min(8, len(refs), n))
+        out = []
+        for i in range(m):
+            start = (i * total) // m
+            take = n // m + (i < n % m)
+            for piece in read_range(order, self.manifest, start, start + take):
+                acts = piece["acts"]
+                bad = nonfinite_rows(acts, self.dtype)
+                if bad.any():
+                    if not self.skip_nonfinite:
+                        raise nonfinite_error(f"{self.manifest_url} train split", bad, piece["ctx"], piece["pos"])
+                    acts = acts[~bad]
+                out.append(from_storage(np.array(acts), self.dtype).float())
+        if not out:
+            return torch.empty(0, self.d_in)
+        return torch.cat(out)
