@@ -1,0 +1,240 @@
+"""The evaluation suite run from a harvest manifest, and the report it writes (report.json, report.md).
+
+The manifest says which LM, hook point, tokenizer, text source and split assignment produced the activations, so the
+held-out text is rebuilt exactly: downstream loss and ablation sparsity run on contexts of the *test* split (the same
+contexts, cut the same way, as the test activations); probes need whole files (``tokenize`` labels depend on the
+whole file), so they use documents the harvest never reached when the source has any left, else all documents
+(``probe_text`` in the report says which).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_sae.eval.ablation import ablation_sparsity
+from lit_sae.eval.downstream import downstream_loss, mean_activation
+from lit_sae.eval.probes import probe_dataset, probe_loss
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalSettings", "settings_from_manifest", "held_out_contexts", "probe_documents", "run_eval_suite",
+           "write_report", "render_markdown"]
+
+
+class EvalSettings(dict):
+    """What the suite needs from a manifest: model, gguf_file, hook_point, context_length, first_position,
+    norm_threshold, source, text_field, shuffle_seed, max_contexts_per_document, n_contexts (harvested),
+    seed, val_fraction, test_fraction."""
+
+
+def settings_from_manifest(manifest: dict) -> EvalSettings:
+    """Read the evaluation settings out of a harvest manifest (see docs/CONTRACT.md, shard format)."""
+    cfg = manifest.get("config", {}) or {}
+    exc = manifest.get("exclusions", {}) or {}
+    L = int(manifest["context_length"])
+    first = 1 if exc.get("drop_first_position", True) else 0
+    mult, median = exc.get("norm_filter_multiple"), exc.get("norm_median")
+    total = cfg.get("total_tokens")
+    return EvalSettings(
+        model=manifest["model"]["name_or_path"], gguf_file=manifest["model"].get("gguf_file"),
+        hook_point=manifest["hook_point"], context_length=L, first_position=first,
+        norm_threshold=float(mult * median) if mult is not None and median is not None else None,
+        source=cfg.get("source", manifest.get("source", {}).get("name", "stdlib")),
+        text_field=cfg.get("text_field", "text"), hf_split=cfg.get("hf_split", "train"),
+        hf_config=cfg.get("hf_config"),
+        shuffle_seed=cfg.get("seed", 0) if cfg.get("shuffle_documents", True) else None,
+        max_contexts_per_document=cfg.get("max_contexts_per_document"),
+        n_contexts=math.ceil(total / (L - first)) if total else None,
+        seed=cfg.get("seed", 0), val_fraction=cfg.get("val_fraction", 0.05),
+        test_fraction=cfg.get("test_fraction", 0.05),
+    )
+
+
+def _text(settings: EvalSettings):
+    from lit_sae.data.text import open_source
+
+    return open_source(settings["source"], text_field=settings["text_field"], shuffle_seed=settings["shuffle_seed"],
+                       hf_split=settings["hf_split"], hf_config=settings["hf_config"])
+
+
+def held_out_contexts(settings: EvalSettings, tokenizer, n: int) -> Tensor:
+    """The first ``n`` contexts (n, T) of the harvest's test split, rebuilt from the text source."""
+    from lit_sae.data.harvest import iter_contexts, split_of
+    from lit_sae.data.text import ContentHash
+
+    total = settings["n_contexts"] if settings["n_contexts"] is not None else 1 << 62
+    rows = []
+    for c, ids in iter_contexts(tokenizer, _text(settings).documents(), settings["context_length"], total,
+                                settings["max_contexts_per_document"], ContentHash()):
+        if split_of(c, settings["seed"], settings["val_fraction"], settings["test_fraction"]) == "test":
+            rows.append(ids)
+            if len(rows) >= n:
+                break
+    if not rows:
+        raise ValueError("no test-split context could be rebuilt from the manifest's text source")
+    if len(rows) < n:
+        log.warning("only %d held-out contexts available (asked for %d)", len(rows), n)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def probe_documents(settings: EvalSettings, tokenizer, n_tokens: int) -> tuple[list[str], str]:
+    """Whole documents with about ``n_tokens`` tokens for probing, and a note saying where they come from."""
+    L, cap = settings["context_length"], settings["max_contexts_per_document"]
+    total = settings["n_contexts"]
+    seen_contexts, unseen, everything, got = 0, [], [], 0
+    for doc in _text(settings).documents():
+        if total is not None and seen_contexts >= total:
+            unseen.append(doc)
+            got += len(doc) // 4  # rough token estimate; probe_dataset stops at its own context budget
+            if got >= 2 * n_tokens:
+                break
+            continue
+        n = len(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]) // L
+        seen_contexts += min(n, cap) if cap is not None else n
+        if len(everything) < 4 * n_tokens // L:
+            everything.append(doc)
+    if unseen:
+        return unseen, "documents after the harvested part of the source (never seen in training)"
+    return everything, "documents of the harvested source (partly seen in training: the harvest used it all)"
+
+
+def run_eval_suite(
+    sae: nn.Module,
+    manifest: dict,
+    *,
+    lm=None,
+    downstream: bool = True,
+    n_contexts: int = 64,
+    probes: bool = True,
+    probe_contexts: int = 256,
+    ablation: bool = True,
+    n_ablation_latents: int = 64,
+    ablation_contexts_per_latent: int = 4,
+    mean: Tensor | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Downstream loss, probe loss and ablation sparsity of ``sae`` on the manifest's held-out text.
+
+    ``lm``: an already loaded (model, tokenizer); loaded from the manifest otherwise. ``mean``: the mean
+    activation for mean ablation (e.g. from the test split); computed on the evaluation contexts when None."""
+    from lit_sae.data.lm import load_lm
+
+    s = settings_from_manifest(manifest)
+    if lm is None:
+        lm = load_lm(s["model"], gguf_file=s["gguf_file"], device=device)
+    model, tokenizer = lm
+    out: dict[str, Any] = {"settings": dict(s)}
+    common = dict(first_position=s["first_position"], norm_threshold=s["norm_threshold"], batch_size=batch_size,
+                  progress=progress)
+    was_training = sae.training
+    sae.eval()
+    try:
+        if downstream or ablation:
+            ids = held_out_contexts(s, tokenizer, n_contexts)
+        if downstream:
+            if mean is None:
+                mean = mean_activation(model, s["hook_point"], ids, first_position=s["first_position"],
+                                       norm_threshold=s["norm_threshold"], batch_size=batch_size)
+            out["downstream"] = downstream_loss(model, s["hook_point"], sae, ids, mean=mean, **common)
+        if ablation:
+            out["ablation"] = ablation_sparsity(model, s["hook_point"], sae, ids, n_latents=n_ablation_latents,
+                                                contexts_per_latent=ablation_contexts_per_latent, seed=seed,
+                                                **common)
+        if probes:
+            docs, note = probe_documents(s, tokenizer, probe_contexts * s["context_length"])
+            data = probe_dataset(model, tokenizer, s["hook_point"], docs, context_length=s["context_length"],
+                                 n_contexts=probe_contexts, python=lambda d: True, **common)
+            out["probes"] = probe_loss(sae, data, seed=seed, progress=progress)
+            out["probes"]["probe_text"] = note
+            out["probes"]["n_tokens"] = int(len(data["acts"]))
+    finally:
+        sae.train(was_training)
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        return x.tolist() if x.numel() != 1 else x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def _fmt(x, digits=4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if math.isfinite(x) else str(x)
+    return str(x)
+
+
+def render_markdown(report: dict) -> str:
+    """A short human-readable summary of a report dict."""
+    lines = ["# lit-sae evaluation report", ""]
+    if report.get("checkpoint"):
+        lines += [f"Checkpoint: `{report['checkpoint'].get('path')}` (sha256 `{report['checkpoint'].get('sha256')}`)",
+                  ""]
+    m = report.get("metrics", {})
+    if m:
+        lines += ["## Reconstruction and sparsity (test split)", "", "| metric | value |", "|---|---|"]
+        for k in ("nmse", "relative_mse", "l0", "dead_fraction", "n_tokens"):
+            if k in m:
+                lines.append(f"| {k} | {_fmt(m[k])} |")
+        lines.append("")
+    d = report.get("downstream")
+    if d:
+        lines += ["## Downstream loss (SAE spliced into the LM)", "", "| metric | value |", "|---|---|"]
+        for k in ("clean_ce", "sae_ce", "delta_ce", "kl_sae", "zero_ce", "mean_ce", "frac_recovered",
+                  "frac_recovered_mean", "n_tokens"):
+            if k in d:
+                lines.append(f"| {k} | {_fmt(d[k])} |")
+        lines.append("")
+    p = report.get("probes")
+    if p:
+        lines += ["## Probe loss (held-out CE of the best single feature)", "",
+                  "| task | SAE latent | CE | raw dim | CE | prior CE |", "|---|---|---|---|---|---|"]
+        for name, r in p["tasks"].items():
+            if "skipped" in r:
+                lines.append(f"| {name} | skipped: {r['skipped']} | | | | |")
+            else:
+                lines.append(f"| {name} | {r['sae_latent']} | {_fmt(r['sae_ce'])} | {r['raw_dim']} | "
+                             f"{_fmt(r['raw_ce'])} | {_fmt(r['prior_ce'])} |")
+        lines += [f"| **mean** | | {_fmt(p['mean_sae_ce'])} | | {_fmt(p['mean_raw_ce'])} | "
+                  f"{_fmt(p['mean_prior_ce'])} |", "", f"Text: {p.get('probe_text', '')}", ""]
+    a = report.get("ablation")
+    if a:
+        lines += ["## Ablation sparsity ((L1/L2)^2 / V of the logit change; 1 = dense, 1/V = one logit)", "",
+                  "| | mean | median |", "|---|---|---|",
+                  f"| latents ({a['n_latents']}) | {_fmt(a['mean'])} | {_fmt(a['median'])} |",
+                  f"| random directions | {_fmt(a['random_mean'])} | {_fmt(a['random_median'])} |", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
+    """Write report.json (everything, JSON-safe) and report.md into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "report.json", out / "report.md"
+    tmp = js.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False))
+    os.replace(tmp, js)
+    md.write_text(render_markdown(report))
+    log.info("evaluation report written to %s and %s", js, md)
+    return js, md

@@ -1,0 +1,85 @@
+"""End to end: tiny LM + tokenizer saved locally -> harvest -> fit a few steps -> trainer.test with EvalReport."""
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+from lit_sae.callbacks.eval_report import EvalReport
+from lit_sae.eval.report import render_markdown, write_report
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+FILES = ["textwrap.py", "colorsys.py", "bisect.py", "keyword.py", "glob.py", "fnmatch.py", "shlex.py", "this.py"]
+
+
+def _tiny_lm(folder: Path, corpus: list[str]) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        special_tokens=["<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    texts = root / "texts"
+    texts.mkdir()
+    corpus = [(STDLIB / f).read_text() for f in FILES]
+    for f, t in zip(FILES, corpus):
+        (texts / f"{f}.txt").write_text(t)
+    _tiny_lm(root / "lm", corpus)
+    from lit_sae.data.harvest import run_harvest
+
+    run_harvest(out_dir=str(root / "shards"), model=str(root / "lm"), hook_point="blocks.0.hook_resid_post",
+                source=str(texts), total_tokens=6000, context_length=32, batch_size=16, block_tokens=256,
+                tokens_per_shard=1024, val_fraction=0.1, test_fraction=0.3, progress=False)
+    return root
+
+
+def test_trainer_test_writes_report(harvested, tmp_path):
+    from lit_sae.data.datamodule import ActivationDataModule
+    from lit_sae.module import SAEModule
+
+    dm = ActivationDataModule(str(harvested / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256,
+                              num_workers=0)
+    module = SAEModule(d_in=32, n_latents=64, k=4, init_tokens=256, export_dir="none")
+    cb = EvalReport(out_dir=str(tmp_path / "report"), n_contexts=8, probe_contexts=24, n_ablation_latents=4,
+                    ablation_contexts_per_latent=2, progress=False)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(
+        str(tmp_path / "logs")), callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
+        limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    trainer.test(module, datamodule=dm)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    m = report["metrics"]
+    assert 0 < m["nmse"] < 2 and 0 < m["l0"] <= 4 and 0 <= m["dead_fraction"] <= 1
+    assert m["n_tokens"] == dm.manifest["splits"]["test"]["tokens"]
+    # The callback's NMSE is the module's own test/nmse (same definition, same data).
+    assert m["nmse"] == pytest.approx(float(trainer.callback_metrics["test/nmse"]), rel=1e-5)
+    d = report["downstream"]
+    assert d["n_contexts"] == 8 and math.isfinite(d["delta_ce"]) and d["kl_sae"] >= 0
+    assert d["clean_ce"] == pytest.approx(d["sae_ce"] - d["delta_ce"], abs=1e-9)
+    assert report["ablation"]["n_latents"] == 4
+    assert report["probes"]["n_tasks"] >= 6
+    assert report["manifest"]["hook_point"] == "blocks.0.hook_resid_post"
+    assert "Downstream loss" in (tmp_path / "report" / "report.md").read_text()
+    assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
+
+
+def test_write_report_handles_nan(tmp_path):
+    js, md = write_report(tmp_path, {"metrics": {"nmse": float("nan"), "l0": 3.0}})
+    assert json.loads(js.read_text())["metrics"] == {"nmse": None, "l0": 3.0}
+    assert "| l0 | 3 |" in render_markdown({"metrics": {"l0": 3.0}})
