@@ -83,3 +83,23 @@ def test_write_report_handles_nan(tmp_path):
     js, md = write_report(tmp_path, {"metrics": {"nmse": float("nan"), "l0": 3.0}})
     assert json.loads(js.read_text())["metrics"] == {"nmse": None, "l0": 3.0}
     assert "| l0 | 3 |" in render_markdown({"metrics": {"l0": 3.0}})
+
+
+def test_downstream_during_fit_logs_delta_ce(harvested, tmp_path):
+    import csv
+
+    from lit_sae.callbacks.eval_report import DownstreamDuringFit
+    from lit_sae.data.datamodule import ActivationDataModule
+    from lit_sae.module import SAEModule
+
+    dm = ActivationDataModule(str(harvested / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256,
+                              num_workers=0)
+    module = SAEModule(d_in=32, n_latents=64, k=4, init_tokens=256, export_dir="none")
+    logger = L.pytorch.loggers.CSVLogger(str(tmp_path))
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=logger,
+                        callbacks=[DownstreamDuringFit(every_n_steps=2, n_contexts=4)], enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    rows = [r for r in csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")) if r.get("val/delta_ce")]
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(math.isfinite(float(r["val/delta_ce"])) and float(r["val/kl"]) >= 0 for r in rows)
