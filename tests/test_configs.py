@@ -1,0 +1,64 @@
+"""Every recipe in configs/ and every preset in callbacks/ parses, so none can rot."""
+
+from pathlib import Path
+
+import pytest
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from lit_sae.cli import SAECLI
+from lit_sae.module import SAEModule
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
+HARVESTS = sorted((ROOT / "configs" / "harvest").glob("*.yaml"))
+
+
+class ParseOnly(SAECLI):
+    """Parses and type-checks a config without building the data (whose shards may not exist here)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(*configs: Path):
+    args = [a for c in configs for a in ("--config", str(c))]
+    cli = ParseOnly(SAEModule, subclass_mode_data=True, parser_kwargs={"parser_mode": "omegaconf+"}, run=False,
+                    args=args, auto_configure_optimizers=False)
+    return cli.config
+
+
+def test_there_are_recipes_and_presets():
+    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "gpt2-small-paper.yaml", "synthetic.yaml"}
+    assert PRESETS and HARVESTS
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses(path):
+    cfg = parse(path)
+    assert cfg.model.k > 0 and cfg.model.n_latents >= cfg.model.k
+    assert cfg.data.class_path.startswith("lit_sae.")
+
+
+def test_paper_recipe_has_the_papers_numbers():
+    cfg = parse(ROOT / "configs" / "gpt2-small-paper.yaml")
+    assert (cfg.model.n_latents, cfg.model.k, cfg.data.init_args.batch_size_tokens) == (32768, 32, 131072)
+    assert cfg.model.auxk_coef == pytest.approx(1 / 32) and cfg.model.dead_after_tokens == 10_000_000
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_callback_preset_adds_to_a_recipe(path):
+    base = parse(ROOT / "configs" / "quickstart.yaml")
+    cfg = parse(ROOT / "configs" / "quickstart.yaml", path)
+    assert len(cfg.trainer.callbacks) == len(base.trainer.callbacks) + 1  # appended, nothing replaced
+
+
+@pytest.mark.parametrize("path", HARVESTS, ids=lambda p: p.name)
+def test_harvest_config_parses(path):
+    from lit_sae.data.harvest import run_harvest
+
+    parser = ArgumentParser(parser_mode="omegaconf")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(run_harvest)
+    cfg = parser.parse_args(["--config", str(path)])
+    assert cfg.hook_point.startswith("blocks.") and cfg.total_tokens > 0
