@@ -103,7 +103,7 @@ def test_deterministic_and_token_level_shuffle(shards):
     assert a != [ids_of(b) for b in run_epoch(dm2, 0, 1, 2)]
     # Tokens are mixed across blocks (32 tokens) and contexts within a batch, not read in stored order.
     first = a[0]
-    assert first != sorted(first)
+    assert max(first) - min(first) >= 2 * len(first)  # not a run of stored tokens
     assert len({i // 32 for i in first}) >= 3 and len({i // CTX_LEN for i in first}) >= 6
     # The stored activations travel with their ids.
     dm0 = ActivationDataModule(shards, batch_size_tokens=1000, shuffle=False)

@@ -42,6 +42,7 @@ from lit_sae.data.shards import (
     decode_block_arrays,
     from_storage,
     is_url,
+    iter_tar,
     manifest_location,
     nonfinite_error,
     nonfinite_rows,
@@ -78,16 +79,17 @@ def _open(url: str):
 
 
 def read_shard(
-    ref: ShardRef, manifest: dict, start: int = 0, stop: Optional[int] = None
+    ref: ShardRef, manifest: dict, start: int = 0, stop: Optional[int] = None, buffers: Optional[dict] = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield validated pieces of rows ``[start, stop)`` of one shard: dicts of numpy acts/tok/ctx/pos (views).
+
+    With ``buffers`` (a dict, kept by the caller across calls) members are read into reused buffers, and each piece
+    is only valid until the next one is requested: copy it out first.
 
     Blocks before ``start`` are skipped without being decoded (block b starts at row b * block_tokens, as
     ShardWriter writes them). Raises ShardError naming the shard for a truncated or corrupt tar, a block out of
     place, or a shard holding fewer rows than the manifest lists.
     """
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
     stop = ref.tokens if stop is None else stop
     if not 0 <= start <= stop <= ref.tokens:
         raise ValueError(f"bad row range [{start}, {stop}) for {ref.name} with {ref.tokens} rows")
@@ -106,20 +108,27 @@ def read_shard(
     def wanted(fname: str) -> bool:
         return block_of(fname) >= first_block
 
+    def buffer_for(fname: str, size: int) -> memoryview:
+        ext = fname.rsplit("/", 1)[-1].partition(".")[2]
+        buf = buffers.get(ext)
+        if buf is None or len(buf) < size:
+            buf = buffers[ext] = bytearray(size)
+        return memoryview(buf)[:size]
+
     stream = _open(ref.url)
     offset = None
     pending: dict[str, Any] = {}
     try:
-        files = tar_file_iterator(stream, select_files=wanted if first_block else None)
-        for f in files:
-            key, ext = base_plus_ext(f["fname"])
-            if key is None:
+        for fname, data in iter_tar(stream, ref.url, select=wanted if first_block else None,
+                                    buffer_for=buffer_for if buffers is not None else None):
+            key, dot, ext = fname.rsplit("/", 1)[-1].partition(".")
+            if not dot:
                 continue
             if pending and pending["__key__"] != key:
                 raise ShardError(f"{ref.url} (block {pending['__key__']}): incomplete block, members "
                                  f"{sorted(k for k in pending if k != '__key__')}; the shard is corrupt: {_FIX}")
             pending["__key__"] = key
-            pending[ext.lower()] = f["data"]
+            pending[ext.lower()] = data
             if len(pending) < 5:
                 continue
             sample, pending = pending, {}
@@ -154,8 +163,11 @@ def read_shard(
                      f"or was replaced after harvest: {_FIX}")
 
 
-def read_range(shards: list[ShardRef], manifest: dict, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
-    """Yield pieces of tokens ``[start, stop)`` of the sequence formed by concatenating ``shards`` in order."""
+def read_range(shards: list[ShardRef], manifest: dict, start: int, stop: int,
+               buffers: Optional[dict] = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield pieces of tokens ``[start, stop)`` of the sequence formed by concatenating ``shards`` in order.
+
+    ``buffers``: see :func:`read_shard` (pieces then are valid only until the next one is requested)."""
     offset = 0
     for ref in shards:
         lo, hi = offset, offset + ref.tokens
@@ -164,7 +176,7 @@ def read_range(shards: list[ShardRef], manifest: dict, start: int, stop: int) ->
             continue
         if lo >= stop:
             return
-        yield from read_shard(ref, manifest, max(start - lo, 0), min(stop, hi) - lo)
+        yield from read_shard(ref, manifest, max(start - lo, 0), min(stop, hi) - lo, buffers)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,6 +236,7 @@ class ActivationStream(IterableDataset):
         self.total_tokens = total if max_tokens is None else min(total, int(max_tokens))
         self.epoch = 0
         self.skip_batches = 0
+        self._ring: Optional[_Ring] = None
 
     # ---- layout -------------------------------------------------------------------------------------------------
     @property
@@ -268,6 +281,10 @@ class ActivationStream(IterableDataset):
         return first, counts[worker], self.rank * self.rank_tokens + first * self.batch_size_tokens
 
     # ---- iteration ------------------------------------------------------------------------------------------------
+    def attach_ring(self, ring: Optional["_Ring"]) -> None:
+        """Let workers hand batches over through preallocated shared memory (set by the loader, main process)."""
+        self._ring = ring
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         physical, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -280,7 +297,8 @@ class ActivationStream(IterableDataset):
         if count == 0 or skip >= count:
             return
         tok_stop = min(tok_start + count * self.batch_size_tokens, (self.rank + 1) * self.rank_tokens)
-        yield from self._batches(self.shard_order(self.epoch), tok_start, tok_stop, skip)
+        ring = getattr(self, "_ring", None) if info is not None else None
+        yield from self._batches(self.shard_order(self.epoch), tok_start, tok_stop, skip, ring, physical)
 
     def _window_perm(self, n: int, global_start: int) -> Optional[np.ndarray]:
         """Seeded permutation of a window of n tokens starting at ``global_start`` (None: keep order)."""
@@ -289,66 +307,59 @@ class ActivationStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, global_start, 0x70C])
         return rng.permutation(n)
 
-    def _batches(self, order: list[ShardRef], tok_start: int, tok_stop: int, skip: int):
+    def _batches(self, order: list[ShardRef], tok_start: int, tok_stop: int, skip: int,
+                 ring: Optional["_Ring"], worker: int):
         b = self.batch_size_tokens
+        d = self.manifest["d_in"]
+        np_dtype = np.uint16 if self.manifest["dtype"] == "bfloat16" else np.float16
         length = tok_stop - tok_start
         # Window size: the shuffle buffer; without shuffling any size works, so read a few batches at a time.
         window = self.shuffle_buffer_tokens if (self.shuffle and self.shuffle_buffer_tokens > 1) else 4 * b
-        window = max(window, 1)
         pos = skip * b  # local position of the first token to emit
         w = pos // window
-        dtype = self.manifest["dtype"]
-        pieces: list[dict[str, np.ndarray]] = []
-        filled = 0
-        skipped = 0
+        dst = None
+        emitted = 0
         # One reader over the worker's whole remaining part (opening each shard once), cut into windows.
-        source = _Taker(read_range(order, self.manifest, tok_start + w * window, tok_stop))
+        source = _Taker(read_range(order, self.manifest, tok_start + w * window, tok_stop, buffers={}))
         while w * window < length:
             ws, we = w * window, min((w + 1) * window, length)
             n_win = we - ws
             win = source.take(n_win)
-            bad = nonfinite_rows(win["acts"], dtype)
-            if bad.any() and not self.skip_nonfinite:
-                raise nonfinite_error(self._locate(order, tok_start + ws + int(np.flatnonzero(bad)[0])), bad,
-                                      win["ctx"], win["pos"])
+            bad = nonfinite_rows(win["acts"], self.manifest["dtype"])
+            any_bad = bool(bad.any())
+            if any_bad and not self.skip_nonfinite:
+                first_bad = int(np.flatnonzero(bad)[0])
+                raise nonfinite_error(self._locate(order, tok_start + ws + first_bad), bad, win["ctx"], win["pos"])
             perm = self._window_perm(n_win, tok_start + ws)
-            acts_t = from_storage(win["acts"], dtype)
+            rows = _row_view(win["acts"])
             p = pos - ws if ws <= pos else 0
             while p < n_win:
-                r = min(b - filled, n_win - p)
-                idx = np.arange(p, p + r) if perm is None else perm[p:p + r]
-                if bad.any():
+                if dst is None:
+                    dst = ring.slot(worker, emitted) if ring is not None else _Dest.fresh(b, d, np_dtype)
+                r = min(b - dst.filled, n_win - p)
+                # Sorting a batch's rows (their order inside a batch does not matter) makes the gather ~2x faster.
+                idx = np.arange(p, p + r) if perm is None else np.sort(perm[p:p + r])
+                if any_bad:
                     keep = idx[~bad[idx]]
-                    skipped += len(idx) - len(keep)
+                    dst.skipped += len(idx) - len(keep)
                     idx = keep
-                pieces.append(self._gather(acts_t, win, idx))
+                dst.put(rows, win, idx)
+                dst.filled += r
                 p += r
-                filled += r
-                if filled == b or ws + p == length:
-                    yield self._emit(pieces, skipped)
-                    pieces, filled, skipped = [], 0, 0
+                if dst.filled == b or ws + p == length:
+                    if dst.kept == 0:
+                        raise ShardError(f"a whole batch of {b} tokens held only NaN/Inf rows (epoch {self.epoch}, "
+                                         f"rank {self.rank}); the shards are broken: re-harvest them")
+                    batch = dst.batch(self.manifest["dtype"])
+                    if self.skip_nonfinite:
+                        batch["nonfinite_skipped"] = torch.tensor(dst.skipped, dtype=torch.int64)
+                        if dst.skipped:
+                            log.warning("skipped %d NaN/Inf activation rows in a batch (skip_nonfinite=True)",
+                                        dst.skipped)
+                    yield batch
+                    emitted += 1
+                    dst = None
             w += 1
-
-    @staticmethod
-    def _gather(acts_t: torch.Tensor, win: dict, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        it = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-        return {
-            "acts": acts_t.index_select(0, it),
-            "tok": torch.from_numpy(win["tok"][idx].astype(np.int64)),
-            "ctx": torch.from_numpy(win["ctx"][idx]),
-            "pos": torch.from_numpy(win["pos"][idx].astype(np.int64)),
-        }
-
-    def _emit(self, pieces: list[dict], skipped: int) -> dict[str, torch.Tensor]:
-        batch = pieces[0] if len(pieces) == 1 else {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
-        if batch["acts"].shape[0] == 0:
-            raise ShardError(f"a whole batch of {self.batch_size_tokens} tokens held only NaN/Inf rows (epoch "
-                             f"{self.epoch}, rank {self.rank}); the shards are broken: re-harvest them")
-        if self.skip_nonfinite:
-            batch["nonfinite_skipped"] = torch.tensor(skipped, dtype=torch.int64)
-            if skipped:
-                log.warning("skipped %d NaN/Inf activation rows in a batch (skip_nonfinite=True)", skipped)
-        return batch
 
     def _locate(self, order: list[ShardRef], token: int) -> str:
         """Name the shard holding token ``token`` of the epoch sequence (for error messages)."""
@@ -361,35 +372,122 @@ class ActivationStream(IterableDataset):
         return "?"
 
 
+class _Dest:
+    """Where one batch is assembled: fresh arrays (in-process) or a slot of the shared ring (worker)."""
+
+    def __init__(self, acts: np.ndarray, ids: np.ndarray, slot: Optional[tuple[int, int]] = None):
+        self.acts, self.ids, self.slot = acts, ids, slot  # acts (B, d) 2-byte storage; ids (3, B) int64
+        self.rows = _row_view(acts)
+        self.filled = self.kept = self.skipped = 0
+
+    @classmethod
+    def fresh(cls, b: int, d: int, np_dtype) -> "_Dest":
+        return cls(np.empty((b, d), np_dtype), np.empty((3, b), np.int64))
+
+    def put(self, rows: np.ndarray, win: dict, idx: np.ndarray) -> None:
+        """Gather window rows ``idx`` into the next free rows (mode="clip": unbuffered take, idx are in range)."""
+        m, k = len(idx), self.kept
+        np.take(rows, idx, axis=0, out=self.rows[k:k + m], mode="clip")
+        for c, name in enumerate(("tok", "ctx", "pos")):
+            np.take(win[name], idx, out=self.ids[c, k:k + m], mode="clip")
+        self.kept += m
+
+    def batch(self, dtype: str) -> dict[str, torch.Tensor]:
+        n = self.kept
+        if self.slot is not None:  # the main process copies the rows out of shared memory (_Ring.unpack)
+            return {"__slot__": torch.tensor([self.slot[0], self.slot[1], n], dtype=torch.int64)}
+        ids = torch.from_numpy(self.ids[:, :n].copy() if n < self.ids.shape[1] else self.ids)
+        return {"acts": from_storage(self.acts[:n], dtype), "tok": ids[0], "ctx": ids[1], "pos": ids[2]}
+
+
+class _Ring:
+    """Preallocated shared-memory batch slots, ``slots`` per worker.
+
+    Why: a DataLoader worker normally hands each batch over in a fresh shared-memory segment, whose creation and
+    page faults cap transfers at about 250k activations/s (d_in 768, fp16) on a 2-core machine. Slots are allocated
+    once per pass; a worker writes batch j into its slot j % slots and sends only the slot number; the main process
+    copies the rows out before it asks for the next batch. The DataLoader keeps at most prefetch_factor * workers
+    batches in flight, so ``slots = prefetch_factor * workers + 2`` per worker are never overwritten while in use.
+    """
+
+    def __init__(self, workers: int, slots: int, b: int, d: int, dtype: str):
+        self.slots = slots
+        self.dtype = dtype
+        self.acts = torch.empty((workers, slots, b, d), dtype=torch.int16).share_memory_()
+        self.ids = torch.empty((workers, slots, 3, b), dtype=torch.int64).share_memory_()
+
+    def slot(self, worker: int, j: int) -> _Dest:
+        s = j % self.slots
+        acts = self.acts[worker, s].numpy().view(np.uint16 if self.dtype == "bfloat16" else np.float16)
+        return _Dest(acts, self.ids[worker, s].numpy(), slot=(worker, s))
+
+    def unpack(self, batch: Any) -> Any:
+        """Main process: replace a slot reference by a private copy of the batch."""
+        if not isinstance(batch, dict) or "__slot__" not in batch:
+            return batch
+        worker, s, n = batch.pop("__slot__").tolist()
+        # numpy copies: torch's clone() spreads a 6 MB copy over its thread pool, 10x slower on a busy 2-core box.
+        acts = torch.from_numpy(self.acts[worker, s, :n].numpy().copy())
+        acts = acts.view(torch.bfloat16 if self.dtype == "bfloat16" else torch.float16)
+        ids = torch.from_numpy(self.ids[worker, s, :, :n].numpy().copy())
+        batch.update(acts=acts, tok=ids[0], ctx=ids[1], pos=ids[2])
+        return batch
+
+
+def _row_view(acts: np.ndarray) -> np.ndarray:
+    """View a (T, d) 2-byte array as (T, w) of the widest integer dividing a row, so fancy indexing copies rows in
+    few wide moves instead of many 2-byte ones."""
+    row_bytes = acts.shape[1] * acts.itemsize
+    for wide in (np.int64, np.int32, np.int16):
+        if row_bytes % np.dtype(wide).itemsize == 0:
+            return acts.view(wide)
+    return acts
+
+
 class _Taker:
-    """Pulls exactly n rows at a time out of an iterator of row pieces, splitting pieces where needed."""
+    """Pulls exactly n rows at a time out of an iterator of row pieces into one reused window buffer.
+
+    Each piece is copied out before the next is requested (so the reader may reuse its buffers), and the returned
+    window is only valid until the next ``take``. Reusing both avoids page-faulting ~100 MB of fresh memory per
+    window, which costs as much as the reading itself.
+    """
 
     def __init__(self, pieces: Iterator[dict[str, np.ndarray]]):
         self.pieces = pieces
         self.carry: Optional[dict[str, np.ndarray]] = None
+        self.buf: Optional[dict[str, np.ndarray]] = None
+
+    def _next(self) -> dict[str, np.ndarray]:
+        piece = self.carry if self.carry is not None else next(self.pieces, None)
+        self.carry = None
+        if piece is None:  # read_range raises on short shards, so running dry here is a bug, not bad data
+            raise RuntimeError("shard reader ran dry before the planned number of rows")
+        return piece
 
     def take(self, n: int) -> dict[str, np.ndarray]:
-        """The next n rows as writable contiguous arrays (one copy out of the tar's bytes)."""
-        parts, got = [], 0
+        """The next n rows: acts in storage dtype, tok/ctx/pos as int64."""
+        got = 0
         while got < n:
-            piece = self.carry if self.carry is not None else next(self.pieces, None)
-            self.carry = None
-            if piece is None:  # read_range raises on short shards, so running dry here is a bug, not bad data
-                raise RuntimeError(f"shard reader ran dry after {got} of {n} rows")
+            piece = self._next()
+            if self.buf is None or self.buf["acts"].shape[0] < n:
+                a = piece["acts"]
+                self.buf = {"acts": np.empty((n, a.shape[1]), a.dtype),
+                            **{k: np.empty(n, np.int64) for k in ("tok", "ctx", "pos")}}
             m = piece["acts"].shape[0]
-            if got + m > n:
+            if got + m > n:  # keep the rest for the next window; copy it, the reader reuses its buffers
                 cut = n - got
-                self.carry = {k: v[cut:] for k, v in piece.items()}
+                self.carry = {k: v[cut:].copy() for k, v in piece.items()}
                 piece = {k: v[:cut] for k, v in piece.items()}
                 m = cut
-            parts.append(piece)
+            for k in ("acts", "tok", "ctx", "pos"):
+                self.buf[k][got:got + m] = piece[k]
             got += m
-        return {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else np.array(parts[0][k])
-                for k in ("acts", "tok", "ctx", "pos")}
+        return {k: v[:n] for k, v in self.buf.items()}
 
 
 class _StreamLoader(DataLoader):
-    """A DataLoader that calls ``on_iter(dataset)`` in the main process before each pass (to set epoch/resume)."""
+    """A DataLoader for an ActivationStream: calls ``on_iter(dataset)`` in the main process before each pass (to set
+    the epoch and resume position) and, with workers, moves batches through a shared-memory ring (see _Ring)."""
 
     def __init__(self, dataset: ActivationStream, on_iter: Optional[Callable[[ActivationStream], None]] = None,
                  **kwargs):
@@ -399,7 +497,23 @@ class _StreamLoader(DataLoader):
     def __iter__(self):
         if self.on_iter is not None:
             self.on_iter(self.dataset)
-        return super().__iter__()
+        ring = None
+        if self.num_workers > 0 and isinstance(self.dataset, ActivationStream):
+            prefetch = self.prefetch_factor or 2
+            ds = self.dataset
+            ring = _Ring(self.num_workers, prefetch * self.num_workers + 2, ds.batch_size_tokens,
+                         ds.manifest["d_in"], ds.manifest["dtype"])
+            ds.attach_ring(ring)
+        it = super().__iter__()
+        if isinstance(self.dataset, ActivationStream):
+            self.dataset.attach_ring(None)  # the workers hold their copy; keep the main process's dataset plain
+        return it if ring is None else _unpacked(it, ring)
+
+
+def _unpacked(it, ring: _Ring):
+    """Yield the loader's batches with slot references replaced by private copies (before the next one is asked)."""
+    for batch in it:
+        yield ring.unpack(batch)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -423,6 +423,131 @@ def read_manifest(path_or_url: str) -> dict:
     return validate_manifest(manifest, loc)
 
 
+def _read_exact(stream, n: int) -> bytes:
+    """Read n bytes (fewer only at end of stream), looping over short reads of pipes and sockets."""
+    data = stream.read(n)
+    if data is None:
+        data = b""
+    if len(data) == n or not data:
+        return data
+    parts, got = [data], len(data)
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _readinto_exact(stream, view: memoryview) -> int:
+    """Fill ``view`` from the stream (fewer bytes only at end of stream); return the count read."""
+    got, n = 0, len(view)
+    while got < n:
+        k = stream.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return got
+
+
+def _skip(stream, n: int) -> int:
+    """Skip n bytes (seek where possible); return how many were skipped."""
+    if n <= 0:
+        return 0
+    seekable = getattr(stream, "seekable", None)
+    if seekable is not None and seekable():
+        here = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        stream.seek(min(here + n, end))
+        return min(n, end - here)
+    got = 0
+    while got < n:
+        chunk = stream.read(min(n - got, 1 << 20))
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """Parse pax extended-header records ``"LEN key=value\n"``."""
+    out, i = {}, 0
+    while i < len(data):
+        sp = data.index(b" ", i)
+        length = int(data[i:sp])
+        key, _, value = data[sp + 1:i + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        i += length
+    return out
+
+
+def iter_tar(
+    stream,
+    source: str,
+    select: Optional[Callable[[str], bool]] = None,
+    buffer_for: Optional[Callable[[str, int], Optional[memoryview]]] = None,
+):
+    """Yield ``(name, data)`` for the regular files of an uncompressed tar stream, each read in one call.
+
+    ``buffer_for(name, size)`` may return a writable memoryview of ``size`` bytes to read the member into (reused
+    buffers avoid page-faulting fresh memory for every block); the data is then only valid until the next member.
+
+    Why not tarfile's stream mode (which webdataset's tar iterator uses): it reads through 10 KB records and joins
+    them, about 300 MB/s here, below what training needs; this reader reaches several GB/s. It handles ustar, GNU
+    long names and pax headers (what Python's tarfile, GNU tar and webdataset's TarWriter write). Members for which
+    ``select(name)`` is False are skipped without being read where the stream can seek.
+
+    Raises ShardError naming ``source`` on a corrupt header or a truncated archive (including one cut exactly at a
+    member boundary: a complete tar ends with a zero block).
+    """
+    pos = 0
+    long_name: Optional[str] = None
+    pax: dict[str, str] = {}
+    while True:
+        header = _read_exact(stream, 512)
+        if len(header) < 512:
+            raise ShardError(f"{source}: truncated tar: ends at byte {pos + len(header)} without the end-of-archive "
+                             f"marker; {_FIX_HINT}")
+        if header == b"\0" * 512:
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exn:
+            raise ShardError(f"{source}: corrupt tar: invalid header at byte {pos} ({exn}); {_FIX_HINT}") from exn
+        pos += 512
+        size = int(pax.get("size", info.size))
+        name = pax.get("path", long_name or info.name)
+        padded = size + (-size % 512)
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            data = _read_exact(stream, padded)
+            if len(data) < padded:
+                raise ShardError(f"{source}: truncated tar: header data at byte {pos} is cut short; {_FIX_HINT}")
+            pos += padded
+            if info.type == tarfile.XHDTYPE:
+                pax = _pax_records(data[:size])
+            elif info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = data[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        long_name, pax = None, {}
+        if info.type in tarfile.REGULAR_TYPES and (select is None or select(name)):
+            view = buffer_for(name, size) if buffer_for is not None and hasattr(stream, "readinto") else None
+            if view is None:
+                data = _read_exact(stream, size)
+            else:
+                data = view[:_readinto_exact(stream, view)]
+            skipped = _skip(stream, padded - size) if len(data) == size else 0
+            if len(data) < size or skipped < padded - size:
+                raise ShardError(f"{source}: truncated tar: member {name} at byte {pos} has {len(data)} of its "
+                                 f"{size} bytes; {_FIX_HINT}")
+            pos += padded
+            yield name, data
+        else:
+            if _skip(stream, padded) < padded:
+                raise ShardError(f"{source}: truncated tar: member {name} at byte {pos} is cut short; {_FIX_HINT}")
+            pos += padded
+
+
 def _load_npy(data: Any, source: str, member: str) -> np.ndarray:
     """Parse one .npy member without pickle and without copying (a read-only view on ``data``)."""
     if isinstance(data, np.ndarray):
@@ -446,12 +571,22 @@ def _load_npy(data: Any, source: str, member: str) -> np.ndarray:
 def nonfinite_rows(acts: np.ndarray, dtype: str) -> np.ndarray:
     """Boolean (T,) mask of rows with any NaN/Inf, for stored fp16 or bf16-bits arrays."""
     # A float is non-finite iff all its exponent bits are set. Testing the bits is ~8x faster than np.isfinite on
-    # fp16 and works for bf16 (stored as uint16) too; the max() fast path keeps the common all-finite case cheap.
+    # fp16 and works for bf16 (stored as uint16) too. Chunks of 1024 rows keep the temporary in cache (3x faster
+    # than one pass over a large window), and only chunks with a hit build the per-row mask.
     mask = np.uint16(0x7F80 if dtype == "bfloat16" else 0x7C00)
-    exp = np.bitwise_and(acts.view(np.uint16), mask)
-    if acts.size == 0 or exp.max() < mask:
-        return np.zeros(acts.shape[0], dtype=bool)
-    return (exp == mask).any(axis=1)
+    bits = acts.view(np.uint16)
+    bad = np.zeros(acts.shape[0], dtype=bool)
+    if acts.size == 0:
+        return bad
+    step = 1024
+    buf = np.empty((min(step, acts.shape[0]), acts.shape[1]), np.uint16)
+    for i in range(0, acts.shape[0], step):
+        chunk = bits[i:i + step]
+        out = buf[:chunk.shape[0]]
+        np.bitwise_and(chunk, mask, out=out)
+        if out.max() == mask:
+            bad[i:i + step] = (out == mask).any(axis=1)
+    return bad
 
 
 def decode_block_arrays(sample: dict, manifest: dict, source_name: str) -> dict:
