@@ -112,6 +112,36 @@ def _topk_exact(pre: Tensor, K: int) -> tuple[Tensor, Tensor]:
     return vals, idx
 
 
+# ---------------------------------------------------------------------------------------------- sparse products
+def _scatter_rows(idx: Tensor, g: Tensor, X: Tensor, n: int) -> Tensor:
+    """(n, d) with out[i] = sum over (b, j) with idx[b, j] == i of g[b, j] * X[b]; a weight gradient of a gather.
+
+    idx, g: (B, m); X: (B, d). Done as an ``embedding_bag`` over the transposed structure (one bag per latent,
+    holding the rows b that selected it), so each output row is written once and no (B * m, d) product exists.
+    Why not ``embedding_bag``'s own backward: it sorts with a parallel radix sort that, measured on a 2-core machine
+    shared with other work (or with a DataLoader worker), took 150-350 ms instead of 2 ms; a descending sort
+    takes the comparison-sort path, which degrades gracefully.
+    """
+    m = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = flat.sort(descending=True).indices.flip(0)  # ascending latent index; order within a latent is free
+    offsets = torch.zeros(n, dtype=torch.long, device=idx.device)
+    torch.cumsum(torch.bincount(flat, minlength=n)[:-1], 0, out=offsets[1:])
+    return F.embedding_bag(
+        torch.div(order, m, rounding_mode="floor"), X, offsets, per_sample_weights=g.reshape(-1)[order], mode="sum"
+    )
+
+
+def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
+    """(B, m) with out[b, j] = W[idx[b, j]] . G[b]: the gradient of the weights of a gather-and-sum."""
+    B, m = idx.shape
+    flat = idx.reshape(-1)
+    offsets = torch.arange(0, B * m, m, device=idx.device)
+    bag = torch.arange(B, device=idx.device).repeat_interleave(m)
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag, 0, -1)
+    return out.view(B, m)
+
+
 # ---------------------------------------------------------------------------------------------- fast encoder
 def _compute_dtype(x_c: Tensor, W_enc: Tensor) -> torch.dtype:
     """The dtype the dense product runs in: the autocast dtype when autocast is on for this device."""
@@ -177,15 +207,10 @@ class _TopKEncode(torch.autograd.Function):
         ii = torch.cat(parts_i, dim=1) if len(parts_i) > 1 else parts_i[0]
         dx = dW = db = None
         with torch.autocast(x_c.device.type, enabled=False):
-            if need_x or need_W:
-                # embedding_bag(ii, W, g) = sum_j g_j W[ii_j] is dx_c; its weight-gradient with grad_output = x_c is
-                # dW_enc[ii_j] += g_j * x_c (a scatter-add over the selected rows only).
-                with torch.enable_grad():
-                    Wd = W_enc.detach().requires_grad_(need_W)
-                    dx_full = F.embedding_bag(ii, Wd, per_sample_weights=g, mode="sum")
-                    if need_W:
-                        (dW,) = torch.autograd.grad(dx_full, Wd, x_c.detach().to(pt))
-                dx = dx_full.detach().to(x_c.dtype) if need_x else None
+            if need_x:  # dx_c[b] = sum_j g[b, j] W_enc[ii[b, j]]
+                dx = F.embedding_bag(ii, W_enc, per_sample_weights=g, mode="sum").to(x_c.dtype)
+            if need_W:  # dW_enc[i] = sum over (b, j) selecting i of g[b, j] x_c[b]
+                dW = _scatter_rows(ii, g, x_c.to(pt), W_enc.shape[0])
             if need_b:
                 b_dtype, b_shape = ctx.b_enc_meta
                 db = torch.zeros(b_shape, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
@@ -237,6 +262,25 @@ def topk_encode(
 
 
 # ---------------------------------------------------------------------------------------------- fast decoder
+class _SparseDecode(torch.autograd.Function):
+    """Gather-and-sum decoder with a backward over the selected rows only."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        d_values = d_W = None
+        if ctx.needs_input_grad[0]:
+            d_values = _gather_dot(indices, W_dec, grad_out.contiguous())
+        if ctx.needs_input_grad[2]:
+            d_W = _scatter_rows(indices, values, grad_out, W_dec.shape[0])
+        return d_values, None, d_W
+
+
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """(B, d) = sum_j values[:, j, None] * W_dec[indices[:, j]], a gather-and-sum over the selected rows only.
 
@@ -245,8 +289,10 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """
     if values.dtype != W_dec.dtype:
         values = values.to(W_dec.dtype)
+    if indices.shape[1] == 0:  # embedding_bag rejects empty bags of width 0; the sum of nothing is 0
+        return values.sum(dim=1, keepdim=True).expand(-1, W_dec.shape[1]).contiguous()
     with torch.autocast(values.device.type, enabled=False):
-        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+        return _SparseDecode.apply(values, indices, W_dec)
 
 
 # ---------------------------------------------------------------------------------------------- dense reference

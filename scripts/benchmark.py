@@ -1,0 +1,295 @@
+"""Training-step speed and memory of lit-sae's fast TopK path against the dense reference path.
+
+One table: for each (n_latents, k) and each path (naive = dense reference, fast = lit_sae.kernels), the time of a
+full training step as ``SAEModule`` runs it (TopKSAE forward + backward, decoder gradient projection, fused Adam,
+decoder renormalisation), tokens/s, the step's peak memory above what the model and optimizer already hold, the
+time of one bare (B x d_in) x (d_in x n) matmul measured in the same process, and the ratio step / matmul.
+
+Each configuration runs in its own subprocess so that peak memory is that configuration's alone: on CPU the peak
+resident set (``ru_maxrss``) minus the resident set just before the first step; on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory allocated before it.
+
+    .venv/bin/python scripts/benchmark.py            # d_in 768, n in {16384, 65536}, k in {32, 128}, batch 4096
+    .venv/bin/python scripts/benchmark.py --quick    # small and fast: a smoke test of the script itself
+    .venv/bin/python scripts/benchmark.py --fit      # also: Lightning fit on synthetic shards vs the bare step
+
+``--fit`` writes synthetic fp16 shards, runs ``Trainer.fit`` (SAEModule + ActivationDataModule, its default single
+loader worker) for ``--fit-steps`` steps, and compares its tokens/s (timed after a warm-up) with the bare step rate
+of the same model on an in-memory batch, measured in the same process: the data path's cost.
+
+CPU runs in fp32; on a CUDA device the step and the matmul run under bf16 autocast. Timings on a shared machine are
+noisy: the matmul is timed in the same process, right before the steps, so the ratio is the number to read; the
+last column is the same ratio in process CPU time (less sensitive to other jobs; on GPU it means little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PAPER_EPS = 6.25e-10  # Adam epsilon of OpenAI's training code, as lit_sae.module uses
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _time(fn, device: str, repeats: int, clock=time.perf_counter) -> list[float]:
+    """Seconds of each of ``repeats`` calls of fn (after one warm-up call)."""
+    fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        _sync(device)
+        out.append(clock() - t0)
+    return out
+
+
+def worker(args) -> dict:
+    """Time one configuration in this process; returns the row as a dict."""
+    from lit_sae.sae import TopKSAE
+
+    torch.manual_seed(0)
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    B, d, n, k = args.batch, args.d_in, args.n_latents, args.k
+    x = (torch.randn(B, d) + 0.3).to(dev)  # activations have a large mean; the SAE's b_pre absorbs it
+
+    # One bare matmul, the unavoidable dense work of a step, in the step's precision.
+    a, w = torch.randn(B, d, device=dev, dtype=dtype), torch.randn(d, n, device=dev, dtype=dtype)
+    mm = statistics.median(_time(lambda: torch.mm(a, w), dev, max(3, args.steps)))
+    # Process CPU time as well: on a shared machine wall time swings with the other jobs, CPU time much less.
+    mm_cpu = statistics.median(_time(lambda: torch.mm(a, w), dev, max(3, args.steps), time.process_time))
+    del a, w
+
+    sae = TopKSAE(d, n, k, fast=args.path == "fast").to(dev)
+    fused = dev in ("cpu", "cuda")
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=PAPER_EPS, fused=fused)
+    dead_mask = torch.zeros(n, dtype=torch.bool, device=dev)  # steady state: nothing dead, AuxK off
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            out = sae(x, dead_mask)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grads_()
+        opt.step()
+        sae.normalize_decoder_()
+        return out.loss
+
+    # Warm-up step first: Adam's state is allocated there and belongs to the model's memory, not the step's.
+    step()
+    _sync(dev)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    times, cpu_times = [], []
+    for _ in range(args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    if dev == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    step_s = statistics.median(times)
+    return {
+        "n_latents": n,
+        "k": k,
+        "path": args.path,
+        "device": dev,
+        "dtype": str(dtype).replace("torch.", ""),
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": B / step_s,
+        "peak_mib": max(peak, 0) / 2**20,
+        "matmul_ms": mm * 1e3,
+        "step_over_matmul": step_s / mm,
+        "cpu_step_over_matmul": statistics.median(cpu_times) / mm_cpu,
+        "loss": float(loss),
+    }
+
+
+def fit_worker(args) -> dict:
+    """End-to-end: Lightning fit on synthetic shards vs the bare training step, in this process."""
+    import tempfile
+
+    import lightning as L
+
+    from lit_sae.data.datamodule import ActivationDataModule
+    from lit_sae.data.shards import FORMAT, ShardWriter, write_manifest_atomic
+    from lit_sae.module import SAEModule
+
+    dev = args.device
+    B, d, n, k, steps, warm = args.batch, args.d_in, args.n_latents, args.k, args.fit_steps, args.fit_warmup
+    tmp = tempfile.TemporaryDirectory(prefix="lit-sae-bench-")
+    # Enough distinct tokens for half the run: the second half re-reads them as a new epoch, as a long fit would.
+    n_tok = B * max(8, (steps + warm) // 2)
+    g = torch.Generator().manual_seed(0)
+    man = {"format": FORMAT, "d_in": d, "dtype": "float16", "block_tokens": 4096, "tokens_per_shard": 16 * 4096,
+           "context_length": 64, "hook_point": "synthetic", "model": {"name_or_path": "synthetic"}, "splits": {},
+           "complete": True}
+    for split, count in (("train", n_tok), ("val", 4096)):
+        infos = []
+        with ShardWriter(tmp.name, split, d, "float16", 4096, 16 * 4096, on_shard=infos.append) as w:
+            for s0 in range(0, count, 65536):
+                m = min(65536, count - s0)
+                ids = torch.arange(s0, s0 + m)
+                w.add(torch.randn(m, d, generator=g) + 0.3, ids % 50000, ids // 64, ids % 64)
+        man["splits"][split] = {"shards": infos, "tokens": count, "contexts": count // 64}
+    write_manifest_atomic(tmp.name, man)
+
+    class StepTimer(L.Callback):
+        """Wall time from the start of step ``warm`` to the end of the last step."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == warm:
+                _sync(dev)
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            _sync(dev)
+            self.t1 = time.perf_counter()
+
+    torch.manual_seed(0)
+    model = SAEModule(d, n_latents=n, k=k, export_dir="none", init_tokens=4096)
+    dm = ActivationDataModule(tmp.name, batch_size_tokens=B)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="gpu" if dev == "cuda" else "cpu", devices=1, precision="bf16-mixed" if dev == "cuda" else "32-true",
+        max_steps=steps + warm, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+        default_root_dir=tmp.name,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    fit_s = (timer.t1 - timer.t0) / steps
+
+    # The bare step of the same (trained) model on one in-memory batch: forward, backward, projection, Adam, renorm.
+    sae = model.sae.to(dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=model.lr, eps=PAPER_EPS, fused=dev in ("cpu", "cuda"))
+    x = (torch.randn(B, d) + 0.3).to(dev)
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            out = sae(x, torch.zeros(n, dtype=torch.bool, device=dev))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grads_()
+        opt.step()
+        sae.normalize_decoder_()
+
+    bare_s = statistics.median(_time(step, dev, max(3, min(steps, 10))))
+    tmp.cleanup()
+    return {"n_latents": n, "k": k, "steps": steps, "fit_tokens_per_s": B / fit_s, "bare_tokens_per_s": B / bare_s,
+            "data_path_cost": fit_s / bare_s - 1}
+
+
+def _run_config(args, n: int, k: int, path: str, fit: bool = False) -> dict:
+    """One configuration in a fresh subprocess (its own peak memory)."""
+    cmd = [
+        sys.executable, __file__, "--worker", "--device", args.device, "--batch", str(args.batch),
+        "--d-in", str(args.d_in), "--n-latents", str(n), "--k", str(k), "--path", path, "--steps", str(args.steps),
+        "--fit-steps", str(args.fit_steps), "--fit-warmup", str(args.fit_warmup),
+    ] + (["--fit"] if fit else [])  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"benchmark worker {n=} {k=} {path=} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict], batch: int, d_in: int) -> str:
+    """Markdown table of the rows, with the fast path's speed-up over the naive one."""
+    naive = {(r["n_latents"], r["k"]): r["step_ms"] for r in rows if r["path"] == "naive"}
+    head = (
+        f"batch {batch} tokens, d_in {d_in}, device {rows[0]['device']}, {rows[0]['dtype']}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
+        "| n_latents | k | path | step ms | tokens/s | step peak MiB | matmul ms | step/matmul | fast speed-up "
+        "| CPU-time step/matmul |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [head]
+    for r in rows:
+        ref = naive.get((r["n_latents"], r["k"]))
+        speedup = f"{ref / r['step_ms']:.2f}x" if r["path"] == "fast" and ref else ""
+        lines.append(
+            f"| {r['n_latents']} | {r['k']} | {r['path']} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['peak_mib']:.0f} | {r['matmul_ms']:.0f} | {r['step_over_matmul']:.2f} | {speedup} | "
+            f"{r['cpu_step_over_matmul']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small run: n 4096, k 32, batch 1024, 2 steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    p.add_argument("--d-in", type=int, default=768)
+    p.add_argument("--n-latents", type=int, nargs="+", default=[16384, 65536])
+    p.add_argument("--k", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--paths", nargs="+", default=["naive", "fast"], choices=["naive", "fast"])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--json", type=Path, help="also write the rows to this file")
+    p.add_argument("--fit", action="store_true", help="also fit on synthetic shards (first n_latents and k)")
+    p.add_argument("--fit-only", action="store_true", help="only the fit comparison, no step table")
+    p.add_argument("--fit-steps", type=int, default=200, help="timed fit steps")
+    p.add_argument("--fit-warmup", type=int, default=5, help="untimed fit steps first (b_pre init, loader start)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--path", choices=["naive", "fast"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.n_latents, args.k = args.n_latents[0], args.k[0]
+        print(json.dumps(fit_worker(args) if args.fit else worker(args)))
+        return 0
+    if args.quick:
+        args.n_latents, args.k, args.batch, args.steps = [4096], [32], 1024, 2
+        args.fit_steps = min(args.fit_steps, 20)
+    rows = []
+    if not args.fit_only:
+        for n in args.n_latents:
+            for k in args.k:
+                for path in args.paths:
+                    rows.append(_run_config(args, n, k, path))
+                    print(f"done n={n} k={k} {path}: {rows[-1]['step_ms']:.0f} ms", file=sys.stderr, flush=True)
+        print(format_table(rows, args.batch, args.d_in))
+    if args.fit or args.fit_only:
+        fit = _run_config(args, args.n_latents[0], args.k[0], "fast", fit=True)
+        print(
+            f"\nfit on shards (fast path, n_latents {fit['n_latents']}, k {fit['k']}, {fit['steps']} timed steps): "
+            f"{fit['fit_tokens_per_s']:,.0f} tokens/s end-to-end vs {fit['bare_tokens_per_s']:,.0f} bare step: "
+            f"data path + Lightning cost {100 * fit['data_path_cost']:+.1f}%"
+        )
+        rows.append({"fit": fit})
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
