@@ -93,6 +93,24 @@ def test_worker_count_does_not_change_the_token_set(shards):
     assert sets[0] == sets[1] == sets[2] == list(range(1000))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_shared_memory_ring_delivers_the_same_batches(tmp_path, dtype):
+    """The DataModule's loader moves worker batches through a shared-memory ring: it must deliver exactly what a
+    plain DataLoader over the same stream delivers, as private tensors of the right dtypes."""
+    make_shards(tmp_path, {"train": 700}, d_in=12, dtype=dtype)
+    for workers in (1, 2):
+        dm = ActivationDataModule(str(tmp_path), batch_size_tokens=64, shuffle_buffer_tokens=96, num_workers=workers)
+        plain = run_epoch(dm, 0, 1, workers)
+        ringed = list(dm.train_dataloader())  # first pass: epoch 0
+        assert len(plain) == len(ringed) == 10
+        for a, b in zip(plain, ringed):
+            assert a.keys() == b.keys() == {"acts", "tok", "ctx", "pos"}
+            assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+        assert len({b["acts"].data_ptr() for b in ringed}) == len(ringed)  # private copies, not ring slots
+    assert ringed[0]["acts"].dtype == (torch.float16 if dtype == "float16" else torch.bfloat16)
+    assert ringed[0]["tok"].dtype == ringed[0]["ctx"].dtype == ringed[0]["pos"].dtype == torch.int64
+
+
 def test_deterministic_and_token_level_shuffle(shards):
     dm = ActivationDataModule(shards, batch_size_tokens=50, shuffle_buffer_tokens=128)
     a = [ids_of(b) for b in run_epoch(dm, 0, 1, 2)]
