@@ -219,6 +219,14 @@ def test_val_and_test_loaders_in_stored_order(shards):
     assert [i for b in test for i in ids_of(b)] == list(range(1300, 1500))
 
 
+def test_missing_val_split_skips_validation_missing_test_split_raises(tmp_path):
+    make_shards(tmp_path, {"train": 256})
+    dm = ActivationDataModule(str(tmp_path))
+    assert dm.val_dataloader() == []
+    with pytest.raises(ShardError, match=r"manifest.json: split 'test' has no shards"):
+        dm.test_dataloader()
+
+
 def test_sample_activations_deterministic(shards):
     dm = ActivationDataModule(shards)
     a, b = dm.sample_activations(300), ActivationDataModule(shards).sample_activations(300)
@@ -335,6 +343,18 @@ def test_corrupt_tar(tmp_path):
     path.write_bytes(bytes(data))
     msg = _first_error(ActivationDataModule(str(tmp_path), batch_size_tokens=64, shuffle=False), workers=1)
     assert "train-000000.tar" in msg and ("corrupt" in msg)
+
+
+def test_flipped_bytes_caught_by_verify(tmp_path):
+    make_shards(tmp_path, {"train": 256})
+    dm = ActivationDataModule(str(tmp_path), verify=True)
+    dm.setup("fit")  # intact: passes
+    path = tmp_path / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[2000] ^= 0xFF  # inside activation data: format checks cannot see it
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-000001.tar: sha256 .* differs from manifest.json"):
+        ActivationDataModule(str(tmp_path), verify=True).setup("fit")
 
 
 def test_wrong_shape_vs_manifest(tmp_path):
