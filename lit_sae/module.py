@@ -59,6 +59,8 @@ class SAEModule(L.LightningModule):
         hook_point: where the activations come from (recorded in exports; linked from the data).
         lm_name: the language model (recorded in exports; linked from the data).
         export_dir: where ``on_fit_end`` exports the SAE (default: ``<log_dir>/sae``; ``none`` disables).
+        init_from: an exported SAE folder (cfg.json + sae_weights.safetensors) whose weights this module starts
+            from, e.g. to ``lit-sae test`` an export; d_in, n_latents and k must match it.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class SAEModule(L.LightningModule):
         hook_point: Optional[str] = None,
         lm_name: Optional[str] = None,
         export_dir: Optional[str] = None,
+        init_from: Optional[str] = None,
     ):
         super().__init__()
         if lr is not None and lr <= 0:
@@ -103,6 +106,8 @@ class SAEModule(L.LightningModule):
             encoder_init_norm=encoder_init_norm,
             fast=fast,
         )
+        if init_from is not None:
+            self._load_export(init_from)
         self.lr = lr if lr is not None else default_lr(n_latents)
         self.ema = EMA(self.sae, ema_decay) if ema_decay is not None else None
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
@@ -111,6 +116,19 @@ class SAEModule(L.LightningModule):
         self.test_nmse, self.test_l0 = NormalizedMSE(), L0()
         self._eval_stack = ExitStack()
         self._last_time: Optional[float] = None
+
+    def _load_export(self, path: str) -> None:
+        from lit_sae.export import load_exported
+
+        sae, cfg = load_exported(path)
+        mine = {"d_in": self.sae.d_in, "n_latents": self.sae.n_latents, "k": self.sae.k,
+                "normalize": "layernorm" if self.sae.normalize == "layernorm" else "none"}
+        theirs = {"d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k, "normalize": sae.normalize}
+        diff = {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
+        if diff:
+            raise ValueError(f"{path}: exported SAE differs from model config in {diff} (config, export); set "
+                             "these model keys to the export's values (a scalar scale is folded: use normalize none)")
+        self.sae.load_state_dict(sae.state_dict())
 
     # ------------------------------------------------------------------ set-up
     def configure_callbacks(self):

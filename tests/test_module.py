@@ -155,3 +155,17 @@ def test_tensorboard_gets_the_training_scalars(tmp_path):
     assert all(v <= 4 for v in l0) and max(v for v in l0) > 3
     assert {"features/log10_density", "features/decoder_row_norm"} <= set(acc.Tags()["histograms"])
     assert math.isfinite(acc.Scalars("train/loss")[-1].value)
+
+
+def test_init_from_an_export_reproduces_the_sae_and_rejects_a_mismatch(tmp_path):
+    from lit_sae.export import export_sae
+
+    module = SAEModule(d_in=16, n_latents=64, k=4, normalize="scalar")
+    module.sae.init_from_data_(torch.randn(512, 16) * 5 + 1)
+    export_sae(module.sae, tmp_path / "sae")
+    loaded = SAEModule(d_in=16, n_latents=64, k=4, init_from=str(tmp_path / "sae"))
+    x = torch.randn(100, 16) * 5 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sae(x).x_hat, module.sae(x).x_hat, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="n_latents"):
+        SAEModule(d_in=16, n_latents=128, k=4, init_from=str(tmp_path / "sae"))
