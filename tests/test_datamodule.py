@@ -290,6 +290,16 @@ def test_real_ddp_two_ranks_two_workers(shards, tmp_path):
 # ---- bad input -------------------------------------------------------------------------------------------------------
 
 
+def test_unlisted_and_temporary_shards_are_never_read(tmp_path):
+    """A crash can leave a .tmp shard, or a complete shard the manifest does not list yet: readers ignore both."""
+    make_shards(tmp_path, {"train": 256})
+    (tmp_path / "train-000002.tar.tmp").write_bytes(b"half a shard")
+    (tmp_path / "train-000002.tar").write_bytes((tmp_path / "train-000000.tar").read_bytes())
+    dm = ActivationDataModule(str(tmp_path), batch_size_tokens=64, num_workers=0)
+    assert [r.name for r in dm.shards("train")] == ["train-000000.tar", "train-000001.tar"]
+    assert sorted(i for b in dm.train_dataloader() for i in ids_of(b)) == list(range(256))
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(ShardNotFoundError, match=r"nope: shard folder does not exist.*lit-sae harvest"):
         ActivationDataModule(str(tmp_path / "nope"))

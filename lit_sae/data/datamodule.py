@@ -529,8 +529,9 @@ def _unpacked(it, ring: _Ring, pin_memory: bool):
 
 
 def _shard_base(path: str) -> str:
-    """Folder or URL prefix the manifest's shard names are relative to."""
-    return manifest_location(path).rsplit("/", 1)[0] if "/" in manifest_location(path) else "."
+    """Folder or URL prefix that the manifest's shard names are relative to: the folder of ``path``'s manifest."""
+    loc = manifest_location(path)
+    return loc.rsplit("/", 1)[0] if "/" in loc else "."
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -549,7 +550,8 @@ class ActivationDataModule(L.LightningDataModule):
             ``data/nonfinite_skipped``) instead of raising ShardError.
         val_tokens, test_tokens: use only the first this many tokens of the val/test split (None: all).
         shuffle: shuffle the training stream (False: manifest order, for debugging).
-        manifest_path: where manifest.json is, when it cannot be derived from ``path`` (e.g. ``pipe:`` URLs).
+        manifest_path: read manifest.json from here instead of from ``path``'s folder (shards are still
+            ``{path folder}/{name}``).
         pin_memory: pin batches (for GPU training).
         verify: hash every shard against manifest.json in ``setup`` (reads all data once; see verify_shards).
     """
@@ -608,8 +610,7 @@ class ActivationDataModule(L.LightningDataModule):
     # ---- shards ---------------------------------------------------------------------------------------------------
     def _resolve_shards(self) -> dict[str, list[ShardRef]]:
         """Shard refs per split: manifest names, joined to the folder/URL, filtered by a brace pattern if given."""
-        base = _shard_base(self.path if "{" in self.path or not self.hparams.manifest_path else
-                           self.hparams.manifest_path)
+        base = _shard_base(self.path)
         selected = None
         if "{" in self.path:
             import braceexpand
@@ -695,7 +696,7 @@ class ActivationDataModule(L.LightningDataModule):
     def _trainer_or_none(self):
         return getattr(self, "trainer", None)
 
-    # ---- datasets and loaders ------------------------------------------------------------------------------------------
+    # ---- datasets and loaders ------------------------------------------------------------------------------------
     def train_dataset(self, rank: Optional[int] = None, world_size: Optional[int] = None) -> ActivationStream:
         """The training stream for one rank (rank/world_size default to the trainer's or torch.distributed's)."""
         r, w = self._world()
