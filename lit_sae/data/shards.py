@@ -555,7 +555,12 @@ def _load_npy(data: Any, source: str, member: str) -> np.ndarray:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ShardError(f"{source}: member {member} is {type(data).__name__}, expected .npy bytes")
     try:
-        f = io.BytesIO(data)
+        # Parse the header from a copy of the header bytes only (BytesIO copies its input: not the 6 MB payload).
+        view = memoryview(data)
+        head = bytes(view[:12])
+        hlen = int.from_bytes(head[8:10], "little") + 10 if head[6:7] == b"\x01" else \
+            int.from_bytes(head[8:12], "little") + 12
+        f = io.BytesIO(bytes(view[:hlen]))
         major, _ = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(f)
