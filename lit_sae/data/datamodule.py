@@ -515,7 +515,9 @@ class _StreamLoader(DataLoader):
         it = super().__iter__()
         if isinstance(self.dataset, ActivationStream):
             self.dataset.attach_ring(None)  # the workers hold their copy; keep the main process's dataset plain
-        return it if ring is None else _unpacked(it, ring, self.pin_memory)
+        # Pin only where an accelerator exists (the DataLoader itself ignores pin_memory otherwise).
+        pin = self.pin_memory and torch.cuda.is_available()
+        return it if ring is None else _unpacked(it, ring, pin)
 
 
 def _unpacked(it, ring: _Ring, pin_memory: bool):
