@@ -168,3 +168,33 @@ def test_decode_block_nonfinite(dtype):
     b = decode_block(s, m, "s.tar", nonfinite="drop")
     assert b["n_nonfinite"] == 2 and b["ctx"].tolist() == [0, 2]
     assert torch.isfinite(b["acts"].float()).all()
+
+
+def test_iter_tar_reads_pax_gnu_and_webdataset_tars(tmp_path):
+    """The fast tar reader handles what other writers produce: pax and GNU long names, webdataset's TarWriter."""
+    import tarfile
+
+    from lit_sae.data.shards import iter_tar
+
+    long = "d/" + "x" * 150 + ".acts.npy"
+    members = {"a.tok.npy": b"123", long: b"4" * 1000, "b\u00e9.ctx.npy": b""}
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with open(path, "rb") as f:
+            assert dict(iter_tar(f, str(path))) == members
+        with open(path, "rb") as f:  # select skips members without reading them
+            assert [n for n, _ in iter_tar(f, str(path), select=lambda n: n.startswith("d/"))] == [long]
+    path = tmp_path / "wds.tar"
+    with wds.TarWriter(str(path)) as w:
+        w.write({"__key__": "k0", "txt": "hello"})
+    with open(path, "rb") as f:
+        assert dict(iter_tar(f, str(path))) == {"k0.txt": b"hello"}
+    data = path.read_bytes()
+    path.write_bytes(data[:512 + 512])  # header + data of the member, no end-of-archive marker
+    with open(path, "rb") as f, pytest.raises(ShardError, match=r"wds.tar: truncated tar"):
+        list(iter_tar(f, str(path)))

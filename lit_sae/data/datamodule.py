@@ -11,7 +11,7 @@ How one epoch is laid out (deterministic given seed, epoch, world size, workers,
    Slices cut through shards and blocks, so any shard count works with any W and number of workers.
 3. Within a rank, DataLoader worker k gets a contiguous part of the rank's slice holding the batches it returns,
    ``n // K + (k < n % K)``; the DataLoader takes batches round-robin from its workers, so batch j of the rank comes
-   from worker ``j % K``.
+   from part ``j % K`` (after a resume at batch c, parts are rotated over workers so that the order continues).
 4. Token shuffle: each worker cuts its part into windows of ``shuffle_buffer_tokens`` tokens (several blocks from
    several contexts), permutes every window with a seeded permutation and cuts batches from the concatenated,
    permuted windows. Batch composition is thus a pure function of token positions, which is what lets a resumed run
