@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -155,9 +153,10 @@ def run_harvest(
     text_field: str = "text",
     hf_split: str = "train",
     hf_config: Optional[str] = None,
+    hf_streaming: bool = True,
     shuffle_documents: bool = True,
     max_contexts_per_document: Optional[int] = None,
-    total_tokens: int = 200_000,
+    total_tokens: int = 150_000,
     context_length: int = 64,
     batch_size: int = 64,
     block_tokens: int = 4096,
@@ -190,6 +189,8 @@ def run_harvest(
         text_field: Field holding the text in JSONL records and Hugging Face datasets.
         hf_split: Split of the Hugging Face dataset to read.
         hf_config: Configuration name of the Hugging Face dataset, if it has several.
+        hf_streaming: Stream the Hugging Face dataset instead of downloading it first. Each split is a pass over
+            the stream, so the harvested prefix is read three times; a local copy avoids re-downloading.
         shuffle_documents: Permute the documents of "stdlib" and local sources with ``seed``, so that a small
             harvest samples many files instead of the alphabetically first ones.
         max_contexts_per_document: At most this many contexts from one document (null: no limit); keeps a few long
@@ -228,7 +229,7 @@ def run_harvest(
     lm, tokenizer = load_lm(model, gguf_file=gguf_file, dtype=model_dtype, device=device)
     resolve_hook(lm, hook_point)  # fail early, listing valid names
     text = open_source(source, text_field=text_field, shuffle_seed=seed if shuffle_documents else None,
-                       hf_split=hf_split, hf_config=hf_config)
+                       hf_split=hf_split, hf_config=hf_config, hf_streaming=hf_streaming)
     first = 1 if drop_first_position else 0
     kept_per_context = context_length - first
     n_contexts = math.ceil(total_tokens / kept_per_context)
