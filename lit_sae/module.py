@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 
 PAPER_LR = 2e-4  # Gao et al. 2024, section 2.3: lr = 2e-4 / sqrt(n_latents / 2^14)
 PAPER_EPS = 6.25e-10  # Adam epsilon of OpenAI's training code
+
+# Settings a checkpoint's weights and state are tied to: a resume with other values is refused (it would either fail
+# on tensor shapes or silently train another model on other data). Every other setting may change on resume.
+RESUME_MUST_MATCH = ("d_in", "n_latents", "k", "k_aux", "activation", "normalize", "multi_topk", "hook_point",
+                     "lm_name")
 
 
 def default_lr(n_latents: int) -> float:
@@ -94,18 +101,21 @@ class SAEModule(L.LightningModule):
         if decay_start is not None and not 0.0 <= decay_start <= 1.0:
             raise ValueError(f"model.decay_start={decay_start} must be a fraction of the run in [0, 1]")
         self.save_hyperparameters()
-        self.sae = TopKSAE(
-            d_in,
-            n_latents,
-            k,
-            k_aux=k_aux,
-            auxk_coef=auxk_coef,
-            multi_topk=multi_topk,
-            activation=activation,
-            normalize=normalize,
-            encoder_init_norm=encoder_init_norm,
-            fast=fast,
-        )
+        try:
+            self.sae = TopKSAE(
+                d_in,
+                n_latents,
+                k,
+                k_aux=k_aux,
+                auxk_coef=auxk_coef,
+                multi_topk=multi_topk,
+                activation=activation,
+                normalize=normalize,
+                encoder_init_norm=encoder_init_norm,
+                fast=fast,
+            )
+        except ValueError as exn:  # the SAE names its argument; say it is a key of the config's model section
+            raise ValueError(f"model.{exn}") from None
         if init_from is not None:
             self._load_export(init_from)
         self.lr = lr if lr is not None else default_lr(n_latents)
@@ -116,6 +126,7 @@ class SAEModule(L.LightningModule):
         self.test_nmse, self.test_l0 = NormalizedMSE(), L0()
         self._eval_stack = ExitStack()
         self._last_time: Optional[float] = None
+        self._resumed_rng: Optional[dict] = None  # RNG states of a loaded checkpoint, applied at the next step
 
     def _load_export(self, path: str) -> None:
         from lit_sae.export import load_exported
@@ -173,6 +184,74 @@ class SAEModule(L.LightningModule):
             raise ValueError("model.decay_start needs a known run length: set trainer.max_steps")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, decay_start, int(total)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write diverged weights; add the RNG states (the rest of the state is saved by Lightning)."""
+        bad = _nonfinite_entries(checkpoint)
+        if bad:
+            raise FloatingPointError(
+                f"the weights diverged: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN/Inf at step "
+                f"{self.global_step}, so no checkpoint is written and the last one on disk is still good; resume "
+                "from it with a lower learning rate: `lit-sae fit --config ... --ckpt_path last --model.lr X`"
+            )
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that a resumed checkpoint fits this config, before its weights are loaded; apply a changed lr."""
+        saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if saved is not None:
+            self._check_compatible(dict(saved))
+            self._apply_optimizer_changes(dict(saved), checkpoint)
+        self._resumed_rng = checkpoint.get("rng_states")
+
+    def _checkpoint_name(self) -> str:
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        return str(path) if path else "the checkpoint"
+
+    def _check_compatible(self, saved: dict[str, Any]) -> None:
+        now = dict(self.hparams)
+        diff = {key: (saved.get(key), now.get(key)) for key in RESUME_MUST_MATCH if saved.get(key) != now.get(key)}
+        if (saved.get("ema_decay") is None) != (now.get("ema_decay") is None):
+            diff["ema_decay"] = (saved.get("ema_decay"), now.get("ema_decay"))
+        if diff:
+            desc = "; ".join(f"model.{key}: checkpoint {a!r}, config {b!r}" for key, (a, b) in diff.items())
+            linked = sorted({"d_in", "hook_point", "lm_name"} & set(diff))
+            hint = (f" ({', '.join('model.' + k for k in linked)} come from the data's manifest: use the checkpoint's "
+                    "shard folder)" if linked else "")
+            raise ValueError(
+                f"{self._checkpoint_name()} was written by a run with another model config ({desc}){hint}. Resume "
+                "with the config that wrote it, or start a new run without --ckpt_path in another checkpoint folder"
+            )
+        changed = sorted(k for k in now if k not in RESUME_MUST_MATCH and k in saved and saved[k] != now[k])
+        if changed:
+            log.warning("resuming %s with changed settings (the new values apply from here on): %s",
+                        self._checkpoint_name(), ", ".join(f"model.{k}: {saved[k]!r} -> {now[k]!r}" for k in changed))
+
+    def _apply_optimizer_changes(self, saved: dict[str, Any], checkpoint: dict[str, Any]) -> None:
+        """Lightning restores the optimizer's lr, betas and eps from the checkpoint, which would silently ignore a
+        changed ``model.lr`` (the usual fix after a divergence): rewrite the saved values to this config's."""
+        old_lr = saved.get("lr") or default_lr(int(saved["n_latents"]))
+        ratio = self.lr / old_lr
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                for key in ("lr", "initial_lr"):
+                    if key in group:
+                        group[key] = group[key] * ratio
+                group["betas"] = tuple(self.hparams.betas)
+                group["eps"] = self.hparams.eps
+        if ratio != 1.0:
+            for sched in checkpoint.get("lr_schedulers", []):
+                for key in ("base_lrs", "_last_lr"):
+                    if key in sched:
+                        sched[key] = [v * ratio for v in sched[key]]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """After a resume, continue the random streams where the checkpoint left them (at the first step)."""
+        if self._resumed_rng is not None:
+            _set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
 
     # ------------------------------------------------------------------ training
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
@@ -290,3 +369,37 @@ def _schedule(warmup: int, decay_start: Optional[float], total: int):
         return f
 
     return factor
+
+
+def _nonfinite_entries(checkpoint: dict[str, Any]) -> list[str]:
+    """Names of the floating tensors in a checkpoint's weights and optimizer state that hold NaN or Inf."""
+    bad = [name for name, t in checkpoint.get("state_dict", {}).items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    for i, state in enumerate(checkpoint.get("optimizer_states", [])):
+        for pid, per_param in state.get("state", {}).items():
+            for key, t in per_param.items():
+                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"optimizer {i} state {pid}.{key}")
+    return bad
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states of this process, as plain tensors and tuples (weights_only-safe)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of ``_rng_states``."""
+    torch.set_rng_state(states["torch"])
+    if states.get("torch.cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))

@@ -1,0 +1,80 @@
+"""Crash-safe checkpoint files: write to a temporary name in the same folder, fsync, then rename over the target.
+
+Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose local temporary file lives in the
+system temp folder: the final move may cross file systems (a copy, not a rename) and nothing is fsynced, so a
+kill or power loss during the write can leave a truncated ``last.ckpt`` that ``--ckpt_path last`` then picks up.
+Here the checkpoint appears under its final name only once it is complete on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic: ``.{name}.{pid}.tmp`` + fsync + ``os.replace``.
+
+    The temporary name does not end in ``.ckpt``, so Lightning's ``ckpt_path="last"`` search never selects it.
+    Remote paths (``s3://`` ...) fall back to Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
+        """Save ``checkpoint`` to ``path``; on any failure the previous file at ``path`` is left untouched."""
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)  # make the rename itself durable
+        log.debug("saved checkpoint %s", path)
+
+
+def _is_local(path: _PATH) -> bool:
+    return type(get_filesystem(path)).__name__ == "LocalFileSystem"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder so a completed rename survives a power loss (not possible on every OS: best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def use_atomic_checkpoints(trainer) -> bool:
+    """Give ``trainer`` an ``AtomicCheckpointIO`` unless it was configured with a checkpoint IO of its own.
+
+    Returns True when the plugin was installed. Only Lightning's plain ``TorchCheckpointIO`` is replaced (a user's
+    plugin, async or distributed checkpointing are kept as they are).
+    """
+    strategy = trainer.strategy
+    current = strategy._checkpoint_io  # None: Lightning would create a plain TorchCheckpointIO on first use
+    if current is not None and type(current) is not TorchCheckpointIO:
+        return False
+    strategy.checkpoint_io = AtomicCheckpointIO()
+    return True
