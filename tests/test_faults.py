@@ -1,0 +1,31 @@
+"""Bad input reaches the user of ``lit-sae fit`` as one clear line (exit status 2) naming the file or key and the
+fix, and leaves no checkpoint a later run would accept (issue 6). Scenarios: scripts/faults.py.
+
+The data-level checks behind several of these have their own unit tests (tests/test_datamodule.py: missing/empty
+folder, truncated tar, wrong shape/dtype, NaN/Inf, skip_nonfinite; tests/test_sae.py: k; tests/test_lm.py: unknown
+hook point); here they are exercised end to end through the CLI.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import faults  # noqa: E402
+
+IN_TEST_RESUME = {"resume_after_kill", "kill_during_checkpoint_write", "atomic_write_failure",
+                  "divergence_nan_weights", "divergence_huge_lr", "incompatible_checkpoint", "changed_lr_on_resume"}
+KNOWN_GAPS = {
+    "nonfinite_in_init_sample": "ActivationDataModule.sample_activations names manifest.json's train split, not the "
+                                "shard holding the NaN row (lit_sae/data/datamodule.py, owned by the datamodule)",
+}
+CASES = [s for s in faults.SCENARIOS if s.name not in IN_TEST_RESUME]
+
+
+@pytest.mark.parametrize("scenario", CASES, ids=lambda s: s.name)
+def test_bad_input(scenario, tmp_path):
+    if scenario.name in KNOWN_GAPS:
+        pytest.xfail(KNOWN_GAPS[scenario.name])
+    result = scenario.fn(tmp_path)
+    assert result.ok, result.observed
