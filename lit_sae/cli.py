@@ -208,7 +208,13 @@ def _user_message(exn: BaseException) -> str:
     while exn.__cause__ is not None and isinstance(exn.__cause__, (ValueError, FileNotFoundError,
                                                                    FloatingPointError)):
         exn = exn.__cause__
-    return f"{type(exn).__name__}: {exn}"
+    text = str(exn)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own message only
+        lines = text.splitlines()
+        last = max((i for i, ln in enumerate(lines) if re.match(r"^[\w.]+: ", ln)), default=None)
+        if last is not None:
+            text = "\n".join(lines[last:]).split(": ", 1)[1]
+    return f"{type(exn).__name__}: {text}"
 
 
 if __name__ == "__main__":
