@@ -169,3 +169,13 @@ def test_init_from_an_export_reproduces_the_sae_and_rejects_a_mismatch(tmp_path)
         torch.testing.assert_close(loaded.sae(x).x_hat, module.sae(x).x_hat, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="n_latents"):
         SAEModule(d_in=16, n_latents=128, k=4, init_from=str(tmp_path / "sae"))
+
+
+def test_last_checkpoint_is_refreshed_when_training_ends(tmp_path):
+    from lit_sae.callbacks.checkpoint import Checkpoint
+
+    dm = SyntheticDataModule(d_in=16, n_features=64, active=3, batch_size_tokens=256, train_tokens=7 * 256)
+    ck = Checkpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=5, save_top_k=0)
+    L.Trainer(max_steps=7, logger=False, callbacks=[ck], enable_progress_bar=False, limit_val_batches=0).fit(
+        SAEModule(d_in=16, n_latents=64, k=4, export_dir="none"), dm)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 7  # not 5

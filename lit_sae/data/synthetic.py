@@ -52,6 +52,8 @@ class SyntheticDataModule(L.LightningDataModule):
         train_tokens: tokens per training epoch.
         val_tokens: tokens in the validation and in the test split.
         offset_norm: norm of a constant offset added to every token (0: none).
+        subspace_dim: if set, all directions lie in a random subspace of this dimension (anisotropic data, as real
+            activations are: randomly initialised latents far from it rarely win the top-k and die without AuxK).
         seed: fixes the directions and the stream.
     """
 
@@ -64,6 +66,7 @@ class SyntheticDataModule(L.LightningDataModule):
         train_tokens: int = 1_048_576,
         val_tokens: int = 16_384,
         offset_norm: float = 0.0,
+        subspace_dim: Optional[int] = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -71,6 +74,9 @@ class SyntheticDataModule(L.LightningDataModule):
         self.batch_size_tokens, self.train_tokens, self.val_tokens = batch_size_tokens, train_tokens, val_tokens
         g = torch.Generator().manual_seed(seed)
         directions = torch.randn(n_features, d_in, generator=g)
+        if subspace_dim is not None:
+            basis = torch.linalg.qr(torch.randn(d_in, subspace_dim, generator=g)).Q.T  # (subspace_dim, d_in)
+            directions = torch.randn(n_features, subspace_dim, generator=g) @ basis
         self.directions = directions / directions.norm(dim=1, keepdim=True)
         mean = torch.randn(d_in, generator=g)
         self.mean = mean / mean.norm() * offset_norm if offset_norm else None
