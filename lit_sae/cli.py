@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -189,6 +190,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     """
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if from_console:  # show lit-sae's own INFO lines (harvest summary, resume, export); libraries keep WARNING
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("lit_sae").setLevel(logging.INFO)
     try:
         if argv and argv[0] == "harvest":
             return run_harvest(argv[1:])
