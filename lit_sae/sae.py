@@ -225,10 +225,12 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
-        """Remove from each decoder row's gradient its component along the row (before each optimizer step)."""
+        """Remove from each decoder row's gradient its component along the row (before each optimizer step).
+
+        Assumes unit-norm rows, which init and ``normalize_decoder_`` after every step guarantee."""
         if self.W_dec.grad is None:
             return
-        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        W = self.W_dec.detach()
         self.W_dec.grad.sub_((self.W_dec.grad * W).sum(dim=1, keepdim=True) * W)
 
 

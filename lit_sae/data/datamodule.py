@@ -177,7 +177,9 @@ def read_range(shards: list[ShardRef], manifest: dict, start: int, stop: int,
             continue
         if lo >= stop:
             return
-        yield from read_shard(ref, manifest, max(start - lo, 0), min(stop, hi) - lo, buffers)
+        for piece in read_shard(ref, manifest, max(start - lo, 0), min(stop, hi) - lo, buffers):
+            piece["shard"] = ref.url  # so that errors about a piece can name its file
+            yield piece
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -859,7 +861,7 @@ class ActivationDataModule(L.LightningDataModule):
                 bad = nonfinite_rows(acts, self.dtype)
                 if bad.any():
                     if not self.skip_nonfinite:
-                        raise nonfinite_error(f"{self.manifest_url} train split", bad, piece["ctx"], piece["pos"])
+                        raise nonfinite_error(piece["shard"], bad, piece["ctx"], piece["pos"])
                     acts = acts[~bad]
                 out.append(from_storage(np.array(acts), self.dtype).float())
         if not out:
