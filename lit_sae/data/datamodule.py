@@ -169,6 +169,13 @@ def read_range(shards: list[ShardRef], manifest: dict, start: int, stop: int,
     """Yield pieces of tokens ``[start, stop)`` of the sequence formed by concatenating ``shards`` in order.
 
     ``buffers``: see :func:`read_shard` (pieces then are valid only until the next one is requested)."""
+    for _, piece in read_range_with_refs(shards, manifest, start, stop, buffers):
+        yield piece
+
+
+def read_range_with_refs(shards: list[ShardRef], manifest: dict, start: int, stop: int,
+                         buffers: Optional[dict] = None) -> Iterator[tuple[ShardRef, dict[str, np.ndarray]]]:
+    """Like :func:`read_range`, yielding (shard, piece) so that errors about a piece can name its file."""
     offset = 0
     for ref in shards:
         lo, hi = offset, offset + ref.tokens
@@ -178,8 +185,7 @@ def read_range(shards: list[ShardRef], manifest: dict, start: int, stop: int,
         if lo >= stop:
             return
         for piece in read_shard(ref, manifest, max(start - lo, 0), min(stop, hi) - lo, buffers):
-            piece["shard"] = ref.url  # so that errors about a piece can name its file
-            yield piece
+            yield ref, piece
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -856,12 +862,12 @@ class ActivationDataModule(L.LightningDataModule):
         for i in range(m):
             start = (i * total) // m
             take = n // m + (i < n % m)
-            for piece in read_range(order, self.manifest, start, start + take):
+            for ref, piece in read_range_with_refs(order, self.manifest, start, start + take):
                 acts = piece["acts"]
                 bad = nonfinite_rows(acts, self.dtype)
                 if bad.any():
                     if not self.skip_nonfinite:
-                        raise nonfinite_error(piece["shard"], bad, piece["ctx"], piece["pos"])
+                        raise nonfinite_error(ref.url, bad, piece["ctx"], piece["pos"])
                     acts = acts[~bad]
                 out.append(from_storage(np.array(acts), self.dtype).float())
         if not out:
