@@ -24,6 +24,9 @@ Activation = Literal["topk", "batchtopk"]
 Normalize = Literal["none", "scalar", "layernorm"]
 
 LAYERNORM_EPS = 1e-5  # as in OpenAI's released v5 TopK SAEs (sparse_autoencoder/model.py, LN)
+# W_enc starts as W_dec^T scaled to this row norm. The paper's tied init is 1.0; on the embedded default
+# (n=4096, k=32, 400k tokens) val NMSE was 0.363 at 1.0, 0.331 at 0.7, 0.329 at 0.5, 0.335 at 0.3, so 0.5.
+ENCODER_INIT_NORM = 0.5
 
 
 class SAEOutput(NamedTuple):
@@ -59,7 +62,8 @@ class TopKSAE(nn.Module):
         multi_topk: add L(multi_topk_factor * k) / 8 to the loss (the paper's Multi-TopK, factor 4).
         activation: ``topk`` (per token) or ``batchtopk`` (k*B over the batch, threshold at inference).
         normalize: ``none``, ``scalar`` (one factor with E||x||^2 = d_in) or ``layernorm`` (per token).
-        encoder_init_norm: row norm of W_enc at init (W_enc starts as the decoder's transpose times this).
+        encoder_init_norm: row norm of W_enc at init (W_enc starts as the decoder's transpose times this; the
+            paper ties them at 1.0, 0.5 measured better on short runs).
         fast: use the sparse custom-autograd kernels (False: the dense reference path, for checking).
     """
 
@@ -75,7 +79,7 @@ class TopKSAE(nn.Module):
         multi_topk_factor: int = 4,
         activation: Activation = "topk",
         normalize: Normalize = "none",
-        encoder_init_norm: float = 1.0,
+        encoder_init_norm: float = ENCODER_INIT_NORM,
         threshold_momentum: float = 0.99,
         fast: bool = True,
     ):
