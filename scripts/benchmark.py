@@ -180,7 +180,7 @@ def fit_worker(args) -> dict:
 
     torch.manual_seed(0)
     model = SAEModule(d, n_latents=n, k=k, export_dir="none", init_tokens=4096)
-    dm = ActivationDataModule(tmp.name, batch_size_tokens=B)
+    dm = ActivationDataModule(tmp.name, batch_size_tokens=B, num_workers=args.fit_workers)
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator="gpu" if dev == "cuda" else "cpu", devices=1, precision="bf16-mixed" if dev == "cuda" else "32-true",
@@ -216,7 +216,7 @@ def _run_config(args, n: int, k: int, path: str, fit: bool = False) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", "--device", args.device, "--batch", str(args.batch),
         "--d-in", str(args.d_in), "--n-latents", str(n), "--k", str(k), "--path", path, "--steps", str(args.steps),
-        "--fit-steps", str(args.fit_steps), "--fit-warmup", str(args.fit_warmup),
+        "--fit-steps", str(args.fit_steps), "--fit-warmup", str(args.fit_warmup), "--fit-workers", str(args.fit_workers),
     ] + (["--fit"] if fit else [])  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--fit-only", action="store_true", help="only the fit comparison, no step table")
     p.add_argument("--fit-steps", type=int, default=200, help="timed fit steps")
     p.add_argument("--fit-warmup", type=int, default=5, help="untimed fit steps first (b_pre init, loader start)")
+    p.add_argument("--fit-workers", type=int, default=1, help="DataLoader workers in the fit (0: read in-process)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=["naive", "fast"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
