@@ -18,6 +18,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lit_sae.fsync import fsync_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -44,26 +46,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)  # make the rename itself durable
+        fsync_dir(path.parent)  # make the rename itself durable
         log.debug("saved checkpoint %s", path)
 
 
 def _is_local(path: _PATH) -> bool:
     return type(get_filesystem(path)).__name__ == "LocalFileSystem"
-
-
-def _fsync_dir(folder: Path) -> None:
-    """fsync a folder so a completed rename survives a power loss (not possible on every OS: best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def use_atomic_checkpoints(trainer) -> bool:

@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
+from lit_sae.fsync import fsync_dir
+
 log = logging.getLogger(__name__)
 
 FORMAT = "lit-sae-shards/1"
@@ -62,20 +64,6 @@ def block_key(split: str, index: int, block: int) -> str:
 # Writing
 
 
-def _fsync_dir(path: str) -> None:
-    """fsync a directory so that a rename inside it survives a power loss (a no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_manifest_atomic(out_dir: str, manifest: dict) -> str:
     """Write ``out_dir/manifest.json`` atomically (tmp file, fsync, os.replace); return its path."""
     os.makedirs(out_dir, exist_ok=True)
@@ -87,7 +75,7 @@ def write_manifest_atomic(out_dir: str, manifest: dict) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return path
 
 
@@ -292,7 +280,7 @@ class ShardWriter:
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         info = {"name": name, "tokens": int(n), "blocks": n_blocks, "sha256": hf.sha.hexdigest()}
         log.debug("wrote shard %s (%d tokens, %d blocks)", final, n, n_blocks)
         self.written.append(info)
