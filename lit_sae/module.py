@@ -225,7 +225,7 @@ class SAEModule(L.LightningModule):
                 f"{self._checkpoint_name()} was written by a run with another model config ({desc}){hint}. Resume "
                 "with the config that wrote it, or start a new run without --ckpt_path in another checkpoint folder"
             )
-        changed = sorted(k for k in now if k not in RESUME_MUST_MATCH and k in saved and saved[k] != now[k])
+        changed = sorted(k for k in now if k not in RESUME_MUST_MATCH and k in saved and not _same(saved[k], now[k]))
         if changed:
             log.warning("resuming %s with changed settings (the new values apply from here on): %s",
                         self._checkpoint_name(), ", ".join(f"model.{k}: {saved[k]!r} -> {now[k]!r}" for k in changed))
@@ -370,6 +370,13 @@ def _schedule(warmup: int, decay_start: Optional[float], total: int):
         return f
 
     return factor
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of hyperparameters across a checkpoint round trip, where YAML turns tuples into lists."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _nonfinite_entries(checkpoint: dict[str, Any]) -> list[str]:
