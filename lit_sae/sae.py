@@ -213,7 +213,10 @@ class TopKSAE(nn.Module):
         zero = nmse.new_zeros(())
         multik = zero
         if multi_values is not None:
-            multik = normalized_mse((self._decode_n(multi_values, multi_indices) + self.b_pre).to(x_n.dtype), x_n)
+            # The first k of the top-4k are the top-k: decode only the other 3k and add them to the k-reconstruction.
+            k = self.k
+            extra = self._decode_n(multi_values[:, k:].contiguous(), multi_indices[:, k:].contiguous())
+            multik = normalized_mse(recon_n + extra.to(x_n.dtype), x_n)
         # b_pre stays out of the auxiliary reconstruction: it explains the residual x - x_hat, not x.
         aux_recon = None if aux_values is None else self._decode_n(aux_values, aux_indices).to(x_n.dtype)
         aux = auxk_loss(aux_recon, (x_n - recon_n).detach())
