@@ -146,15 +146,18 @@ def _suggest_init_arg(message: str) -> str:
     return ""
 
 
-def run_lightning(args: Optional[list[str]] = None) -> SAECLI:
-    """fit / validate / test / predict, configured by YAML (omegaconf interpolation) and command-line overrides."""
-    return SAECLI(
+def run_lightning(args: Optional[list[str]] = None, cli_class: type[SAECLI] = SAECLI, **kwargs: Any) -> SAECLI:
+    """fit / validate / test / predict, configured by YAML (omegaconf interpolation) and command-line overrides.
+
+    ``cli_class`` and ``kwargs`` (e.g. ``run=False``) let tests parse exactly as the command does."""
+    return cli_class(
         SAEModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf+"},
         args=args,
         auto_configure_optimizers=False,
+        **kwargs,
     )
 
 

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lit_sae.cli import SAECLI
-from lit_sae.module import SAEModule
+from lit_sae.cli import SAECLI, run_lightning
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -23,9 +22,7 @@ class ParseOnly(SAECLI):
 
 def parse(*configs: Path):
     args = [a for c in configs for a in ("--config", str(c))]
-    cli = ParseOnly(SAEModule, subclass_mode_data=True, parser_kwargs={"parser_mode": "omegaconf+"}, run=False,
-                    args=args, auto_configure_optimizers=False)
-    return cli.config
+    return run_lightning(args, cli_class=ParseOnly, run=False).config
 
 
 def test_there_are_recipes_and_presets():
