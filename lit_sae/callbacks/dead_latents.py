@@ -53,7 +53,7 @@ class DeadLatentTracker(L.Callback):
         fired[indices[values > self.fire_threshold]] = 1.0
         fired[-1] = indices.shape[0]  # this rank's tokens, summed with the masks in one collective
         fired = trainer.strategy.reduce(fired, reduce_op="sum")
-        counts += int(fired[-1].item())
+        counts += fired[-1].to(counts.dtype)  # stays on the device: no host sync per step
         counts[fired[:-1] > 0] = 0
         pl_module.log("train/dead_fraction", (counts >= self.dead_after_tokens).float().mean(), prog_bar=True)
 
