@@ -306,8 +306,15 @@ def kill_during_checkpoint_write(tmp: Path) -> Result:
     cfg = write_config(tmp / "cfg.yaml", shards, tmp / "run", extra_callbacks=slow)
     ck = tmp / "run" / "checkpoints"
     proc = fit_subprocess(cfg)
-    killed = kill_when(proc, lambda: any(p.stat().st_size > 0 for p in ck.glob(".last.ckpt.*.tmp"))
-                       if ck.exists() else False)
+    # Kill during a REwrite: the first save runs at full speed and may be caught mid-write by the poll, when no
+    # previous last.ckpt exists yet; only a write that starts after last.ckpt exists is the scenario.
+    def rewriting() -> bool:
+        try:
+            return (ck / "last.ckpt").exists() and any(p.stat().st_size > 0 for p in ck.glob(".last.ckpt.*.tmp"))
+        except FileNotFoundError:  # a temp file renamed between the listing and the stat
+            return False
+
+    killed = kill_when(proc, rewriting)
     if not killed:
         return Result(False, f"the run ended before a checkpoint write could be interrupted: {finish(proc)[1][-300:]}")
     names = sorted(p.name for p in ck.iterdir())
