@@ -12,6 +12,7 @@ import webdataset as wds
 
 from lit_sae.data.shards import (
     FORMAT,
+    Manifest,
     ShardError,
     ShardNotFoundError,
     ShardWriter,
@@ -103,9 +104,10 @@ def test_manifest_atomic_and_errors(tmp_path):
     m = _manifest(4, "float16", 4, [])
     path = write_manifest_atomic(str(tmp_path), m)
     assert os.listdir(tmp_path) == ["manifest.json"]
-    assert read_manifest(str(tmp_path)) == m
-    assert read_manifest(path) == m
-    assert read_manifest(str(tmp_path / "train-{000000..000003}.tar")) == m
+    want = Manifest.from_json(m)
+    assert read_manifest(str(tmp_path)) == want and want.d_in == 4 and want.splits["train"].shards == []
+    assert read_manifest(path) == want
+    assert read_manifest(str(tmp_path / "train-{000000..000003}.tar")) == want
     with pytest.raises(ShardNotFoundError, match="does not exist"):
         read_manifest(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
