@@ -1,5 +1,6 @@
 """Harvest end to end on a tiny random GPT-2/Llama with a byte tokenizer (no network, a few seconds each)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import torch
 
 from lit_sae.data import harvest as harvest_mod
 from lit_sae.data.harvest import HarvestConfigError, run_harvest, split_of
-from lit_sae.data.shards import decode_block, read_manifest
+from lit_sae.data.shards import LMInfo, decode_block, read_manifest
 from lit_sae.data.text import ContentHash, open_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ def test_harvest_writes_shards_and_manifest(tiny_gpt2, corpus, tmp_path):
     manifest = run_harvest(**_args(tiny_gpt2, corpus, out))
     assert manifest == read_manifest(str(out)) and manifest["complete"]
     assert manifest["d_in"] == D and manifest["dtype"] == "float16" and manifest["hook_point"] == "blocks.1.hook_resid_post"
-    assert manifest["model"]["architecture"] == "GPT2LMHeadModel" and manifest["model"]["n_layers"] == 3
+    assert manifest.lm.architecture == "GPT2LMHeadModel" and manifest.lm.n_layers == 3 and manifest.lm_name == tiny_gpt2
     assert manifest["source"]["kind"] == "files" and len(manifest["source"]["sha256"]) == 64
     # 6300 positions / 63 per context = 100 contexts; nothing filtered.
     assert manifest["tokens"] == 6300 and sum(manifest["splits"][s]["contexts"] for s in manifest["splits"]) == 100
@@ -211,7 +212,7 @@ def _shard_bytes(out):
 
 
 def _strip(manifest):
-    return {k: v for k, v in manifest.items() if k != "created_by"}
+    return dataclasses.replace(manifest, created_by=None)
 
 
 @pytest.fixture(scope="module")
@@ -265,10 +266,10 @@ def test_crash_then_resume_equals_uninterrupted(tiny_gpt2, corpus, tmp_path, mon
 
 def test_crash_inside_shard_write_leaves_no_final_name(tiny_gpt2, corpus, tmp_path, monkeypatch, reference):
     """A crash while a tar is being written leaves only its .tmp file; the final name never appears half-written."""
-    from lit_sae.data import shards
+    from lit_sae.data import writer
 
     out = tmp_path / "w"
-    real = shards._npy_bytes
+    real = writer.npy_bytes
     calls = {"n": 0}
 
     def failing(arr):
@@ -277,13 +278,13 @@ def test_crash_inside_shard_write_leaves_no_final_name(tiny_gpt2, corpus, tmp_pa
             raise OSError("disk full (injected)")
         return real(arr)
 
-    monkeypatch.setattr(shards, "_npy_bytes", failing)
+    monkeypatch.setattr(writer, "npy_bytes", failing)
     with pytest.raises(OSError, match="injected"):
         run_harvest(**_args(tiny_gpt2, corpus, out, norm_filter_multiple=1.1))
     assert (out / "train-000002.tar.tmp").exists() and not (out / "train-000002.tar").exists()
     assert [sh["name"] for sh in read_manifest(str(out))["splits"]["train"]["shards"]] == [
         "train-000000.tar", "train-000001.tar"]
-    monkeypatch.setattr(shards, "_npy_bytes", real)
+    monkeypatch.setattr(writer, "npy_bytes", real)
     run_harvest(**_args(tiny_gpt2, corpus, out, norm_filter_multiple=1.1))
     assert _shard_bytes(out) == _shard_bytes(reference[0]) and not list(out.glob("*.tmp"))
 
@@ -356,8 +357,8 @@ def test_embedded_default_short_harvest(tmp_path):
         pytest.skip("the embedded default is not cached yet (run `make demo` or `lit-sae harvest` once)")
     manifest = run_harvest(out_dir=str(tmp_path / "s"), total_tokens=8 * 63, batch_size=8, val_fraction=0.0,
                            test_fraction=0.0, block_tokens=256, tokens_per_shard=512, progress=False)
-    assert manifest["model"] == {"name_or_path": "smollm2-135m", "gguf_file": EMBEDDED_GGUF,
-                                 "sha256": file_sha256(gguf), "architecture": "LlamaForCausalLM", "n_layers": 30}
+    assert manifest.lm == LMInfo(name="smollm2-135m", gguf_file=EMBEDDED_GGUF, sha256=file_sha256(gguf),
+                                 architecture="LlamaForCausalLM", n_layers=30)
     assert manifest["d_in"] == 576 and manifest["source"]["kind"] == "stdlib"
     assert 100 < manifest["exclusions"]["norm_median"] < 1000  # measured: about 236
     assert manifest["tokens"] + manifest["exclusions"]["dropped_norm"] == 8 * 63

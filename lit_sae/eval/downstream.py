@@ -36,16 +36,14 @@ __all__ = ["make_contexts", "splice_mask", "mean_activation", "downstream_loss",
 
 
 def make_contexts(tokenizer, documents: Iterable[str], context_length: int, n_contexts: int | None = None) -> Tensor:
-    """Token contexts (n, context_length) int64: each document tokenized and cut into consecutive full windows.
+    """Token contexts (n, context_length) int64 cut from ``documents`` the way harvest cuts them.
 
-    Windows never cross documents; a document's tail shorter than ``context_length`` is dropped."""
-    rows: list[list[int]] = []
-    for doc in documents:
-        ids = tokenizer(doc)["input_ids"]
-        for start in range(0, len(ids) - context_length + 1, context_length):
-            rows.append(ids[start : start + context_length])
-            if n_contexts is not None and len(rows) >= n_contexts:
-                return torch.tensor(rows, dtype=torch.long)
+    A thin wrapper over :func:`lit_sae.data.contexts.iter_contexts` (no special tokens added; windows never cross
+    documents; a document's tail shorter than ``context_length`` is dropped). Raises ValueError if no document
+    holds a full window."""
+    from lit_sae.data.contexts import iter_contexts
+
+    rows = [ids for _, ids in iter_contexts(tokenizer, documents, context_length, n_contexts)]
     if not rows:
         raise ValueError(f"no document has {context_length} tokens: cannot build evaluation contexts")
     if n_contexts is not None and len(rows) < n_contexts:

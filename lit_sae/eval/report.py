@@ -35,19 +35,24 @@ class EvalSettings(dict):
     seed, val_fraction, test_fraction."""
 
 
-def settings_from_manifest(manifest: dict) -> EvalSettings:
-    """Read the evaluation settings out of a harvest manifest (see docs/CONTRACT.md, shard format)."""
-    cfg = manifest.get("config", {}) or {}
-    exc = manifest.get("exclusions", {}) or {}
-    L = int(manifest["context_length"])
-    first = 1 if exc.get("drop_first_position", True) else 0
-    mult, median = exc.get("norm_filter_multiple"), exc.get("norm_median")
+def settings_from_manifest(manifest) -> EvalSettings:
+    """Read the evaluation settings out of a harvest manifest (a :class:`~lit_sae.data.manifest.Manifest` or its JSON
+    dict; docs/shard-format.md describes the fields)."""
+    from lit_sae.data.contexts import first_position
+    from lit_sae.data.manifest import Exclusions, Manifest, SourceInfo
+
+    m = Manifest.from_json(manifest)
+    cfg = m.config
+    exc = m.exclusions or Exclusions()
+    L = int(m.context_length)
+    first = first_position(exc.drop_first_position)
+    mult, median = exc.norm_filter_multiple, exc.norm_median
     total = cfg.get("total_tokens")
     return EvalSettings(
-        model=manifest["model"]["name_or_path"], gguf_file=manifest["model"].get("gguf_file"),
-        hook_point=manifest["hook_point"], context_length=L, first_position=first,
+        model=m.lm_name, gguf_file=m.lm.gguf_file,
+        hook_point=m.hook_point, context_length=L, first_position=first,
         norm_threshold=float(mult * median) if mult is not None and median is not None else None,
-        source=cfg.get("source", manifest.get("source", {}).get("name", "stdlib")),
+        source=cfg.get("source", (m.source or SourceInfo()).name or "stdlib"),
         text_field=cfg.get("text_field", "text"), hf_split=cfg.get("hf_split", "train"),
         hf_config=cfg.get("hf_config"),
         shuffle_seed=cfg.get("seed", 0) if cfg.get("shuffle_documents", True) else None,
@@ -66,18 +71,18 @@ def _text(settings: EvalSettings):
 
 
 def held_out_contexts(settings: EvalSettings, tokenizer, n: int) -> Tensor:
-    """The first ``n`` contexts (n, T) of the harvest's test split, rebuilt from the text source."""
-    from lit_sae.data.harvest import iter_contexts, split_of
-    from lit_sae.data.text import ContentHash
+    """The first ``n`` contexts (n, T) int64 of the harvest's test split, rebuilt from the text source.
 
-    total = settings["n_contexts"] if settings["n_contexts"] is not None else 1 << 62
-    rows = []
-    for c, ids in iter_contexts(tokenizer, _text(settings).documents(), settings["context_length"], total,
-                                settings["max_contexts_per_document"], ContentHash()):
-        if split_of(c, settings["seed"], settings["val_fraction"], settings["test_fraction"]) == "test":
-            rows.append(ids)
-            if len(rows) >= n:
-                break
+    Cut by :func:`lit_sae.data.contexts.iter_contexts`, the function harvest used: the same token windows (no special
+    tokens added) whose activations the test shards hold; positions before ``settings["first_position"]`` were not
+    stored. Raises ValueError when the source yields no test-split context.
+    """
+    from lit_sae.data.contexts import split_contexts
+
+    rows = [ids for _, ids in split_contexts(
+        tokenizer, _text(settings).documents(), "test", n, context_length=settings["context_length"],
+        n_contexts=settings["n_contexts"], max_contexts_per_document=settings["max_contexts_per_document"],
+        seed=settings["seed"], val_fraction=settings["val_fraction"], test_fraction=settings["test_fraction"])]
     if not rows:
         raise ValueError("no test-split context could be rebuilt from the manifest's text source")
     if len(rows) < n:
@@ -87,6 +92,8 @@ def held_out_contexts(settings: EvalSettings, tokenizer, n: int) -> Tensor:
 
 def probe_documents(settings: EvalSettings, tokenizer, n_tokens: int) -> tuple[list[str], str]:
     """Whole documents with about ``n_tokens`` tokens for probing, and a note saying where they come from."""
+    from lit_sae.data.contexts import tokenize
+
     L, cap = settings["context_length"], settings["max_contexts_per_document"]
     total = settings["n_contexts"]
     seen_contexts, unseen, everything, got = 0, [], [], 0
@@ -97,7 +104,7 @@ def probe_documents(settings: EvalSettings, tokenizer, n_tokens: int) -> tuple[l
             if got >= 2 * n_tokens:
                 break
             continue
-        n = len(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]) // L
+        n = len(tokenize(tokenizer, doc)) // L
         seen_contexts += min(n, cap) if cap is not None else n
         if len(everything) < 4 * n_tokens // L:
             everything.append(doc)
