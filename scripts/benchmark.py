@@ -144,7 +144,7 @@ def fit_worker(args) -> dict:
     import lightning as L
 
     from lit_sae.data.datamodule import ActivationDataModule
-    from lit_sae.data.shards import FORMAT, ShardWriter, write_manifest_atomic
+    from lit_sae.data.shards import LMInfo, Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest_atomic
     from lit_sae.module import SAEModule
 
     dev = args.device
@@ -153,9 +153,8 @@ def fit_worker(args) -> dict:
     # Enough distinct tokens for half the run: the second half re-reads them as a new epoch, as a long fit would.
     n_tok = B * max(8, (steps + warm) // 2)
     g = torch.Generator().manual_seed(0)
-    man = {"format": FORMAT, "d_in": d, "dtype": "float16", "block_tokens": 4096, "tokens_per_shard": 16 * 4096,
-           "context_length": 64, "hook_point": "synthetic", "model": {"name_or_path": "synthetic"}, "splits": {},
-           "complete": True}
+    man = Manifest(d_in=d, dtype="float16", block_tokens=4096, tokens_per_shard=16 * 4096, context_length=64,
+                   hook_point="synthetic", lm=LMInfo(name="synthetic"))
     for split, count in (("train", n_tok), ("val", 4096)):
         infos = []
         with ShardWriter(tmp.name, split, d, "float16", 4096, 16 * 4096, on_shard=infos.append) as w:
@@ -163,7 +162,7 @@ def fit_worker(args) -> dict:
                 m = min(65536, count - s0)
                 ids = torch.arange(s0, s0 + m)
                 w.add(torch.randn(m, d, generator=g) + 0.3, ids % 50000, ids // 64, ids % 64)
-        man["splits"][split] = {"shards": infos, "tokens": count, "contexts": count // 64}
+        man.splits[split] = SplitInfo([ShardInfo(**i) for i in infos], contexts=count // 64)
     write_manifest_atomic(tmp.name, man)
 
     class StepTimer(L.Callback):

@@ -200,3 +200,33 @@ def test_iter_tar_reads_pax_gnu_and_webdataset_tars(tmp_path):
     path.write_bytes(data[:512 + 512])  # header + data of the member, no end-of-archive marker
     with open(path, "rb") as f, pytest.raises(ShardError, match=r"wds.tar: truncated tar"):
         list(iter_tar(f, str(path)))
+
+
+@pytest.mark.parametrize("cut", [None, 0.5, 0.0])
+def test_mapped_and_streamed_reads_agree(tmp_path, cut):
+    """A local shard is memory-mapped; a URL is streamed: same rows, same errors for a truncated file."""
+    from lit_sae.data.reader import ShardRef, read_range
+
+    x = torch.randn(40, 6)
+    with ShardWriter(tmp_path, "train", 6, "float16", 8, 40) as w:
+        w.add(x, torch.arange(40), torch.arange(40) // 4, torch.arange(40) % 4)
+    m = _manifest(6, "float16", 8, w.written)
+    path = tmp_path / "train-000000.tar"
+    if cut is not None:
+        data = path.read_bytes()
+        path.write_bytes(data[:int(len(data) * cut)] if cut else data[:data.index(b"train-000000-00003.acts.npy")])
+    ref = ShardRef(str(path), "train-000000.tar", 40)
+    results = []
+    for mapped in (True, False):
+        try:
+            pieces = [{k: np.array(v) for k, v in p.items()} for p in read_range([ref], m, 3, 37, {}, mapped)]
+            results.append(({k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}, None))
+        except ShardError as exn:
+            results.append((None, str(exn)))
+    (rows_m, err_m), (rows_s, err_s) = results
+    if cut is None:
+        assert err_m is err_s is None
+        assert np.array_equal(rows_m["acts"], x[3:37].half().numpy()) and rows_m["tok"].tolist() == list(range(3, 37))
+        assert all(np.array_equal(rows_m[k], rows_s[k]) for k in rows_m)
+    else:
+        assert err_m == err_s and "train-000000.tar: truncated tar" in err_m

@@ -16,6 +16,7 @@ with ``key = f"{split}-{index:06d}-{block:05d}"``.
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any, Union
 
@@ -104,6 +105,18 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_header(head: bytes) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, count) from a .npy header (cached: the full blocks of a split share one header)."""
+    f = io.BytesIO(head)
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject or fortran:
+        raise ValueError(f"unsupported array layout (dtype {dtype}, fortran_order={fortran})")
+    return shape, dtype, int(np.prod(shape)) if shape else 1
+
+
 def _load_npy(data: Any, source: str, member: str) -> np.ndarray:
     """Parse one .npy member without pickle and without copying (a read-only view on ``data``)."""
     if isinstance(data, np.ndarray):
@@ -111,19 +124,13 @@ def _load_npy(data: Any, source: str, member: str) -> np.ndarray:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ShardError(f"{source}: member {member} is {type(data).__name__}, expected .npy bytes")
     try:
-        # Parse the header from a copy of the header bytes only (BytesIO copies its input: not the 6 MB payload).
+        # Parse a copy of the header bytes only (not the payload).
         view = memoryview(data)
         head = bytes(view[:12])
         hlen = int.from_bytes(head[8:10], "little") + 10 if head[6:7] == b"\x01" else \
             int.from_bytes(head[8:12], "little") + 12
-        f = io.BytesIO(bytes(view[:hlen]))
-        major, _ = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        if dtype.hasobject or fortran:
-            raise ValueError(f"unsupported array layout (dtype {dtype}, fortran_order={fortran})")
-        count = int(np.prod(shape)) if shape else 1
-        return np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
+        shape, dtype, count = _npy_header(bytes(view[:hlen]))
+        return np.frombuffer(data, dtype=dtype, count=count, offset=hlen).reshape(shape)
     except Exception as exn:
         raise ShardError(f"{source}: member {member} is not a valid .npy array ({exn}); the shard is corrupt: "
                          f"{_FIX_HINT}") from exn
