@@ -1,15 +1,16 @@
 """Fault report: run every crash / bad-input scenario of issue 6 and print one table.
 
-    .venv/bin/python scripts/faults.py            # all scenarios (about 2-4 minutes on 2 busy cores)
-    .venv/bin/python scripts/faults.py -k resume  # only scenarios whose name contains "resume"
+    .venv/bin/python -m scripts.faults            # all scenarios (about 2-4 minutes on 2 busy cores)
+    .venv/bin/python -m scripts.faults -k resume  # only scenarios whose name contains "resume"
 
 Each scenario builds tiny synthetic shards (d_in 16, batches of 256 tokens) in a temporary folder, runs ``lit-sae
 fit`` (in a subprocess where a process must die, else in-process under an alarm) and checks what happened: the exit
 status, the message (it must name the offending file or key and say how to fix it) and that nothing a later run
-would accept was left behind. tests/test_resume.py and tests/test_faults.py run the same functions.
+would accept was left behind. tests/test_resume.py and tests/test_faults.py run the same functions (``from scripts import faults``; pytest puts
+the project root on the path).
 
-This module is also imported by the resume subprocesses for ``LossRecorder`` and ``SlowSave`` (hence no
-LightningModule lives here, see STACK.md).
+This module is also imported by the resume subprocesses for ``LossRecorder`` and ``SlowSave`` (class paths
+``scripts.faults.X``; hence no LightningModule lives here, see STACK.md).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
 D_IN, N_LATENTS, K, BATCH = 16, 64, 4, 256
@@ -75,7 +75,7 @@ def make_shards(out: Path, n_train: int = 24 * BATCH, n_val: int = 2 * BATCH, d_
 def write_config(path: Path, shards: Path, run: Path, losses: Optional[Path] = None, extra_callbacks: str = "",
                  model: str = "", data: str = "", trainer: str = "") -> Path:
     """A complete fit recipe: ModelCheckpoint(save_last, every CKPT_EVERY steps), EMA, LR schedule, AuxK, workers."""
-    recorder = (f"    - class_path: faults.LossRecorder\n      init_args:\n        path: {losses}\n"
+    recorder = (f"    - class_path: scripts.faults.LossRecorder\n      init_args:\n        path: {losses}\n"
                 if losses else "")
     text = f"""\
 seed_everything: 0
@@ -176,7 +176,7 @@ def read_losses(path: Path) -> dict[int, tuple[float, int]]:
 
 def fit_subprocess(config: Path, *args: str, env: Optional[dict] = None) -> subprocess.Popen:
     """Start ``lit-sae fit --config config args`` in its own process group (so kill -9 takes its workers too)."""
-    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SCRIPTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
              PYTHONHASHSEED="0", OMP_NUM_THREADS="1", **(env or {}))
     cmd = [PYTHON, "-c", "from lit_sae.cli import main; main()", "fit", "--config", str(config), *args]
     return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -291,18 +291,80 @@ def resume_after_kill(tmp: Path, kill_after_steps: int = 14) -> Result:
     final_b = torch.load(last, weights_only=False)
     w_diff = max(float((final_a["state_dict"][k].float() - final_b["state_dict"][k].float()).abs().max())
                  for k in final_a["state_dict"])
-    dead_same = torch.equal(final_a["callbacks"]["DeadLatentTracker"]["tokens_since_fired"],
-                            final_b["callbacks"]["DeadLatentTracker"]["tokens_since_fired"])
+    dead_same = torch.equal(final_a["state_dict"]["tokens_since_fired"], final_b["state_dict"]["tokens_since_fired"])
     ok = same_data and diff <= 1e-6 and w_diff <= 1e-6 and dead_same
     return Result(ok, f"killed after step {killed_at}, resumed from step {resumed_from}: {len(steps)} steps, "
                       f"same batches={same_data}, max |dloss|={diff:.1e}, final weights/EMA max diff={w_diff:.1e}, "
                       f"dead counters equal={dead_same}")
 
 
+SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "sae", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # a one-task batch job
+
+
+def _interrupt(tmp: Path, signum: int, after_steps: int = 13, env: Optional[dict] = None,
+               resume_args: tuple = ("--ckpt_path", "last")) -> Result:
+    """Send ``signum`` to a real ``lit-sae fit`` (its whole process group, as a terminal or a scheduler does) after
+    ``after_steps`` steps: it must stop with exit 128 + signum after writing last.ckpt at the step it finished, and
+    ``--ckpt_path last`` must then give exactly the uninterrupted run's batches and losses (bit-exact)."""
+    shards = make_shards(tmp / "shards")
+    full_cfg = write_config(tmp / "full.yaml", shards, tmp / "full", tmp / "full.tsv")
+    part_cfg = write_config(tmp / "part.yaml", shards, tmp / "part", tmp / "part.tsv")
+    res_cfg = write_config(tmp / "res.yaml", shards, tmp / "part", tmp / "resumed.tsv")
+    full, part = fit_subprocess(full_cfg), fit_subprocess(part_cfg, env=env)
+
+    def lines() -> int:
+        p = tmp / "part.tsv"
+        return len(p.read_text().splitlines()) if p.exists() else 0
+
+    t0 = time.time()
+    while lines() < after_steps and part.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.02)
+    os.killpg(part.pid, signum)
+    code, out = finish(part)
+    full_code, full_out = finish(full)
+    if full_code != 0:
+        return Result(False, f"uninterrupted run exit {full_code}: {error_line(full_out)}")
+    last = tmp / "part" / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return Result(False, f"exit {code} and no last.ckpt: {out.strip().splitlines()[-3:]}")
+    saved_at, done = ckpt_step(last), max(read_losses(tmp / "part.tsv"))
+    code_r, out_r = finish(fit_subprocess(res_cfg, *resume_args, env=env))
+    if code_r != 0:
+        return Result(False, f"resume exit {code_r}: {error_line(out_r)}")
+    ref, after = read_losses(tmp / "full.tsv"), read_losses(tmp / "resumed.tsv")
+    steps = sorted(after)
+    exact = steps == list(range(saved_at + 1, MAX_STEPS + 1)) and all(after[s] == ref[s] for s in steps)
+    said = "interrupted by" in out and "--ckpt_path last" in out
+    ok = code == 128 + signum and saved_at == done and exact and said
+    return Result(ok, f"{signal.Signals(signum).name} after step {done}: exit {code}, last.ckpt at step {saved_at}, "
+                      f"message={said}; resumed {len(steps)} steps, bit-exact batches and losses={exact}")
+
+
+def interrupt_sigint(tmp: Path) -> Result:
+    """Ctrl-C in the middle of a fit (issue 15)."""
+    return _interrupt(tmp, signal.SIGINT)
+
+
+def interrupt_sigterm(tmp: Path) -> Result:
+    """A scheduler's SIGTERM (preemption, `scancel`, `kill`) in the middle of a fit (issue 15)."""
+    return _interrupt(tmp, signal.SIGTERM)
+
+
+def interrupt_slurm_requeue(tmp: Path) -> Result:
+    """SLURM's requeue signal (SIGUSR1, Lightning's SLURMEnvironment with auto_requeue): the step finishes, last.ckpt
+    and Lightning's hpc_ckpt_1.ckpt are written at it, the requeue is asked for (``scontrol``; absent here, so
+    Lightning logs that it failed), and the requeued job (the same command line, no --ckpt_path) continues from the
+    hpc checkpoint bit-exactly."""
+    result = _interrupt(tmp, signal.SIGUSR1, env=SLURM_ENV, resume_args=())
+    hpc = sorted(p.name for p in (tmp / "part").glob("hpc_ckpt_*.ckpt"))
+    return Result(result.ok and hpc == ["hpc_ckpt_1.ckpt"], f"{result.observed}; hpc checkpoints {hpc}")
+
+
 def kill_during_checkpoint_write(tmp: Path) -> Result:
     """kill -9 while last.ckpt is being rewritten: the previous last.ckpt stays whole and a resume uses it."""
     shards = make_shards(tmp / "shards")
-    slow = "    - class_path: faults.SlowSave\n"
+    slow = "    - class_path: scripts.faults.SlowSave\n"
     cfg = write_config(tmp / "cfg.yaml", shards, tmp / "run", extra_callbacks=slow)
     ck = tmp / "run" / "checkpoints"
     proc = fit_subprocess(cfg)
@@ -584,6 +646,12 @@ class Scenario(NamedTuple):
 SCENARIOS = [
     Scenario("resume_after_kill", "kill -9 mid-run, --ckpt_path last: same batches, |dloss| <= 1e-6",
              resume_after_kill, True),
+    Scenario("interrupt_sigint", "Ctrl-C: last.ckpt at the step, exit 130, bit-exact resume", interrupt_sigint,
+             True),
+    Scenario("interrupt_sigterm", "SIGTERM: last.ckpt at the step, exit 143, bit-exact resume", interrupt_sigterm,
+             True),
+    Scenario("interrupt_slurm_requeue", "SIGUSR1 (SLURM): hpc + last.ckpt, requeued job continues bit-exactly",
+             interrupt_slurm_requeue, True),
     Scenario("kill_during_checkpoint_write", "old last.ckpt whole, resume works", kill_during_checkpoint_write, True),
     Scenario("atomic_write_failure", "save error leaves old last.ckpt, no tmp", atomic_write_failure),
     Scenario("divergence_nan_weights", "FloatingPointError, no NaN ckpt, old ckpt kept", divergence_nan_weights),

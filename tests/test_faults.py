@@ -6,13 +6,9 @@ folder, truncated tar, wrong shape/dtype, NaN/Inf, skip_nonfinite; tests/test_sa
 hook point); here they are exercised end to end through the CLI.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import faults  # noqa: E402
+from scripts import faults
 
 IN_TEST_RESUME = {"resume_after_kill", "kill_during_checkpoint_write", "atomic_write_failure",
                   "divergence_nan_weights", "divergence_huge_lr", "incompatible_checkpoint", "changed_lr_on_resume"}
