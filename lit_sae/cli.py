@@ -75,6 +75,24 @@ def __getattr__(name: str):  # `from lit_sae.cli import SAECLI` keeps working wi
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, NotADirectoryError, FileExistsError)
 
 
+class ConfigError(ValueError):
+    """A command line or YAML that does not parse (unknown key, wrong type or value): shown as it is worded."""
+
+
+def _is_user_error(exn: BaseException) -> bool:
+    """Errors that come from the user's input: ours, and Lightning's own rejection of a Trainer setting
+    (``MisconfigurationException``; a ``TypeError`` raised while Lightning validates accelerator/devices)."""
+    if isinstance(exn, USER_ERRORS) or type(exn).__name__ == "MisconfigurationException":
+        return True
+    if isinstance(exn, TypeError) and exn.__traceback__ is not None:
+        tb = exn.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        where = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        return "/lightning/" in where and ("connector" in where or "/accelerators/" in where)
+    return False
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit-sae`` console script.
 
@@ -100,8 +118,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             result = run_tools(argv)
             if result is not None:
                 logging.getLogger("lit_sae.cli").info("%s", result)
-    except USER_ERRORS as exn:
-        if os.environ.get("LIT_SAE_TRACEBACK"):
+    except Exception as exn:
+        if os.environ.get("LIT_SAE_TRACEBACK") or not _is_user_error(exn):
             raise
         sys.stderr.write(f"error: {_user_message(exn)}\n(set LIT_SAE_TRACEBACK=1 for the traceback)\n")
         raise SystemExit(2) from None
@@ -117,7 +135,10 @@ def _user_message(exn: BaseException) -> str:
         last = max((i for i, ln in enumerate(lines) if re.match(r"^[\w.]+: ", ln)), default=None)
         if last is not None:
             text = "\n".join(lines[last:]).split(": ", 1)[1]
-    return f"{type(exn).__name__}: {text}"
+    if not isinstance(exn, USER_ERRORS):  # Lightning rejected a Trainer setting
+        text += (" (a trainer setting: accelerator, devices, precision and strategy must fit this machine; "
+                 "`lit-sae fit --help` lists them)")
+    return text if isinstance(exn, ConfigError) else f"{type(exn).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ IGNORED_WARNINGS = (
     (r".*Your `IterableDataset` has `__len__` defined.*", UserWarning, r".*"),
     # The run folder is the run: lit-sae checks it itself (lit_sae.runs), Lightning's generic notice is noise.
     (r".*Checkpoint directory .* exists and is not empty.*", UserWarning, r".*"),
+    # Replaced by lit-sae's own one-line note naming the precision actually used (trainer_cli._say_if_substituted).
+    (r".*is not supported on CPU. Using `precision=.*", UserWarning, r".*"),
     # lit-sae's DataModules read in-process by default on small machines (num_workers 0 is a measured choice).
     (r".*does not have many workers which may be a bottleneck.*", UserWarning, r".*"),
 )

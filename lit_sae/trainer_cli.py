@@ -30,6 +30,7 @@ from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.callbacks.interrupt import SaveOnInterrupt
 from lit_sae.callbacks.progress import QuietProgressBar
 from lit_sae.checkpoint_io import use_atomic_checkpoints
+from lit_sae.cli import ConfigError
 from lit_sae.module import SAEModule
 from lit_sae.runs import checkpoint_dir, resolve_ckpt_path
 
@@ -87,8 +88,9 @@ class SAECLI(LightningCLI):
         except Exception as exn:  # jsonargparse's ArgumentError (or a TypeError from a bad value)
             for p in parsers:
                 p.exit_on_error = True
-            message = str(exn).strip().rstrip(".")
-            parser.error(message + _suggest_key(message))
+            message = _shorten_union(str(exn).strip().rstrip("."))
+            text = f"{message}{_suggest_key(message)} (`lit-sae {args[0] if args else 'fit'} --help` lists the options)"
+            raise ConfigError(" ".join(text.split())) from None
         for p in parsers:
             p.exit_on_error = True
 
@@ -120,6 +122,9 @@ class SAECLI(LightningCLI):
         the cluster's requeue signal, and atomic checkpoint writes unless a checkpoint IO plugin was configured."""
         cfg = self._get(self.config_init, "trainer", default={})
         root = cfg.get("default_root_dir") or "."
+        if Path(root).exists() and not Path(root).is_dir():
+            raise ValueError(f"trainer.default_root_dir={root} is a file; the run folder must be a folder (new or "
+                             "the run's own): choose another path")
         given = cfg.get("callbacks") or []
         given = list(given) if isinstance(given, (list, tuple)) else [given]
         extra = []
@@ -136,6 +141,7 @@ class SAECLI(LightningCLI):
         cfg["callbacks"] = given + extra
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
+        _say_if_substituted("precision", cfg.get("precision"), trainer.precision)
         return trainer
 
     # ------------------------------------------------------------------ which weights each command uses
@@ -160,6 +166,35 @@ class SAECLI(LightningCLI):
 
     def before_test(self) -> None:
         self._resolve_weights("test")
+
+
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+
+
+def _say_if_substituted(key: str, asked: Any, used: Any) -> None:
+    """One log line where Lightning runs with another setting than the one asked for (e.g. a precision the
+    hardware lacks), instead of a warning lost among others."""
+    if asked is None:
+        return
+    canonical = PRECISION_ALIASES.get(str(asked), str(asked))
+    if canonical != str(used):
+        log.warning("trainer.%s=%s is not available here: Lightning runs with %s", key, asked, used)
+
+
+def _shorten_union(message: str) -> str:
+    """jsonargparse's 12-line 'Does not validate against any of the Union subtypes' as one line with the valid
+    values."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    key = re.search(r'Parser key "([\w.]+)"', message)
+    given = re.search(r"Given value: (.*)", message)
+    allowed: list[str] = []
+    for group in re.findall(r"Literal\[([^\]]*)\]", message.split("Errors:")[0]):
+        allowed += [v.strip() for v in group.split(",") if v.strip() not in allowed]
+    kinds = sorted(set(re.findall(r"Expected a <class '(\w+)'>", message)) - {"NoneType"})
+    valid = ", ".join(dict.fromkeys(allowed + kinds))
+    return (f"{key.group(1) if key else 'a key'}: invalid value {given.group(1).strip() if given else ''!s}; "
+            f"valid: {valid or 'see --help'}")
 
 
 def _has(callbacks: list, kind: type) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-SHORT = {"tokens_per_s": "tok/s", "val/nmse": "val_nmse", "train/loss": "loss", "train/nmse": "nmse"}
+SHORT = {"tokens_per_s": "tok/s", "val/nmse": "val_nmse", "val/best_cosine": "best_cos", "train/loss": "loss",
+         "train/nmse": "nmse"}
 
 
 class QuietProgressBar(TQDMProgressBar):
