@@ -69,3 +69,20 @@ def test_untrained_is_not_a_fit_option(tmp_path):
 def test_missing_checkpoint_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         resolve_ckpt_path("test", str(tmp_path / "nope.ckpt"), [tmp_path])
+
+
+def test_recipes_keep_everything_under_their_root():
+    """A copied recipe with another default_root_dir must be another run: no recipe names a checkpoint or export
+    folder of its own."""
+    from pathlib import Path
+
+    import yaml
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["trainer"].get("default_root_dir"), path.name
+        assert (cfg.get("model") or {}).get("export_dir") in (None, "none"), path.name
+        for cb in cfg["trainer"].get("callbacks") or []:
+            assert "dirpath" not in (cb.get("init_args") or {}), (path.name, cb["class_path"])
