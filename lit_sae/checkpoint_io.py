@@ -18,6 +18,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lit_sae import compat
 from lit_sae.fsync import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def use_atomic_checkpoints(trainer) -> bool:
     plugin, async or distributed checkpointing are kept as they are).
     """
     strategy = trainer.strategy
-    current = strategy._checkpoint_io  # None: Lightning would create a plain TorchCheckpointIO on first use
+    current = compat.get_checkpoint_io(strategy)  # None: Lightning would create a plain TorchCheckpointIO on first use
     if current is not None and type(current) is not TorchCheckpointIO:
         return False
     strategy.checkpoint_io = AtomicCheckpointIO()

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_sae import compat
+
 MAX_PREACT_BYTES = 256 * 2**20
 """Largest pre-activation chunk (rows x n_latents x element size) the fast encoder materialises at once.
 256 MiB holds a whole 4096 x 16384 fp32 batch (one chunk, no slicing overhead) and bounds a 2^20-latent
@@ -138,7 +140,7 @@ def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
     flat = idx.reshape(-1)
     offsets = torch.arange(0, B * m, m, device=idx.device)
     bag = torch.arange(B, device=idx.device).repeat_interleave(m)
-    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag, 0, -1)
+    out = compat.embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag)
     return out.view(B, m)
 
 

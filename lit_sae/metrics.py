@@ -18,6 +18,15 @@ from torchmetrics import Metric
 __all__ = ["NormalizedMSE", "RelativeMSE", "L0", "FeatureDensity"]
 
 
+def _check_pair(x, x_hat, metric: str) -> None:
+    """x and x_hat: floating tensors of one shape (..., d_in)."""
+    if not (torch.is_tensor(x) and torch.is_tensor(x_hat)) or x.shape != x_hat.shape or x.ndim == 0:
+        raise ValueError(f"{metric}: expected x and x_hat of one shape (B, d_in), got "
+                         f"{tuple(getattr(x, 'shape', ()))} and {tuple(getattr(x_hat, 'shape', ()))}")
+    if not (x.is_floating_point() and x_hat.is_floating_point()):
+        raise ValueError(f"{metric}: expected floating x and x_hat, got {x.dtype} and {x_hat.dtype}")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., d) -> (N, d) float64."""
     return t.reshape(-1, t.shape[-1]).to(torch.float64)
@@ -46,7 +55,12 @@ class NormalizedMSE(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        """Accumulate one batch. x, x_hat: (..., d_in), any float dtype."""
+        """Accumulate one batch. x, x_hat: (..., d_in), any float dtype.
+
+        Raises:
+            ValueError: shapes differ, non-floating dtypes, or another d_in than earlier batches (before any
+                state changes)."""
+        _check_pair(x, x_hat, "NormalizedMSE")
         x = _rows(x)
         x_hat = _rows(x_hat)
         if x.shape != x_hat.shape:
@@ -86,7 +100,11 @@ class RelativeMSE(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        """Accumulate one batch. x, x_hat: (..., d_in)."""
+        """Accumulate one batch. x, x_hat: (..., d_in), any float dtype.
+
+        Raises:
+            ValueError: shapes differ or non-floating dtypes (before any state changes)."""
+        _check_pair(x, x_hat, "RelativeMSE")
         x = _rows(x)
         x_hat = _rows(x_hat)
         ratio = (x - x_hat).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(self.eps)
@@ -114,7 +132,14 @@ class L0(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, latent_values: torch.Tensor) -> None:
-        """Accumulate one batch. latent_values: (..., k)."""
+        """Accumulate one batch. latent_values: (..., k) floating.
+
+        Raises:
+            ValueError: not a floating tensor with at least one dimension (before any state changes)."""
+        if not torch.is_tensor(latent_values) or latent_values.ndim == 0 or not latent_values.is_floating_point():
+            raise ValueError(f"L0: expected floating latent_values of shape (B, k), got "
+                             f"{getattr(latent_values, 'dtype', type(latent_values).__name__)} "
+                             f"{tuple(getattr(latent_values, 'shape', ()))}")
         v = latent_values.reshape(-1, latent_values.shape[-1])
         self.active += (v > 0).sum()
         self.count += v.shape[0]
@@ -145,11 +170,22 @@ class FeatureDensity(Metric):
     def update(self, latent_values: torch.Tensor, latent_indices: torch.Tensor) -> None:
         """Accumulate one batch. latent_values: (..., k); latent_indices: (..., k) int (same shape).
 
-        Indices are assumed unique within a token (as TopK produces)."""
+        Indices are assumed unique within a token (as TopK produces).
+
+        Raises:
+            ValueError: shapes differ, wrong dtypes, or an index outside [0, n_latents) (before any state
+                changes)."""
+        if latent_values.shape != latent_indices.shape or latent_values.ndim == 0:
+            raise ValueError(f"FeatureDensity: expected latent_values and latent_indices of one shape (B, k), got "
+                             f"{tuple(latent_values.shape)} and {tuple(latent_indices.shape)}")
+        if not latent_values.is_floating_point() or latent_indices.is_floating_point():
+            raise ValueError(f"FeatureDensity: expected floating values and integer indices, got "
+                             f"{latent_values.dtype} and {latent_indices.dtype}")
+        if latent_indices.numel() and (int(latent_indices.min()) < 0 or int(latent_indices.max()) >= self.n_latents):
+            raise ValueError(f"FeatureDensity: latent_indices must lie in [0, {self.n_latents}), got "
+                             f"[{int(latent_indices.min())}, {int(latent_indices.max())}]")
         v = latent_values.reshape(-1, latent_values.shape[-1])
         i = latent_indices.reshape(-1, latent_indices.shape[-1])
-        if v.shape != i.shape:
-            raise ValueError(f"FeatureDensity: values {tuple(v.shape)} and indices {tuple(i.shape)} differ")
         active = i[v > 0].long()
         self.fires += torch.bincount(active, minlength=self.n_latents)[: self.n_latents]
         self.count += v.shape[0]

@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lit_sae.callbacks.dead_latents import DeadLatentTracker
+from lit_sae import compat
+from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD, DeadLatentTracker
+from lit_sae.checks import check_acts
 from lit_sae.ema import EMA
 from lit_sae.metrics import L0, NormalizedMSE
+from lit_sae.runs import export_dir
 from lit_sae.sae import ENCODER_INIT_NORM, SAEOutput, TopKSAE
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,8 @@ class SAEModule(L.LightningModule):
         init_tokens: tokens sampled at the start of a fit for b_pre (geometric median) and the scale.
         hook_point: where the activations come from (recorded in exports; linked from the data).
         lm_name: the language model (recorded in exports; linked from the data).
-        export_dir: where ``on_fit_end`` exports the SAE (default: ``<log_dir>/sae``; ``none`` disables).
+        export_dir: where ``on_fit_end`` exports the SAE (default: ``<trainer.default_root_dir>/sae``, the run's
+            folder; ``none`` disables).
         init_from: an exported SAE folder (cfg.json + sae_weights.safetensors) whose weights this module starts
             from, e.g. to ``lit-sae test`` an export; d_in, n_latents and k must match it.
     """
@@ -121,8 +125,13 @@ class SAEModule(L.LightningModule):
             self._load_export(init_from)
         self.lr = lr if lr is not None else default_lr(n_latents)
         self.ema = EMA(self.sae, ema_decay) if ema_decay is not None else None
+        if dead_after_tokens <= 0:
+            raise ValueError(f"model.dead_after_tokens={dead_after_tokens} must be positive (the paper: 10M)")
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
-        self.dead_mask: Optional[Tensor] = None  # set before each step by DeadLatentTracker
+        # Tokens (over all ranks) since each latent last fired: the AuxK loss trains the latents that have not fired
+        # for dead_after_tokens. Training state, so a buffer: saved and restored with the weights.
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        self.dead_mask: Optional[Tensor] = None  # the mask of the latest step (n_latents,) bool
         self.val_nmse, self.val_l0 = NormalizedMSE(), L0()
         self.test_nmse, self.test_l0 = NormalizedMSE(), L0()
         self._eval_stack = ExitStack()
@@ -144,8 +153,25 @@ class SAEModule(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up
     def configure_callbacks(self):
-        """The dead-latent tracker is part of the recipe (AuxK needs its mask), so the module brings it."""
+        """A ``DeadLatentTracker``: a read-only view of the module's dead-latent counters for other callbacks and
+        scripts (the counters themselves are the ``tokens_since_fired`` buffer, updated in ``training_step``)."""
         return [DeadLatentTracker(dead_after_tokens=self.hparams.dead_after_tokens)]
+
+    def dead_latent_mask(self) -> Tensor:
+        """(n_latents,) bool: True for latents that have not fired within ``dead_after_tokens`` tokens."""
+        return self.tokens_since_fired >= self.hparams.dead_after_tokens
+
+    @torch.no_grad()
+    def _count_fired_(self, latent_values: Tensor, latent_indices: Tensor) -> None:
+        """Advance every latent's counter by this step's tokens (summed over ranks); reset the ones that fired."""
+        counts = self.tokens_since_fired
+        fired = torch.zeros(counts.numel() + 1, device=counts.device)
+        fired[latent_indices[latent_values > FIRE_THRESHOLD]] = 1.0
+        fired[-1] = latent_indices.shape[0]  # this rank's tokens, summed with the masks in one collective
+        if self._trainer is not None:
+            fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
+        counts += fired[-1].to(counts.dtype)  # stays on the device: no host sync per step
+        counts[fired[:-1] > 0] = 0
 
     def on_fit_start(self) -> None:
         """Initialise b_pre (geometric median) and the input scale from data, once: never on resume."""
@@ -164,7 +190,7 @@ class SAEModule(L.LightningModule):
         if dm is not None and hasattr(dm, "sample_activations"):
             return dm.sample_activations(n_tokens).float()
         chunks, have = [], 0
-        for batch in self.trainer.fit_loop._data_source.dataloader():
+        for batch in compat.train_dataloader_of(self.trainer):
             chunks.append(batch_acts(batch).float())
             have += chunks[-1].shape[0]
             if have >= n_tokens:
@@ -199,12 +225,18 @@ class SAEModule(L.LightningModule):
         checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that a resumed checkpoint fits this config, before its weights are loaded; apply a changed lr."""
+        """Check that a resumed checkpoint fits this config, before its weights are loaded; apply a changed lr;
+        take the dead-latent counters of a checkpoint written when a callback held them."""
         saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if saved is not None:
             self._check_compatible(dict(saved))
             self._apply_optimizer_changes(dict(saved), checkpoint)
         self._resumed_rng = checkpoint.get("rng_states")
+        state = checkpoint.get("state_dict", {})
+        if "tokens_since_fired" not in state and "sae.W_dec" in state:
+            old = (checkpoint.get("callbacks", {}).get("DeadLatentTracker") or {}).get("tokens_since_fired")
+            state["tokens_since_fired"] = (old.clone() if old is not None
+                                           else torch.zeros(state["sae.W_dec"].shape[0], dtype=torch.long))
 
     def _checkpoint_name(self) -> str:
         trainer = self._trainer
@@ -261,7 +293,8 @@ class SAEModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """One step of the paper's objective; returns the sparse code for the callbacks."""
-        x = batch_acts(batch)
+        x = check_acts(batch_acts(batch), self.sae.d_in, "training batch acts")
+        self.dead_mask = self.dead_latent_mask()
         out = self.sae(x, self.dead_mask)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
@@ -270,6 +303,7 @@ class SAEModule(L.LightningModule):
             )
         tokens = x.shape[0] * self.trainer.world_size
         self.tokens_seen += tokens
+        self._count_fired_(out.latent_values.detach(), out.latent_indices)
         metrics = {
             "train/loss": out.loss,
             "train/nmse": out.nmse,
@@ -280,6 +314,7 @@ class SAEModule(L.LightningModule):
             metrics["train/multik_loss"] = out.multik_loss
         self.log_dict(metrics, prog_bar=False)
         self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
+        self.log("train/dead_fraction", self.dead_latent_mask().float().mean())
         now = time.perf_counter()
         if self._last_time is not None:
             self.log("tokens_per_s", tokens / max(now - self._last_time, 1e-9), prog_bar=True)
@@ -319,7 +354,7 @@ class SAEModule(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Normalised MSE and L0 over the whole validation split (torchmetrics: exact across batches and ranks)."""
-        x = batch_acts(batch).float()
+        x = check_acts(batch_acts(batch), self.sae.d_in, "validation batch acts").float()
         out = self.sae(x)
         self.val_nmse.update(x, out.x_hat)
         self.val_l0.update(out.latent_values)
@@ -328,7 +363,7 @@ class SAEModule(L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """Like validation; returns what the evaluation callbacks need (see docs/CONTRACT.md)."""
-        x = batch_acts(batch).float()
+        x = check_acts(batch_acts(batch), self.sae.d_in, "test batch acts").float()
         out = self.sae(x)
         self.test_nmse.update(x, out.x_hat)
         self.test_l0.update(out.latent_values)
@@ -349,7 +384,7 @@ class SAEModule(L.LightningModule):
             return
         from lit_sae.export import export_sae
 
-        out = Path(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "sae")
+        out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))
         with ExitStack() as stack:
             if self.ema is not None:
                 stack.enter_context(self.ema.swapped_into(self.sae))

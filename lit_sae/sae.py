@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_sae import kernels
+from lit_sae.checks import check_acts, check_code, check_mask
 from lit_sae.losses import auxk_loss, normalized_mse
 from lit_sae.median import geometric_median
 
@@ -129,7 +130,13 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def init_from_data_(self, sample: Tensor) -> None:
-        """Set the normalisation scale and b_pre (geometric median) from a sample (N, d_in) of activations."""
+        """Set the normalisation scale and b_pre (geometric median) from a sample (N, d_in) of activations.
+
+        Raises:
+            ValueError: ``sample`` is not a floating (N, d_in) tensor with N >= 1 (nothing is changed)."""
+        check_acts(sample, self.d_in, "sample")
+        if sample.shape[0] == 0:
+            raise ValueError("sample: expected at least one row of shape (N, d_in), got 0 rows")
         sample = sample.to(self.W_dec.device, torch.float32)
         if self.normalize == "scalar":
             mean_sq = sample.double().pow(2).sum(dim=1).mean()
@@ -141,17 +148,28 @@ class TopKSAE(nn.Module):
     # ---------------------------------------------------------------- encode / decode
     def pre_acts(self, x: Tensor) -> Tensor:
         """Dense pre-activations (B, n_latents) of input-space ``x``; for analysis only, training never builds them."""
+        check_acts(x, self.d_in)
         x_n, _ = self.normalize_input(x)
         return (x_n - self.b_pre) @ self.W_enc.T + self.b_enc
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Sparse code of input-space ``x`` (B, d_in): (values (B, k), indices (B, k) int64), ReLU applied."""
+        """Sparse code of input-space ``x`` (B, d_in): (values (B, k), indices (B, k) int64), ReLU applied.
+
+        Raises:
+            ValueError: ``x`` is not a floating (B, d_in) tensor."""
+        check_acts(x, self.d_in)
         x_n, _ = self.normalize_input(x)
         values, indices, *_ = self._encode_n(x_n, None)
         return values, indices
 
     def decode(self, values: Tensor, indices: Tensor, norm_state=None) -> Tensor:
-        """x_hat (B, d_in) in input space = sum_i values_i W_dec[indices_i] + b_pre, normalisation undone."""
+        """x_hat (B, d_in) in input space = sum_i values_i W_dec[indices_i] + b_pre, normalisation undone.
+
+        ``values`` (B, k) floating and ``indices`` (B, k) int64, as ``encode`` returns them.
+
+        Raises:
+            ValueError: shapes differ, wrong dtypes."""
+        check_code(values, indices, self.n_latents)
         return self.denormalize(self._decode_n(values, indices) + self.b_pre, norm_state)
 
     def _decode_n(self, values: Tensor, indices: Tensor) -> Tensor:
@@ -204,7 +222,14 @@ class TopKSAE(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
-        """Encode, decode and compute the losses of ``x`` (B, d_in); ``dead_mask`` (n_latents,) bool enables AuxK."""
+        """Encode, decode and compute the losses of ``x`` (B, d_in); ``dead_mask`` (n_latents,) bool enables AuxK.
+
+        Raises:
+            ValueError: ``x`` is not a floating (B, d_in) tensor or ``dead_mask`` not a (n_latents,) bool tensor,
+                checked before anything (e.g. the batchtopk threshold) is updated."""
+        check_acts(x, self.d_in)
+        if dead_mask is not None:
+            check_mask(dead_mask, self.n_latents)
         # fp16/bf16 data is promoted to the weights' dtype; autocast still runs the products in low precision
         x_n, state = self.normalize_input(x.to(self.W_dec.dtype))
         values, indices, multi_values, multi_indices, aux_values, aux_indices = self._encode_n(x_n, dead_mask)

@@ -1,15 +1,16 @@
 """Fault report: run every crash / bad-input scenario of issue 6 and print one table.
 
-    .venv/bin/python scripts/faults.py            # all scenarios (about 2-4 minutes on 2 busy cores)
-    .venv/bin/python scripts/faults.py -k resume  # only scenarios whose name contains "resume"
+    .venv/bin/python -m scripts.faults            # all scenarios (about 2-4 minutes on 2 busy cores)
+    .venv/bin/python -m scripts.faults -k resume  # only scenarios whose name contains "resume"
 
 Each scenario builds tiny synthetic shards (d_in 16, batches of 256 tokens) in a temporary folder, runs ``lit-sae
 fit`` (in a subprocess where a process must die, else in-process under an alarm) and checks what happened: the exit
 status, the message (it must name the offending file or key and say how to fix it) and that nothing a later run
-would accept was left behind. tests/test_resume.py and tests/test_faults.py run the same functions.
+would accept was left behind. tests/test_resume.py and tests/test_faults.py run the same functions (``from scripts import faults``; pytest puts
+the project root on the path).
 
-This module is also imported by the resume subprocesses for ``LossRecorder`` and ``SlowSave`` (hence no
-LightningModule lives here, see STACK.md).
+This module is also imported by the resume subprocesses for ``LossRecorder`` and ``SlowSave`` (class paths
+``scripts.faults.X``; hence no LightningModule lives here, see STACK.md).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
 D_IN, N_LATENTS, K, BATCH = 16, 64, 4, 256
@@ -45,7 +45,7 @@ MAX_STEPS = 40  # 24 batches per epoch: the run crosses an epoch boundary
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 def make_shards(out: Path, n_train: int = 24 * BATCH, n_val: int = 2 * BATCH, d_in: int = D_IN,
-                nan_rows: tuple = (), hook_point: str = "blocks.1.hook_resid_post") -> Path:
+                nan_rows: tuple = (), hook_point: str = "blocks.1.hook_resid_post", n_test: int = 0) -> Path:
     """Synthetic shards with a manifest (token i: ctx i // 16, pos i % 16); returns the folder."""
     from lit_sae.data.shards import FORMAT, ShardWriter, write_manifest_atomic
 
@@ -55,7 +55,9 @@ def make_shards(out: Path, n_train: int = 24 * BATCH, n_val: int = 2 * BATCH, d_
            "context_length": 16, "hook_point": hook_point, "model": {"name_or_path": "synthetic-lm"},
            "splits": {}, "complete": True}
     start = 0
-    for split, n in {"train": n_train, "val": n_val}.items():
+    for split, n in {"train": n_train, "val": n_val, "test": n_test}.items():
+        if split == "test" and not n:
+            continue
         infos: list = []
         # Sparse non-negative codes over 128 directions plus an offset: something an SAE can learn.
         dirs = torch.nn.functional.normalize(torch.randn(128, d_in, generator=g), dim=1)
@@ -67,7 +69,7 @@ def make_shards(out: Path, n_train: int = 24 * BATCH, n_val: int = 2 * BATCH, d_
         with ShardWriter(str(out), split, d_in, "float16", 128, 1024, on_shard=infos.append) as w:
             w.add(acts, ids % 1000, ids // 16, ids % 16)
         start += n
-        man["splits"][split] = {"shards": infos, "tokens": n, "contexts": n // 16}
+        man["splits"][split] = {"shards": infos, "tokens": n, "contexts": (n + 15) // 16}
     write_manifest_atomic(str(out), man)
     return out
 
@@ -75,7 +77,7 @@ def make_shards(out: Path, n_train: int = 24 * BATCH, n_val: int = 2 * BATCH, d_
 def write_config(path: Path, shards: Path, run: Path, losses: Optional[Path] = None, extra_callbacks: str = "",
                  model: str = "", data: str = "", trainer: str = "") -> Path:
     """A complete fit recipe: ModelCheckpoint(save_last, every CKPT_EVERY steps), EMA, LR schedule, AuxK, workers."""
-    recorder = (f"    - class_path: faults.LossRecorder\n      init_args:\n        path: {losses}\n"
+    recorder = (f"    - class_path: scripts.faults.LossRecorder\n      init_args:\n        path: {losses}\n"
                 if losses else "")
     text = f"""\
 seed_everything: 0
@@ -174,11 +176,12 @@ def read_losses(path: Path) -> dict[int, tuple[float, int]]:
     return out
 
 
-def fit_subprocess(config: Path, *args: str, env: Optional[dict] = None) -> subprocess.Popen:
-    """Start ``lit-sae fit --config config args`` in its own process group (so kill -9 takes its workers too)."""
-    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SCRIPTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+def fit_subprocess(config: Path, *args: str, env: Optional[dict] = None, command: str = "fit") -> subprocess.Popen:
+    """Start ``lit-sae fit --config config args`` (or another command) in its own process group (so kill -9 takes
+    its workers too)."""
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
              PYTHONHASHSEED="0", OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [PYTHON, "-c", "from lit_sae.cli import main; main()", "fit", "--config", str(config), *args]
+    cmd = [PYTHON, "-c", "from lit_sae.cli import main; main()", command, "--config", str(config), *args]
     return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -291,18 +294,80 @@ def resume_after_kill(tmp: Path, kill_after_steps: int = 14) -> Result:
     final_b = torch.load(last, weights_only=False)
     w_diff = max(float((final_a["state_dict"][k].float() - final_b["state_dict"][k].float()).abs().max())
                  for k in final_a["state_dict"])
-    dead_same = torch.equal(final_a["callbacks"]["DeadLatentTracker"]["tokens_since_fired"],
-                            final_b["callbacks"]["DeadLatentTracker"]["tokens_since_fired"])
+    dead_same = torch.equal(final_a["state_dict"]["tokens_since_fired"], final_b["state_dict"]["tokens_since_fired"])
     ok = same_data and diff <= 1e-6 and w_diff <= 1e-6 and dead_same
     return Result(ok, f"killed after step {killed_at}, resumed from step {resumed_from}: {len(steps)} steps, "
                       f"same batches={same_data}, max |dloss|={diff:.1e}, final weights/EMA max diff={w_diff:.1e}, "
                       f"dead counters equal={dead_same}")
 
 
+SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "sae", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # a one-task batch job
+
+
+def _interrupt(tmp: Path, signum: int, after_steps: int = 13, env: Optional[dict] = None,
+               resume_args: tuple = ("--ckpt_path", "last")) -> Result:
+    """Send ``signum`` to a real ``lit-sae fit`` (its whole process group, as a terminal or a scheduler does) after
+    ``after_steps`` steps: it must stop with exit 128 + signum after writing last.ckpt at the step it finished, and
+    ``--ckpt_path last`` must then give exactly the uninterrupted run's batches and losses (bit-exact)."""
+    shards = make_shards(tmp / "shards")
+    full_cfg = write_config(tmp / "full.yaml", shards, tmp / "full", tmp / "full.tsv")
+    part_cfg = write_config(tmp / "part.yaml", shards, tmp / "part", tmp / "part.tsv")
+    res_cfg = write_config(tmp / "res.yaml", shards, tmp / "part", tmp / "resumed.tsv")
+    full, part = fit_subprocess(full_cfg), fit_subprocess(part_cfg, env=env)
+
+    def lines() -> int:
+        p = tmp / "part.tsv"
+        return len(p.read_text().splitlines()) if p.exists() else 0
+
+    t0 = time.time()
+    while lines() < after_steps and part.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.02)
+    os.killpg(part.pid, signum)
+    code, out = finish(part)
+    full_code, full_out = finish(full)
+    if full_code != 0:
+        return Result(False, f"uninterrupted run exit {full_code}: {error_line(full_out)}")
+    last = tmp / "part" / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return Result(False, f"exit {code} and no last.ckpt: {out.strip().splitlines()[-3:]}")
+    saved_at, done = ckpt_step(last), max(read_losses(tmp / "part.tsv"))
+    code_r, out_r = finish(fit_subprocess(res_cfg, *resume_args, env=env))
+    if code_r != 0:
+        return Result(False, f"resume exit {code_r}: {error_line(out_r)}")
+    ref, after = read_losses(tmp / "full.tsv"), read_losses(tmp / "resumed.tsv")
+    steps = sorted(after)
+    exact = steps == list(range(saved_at + 1, MAX_STEPS + 1)) and all(after[s] == ref[s] for s in steps)
+    said = "interrupted by" in out and "--ckpt_path last" in out
+    ok = code == 128 + signum and saved_at == done and exact and said
+    return Result(ok, f"{signal.Signals(signum).name} after step {done}: exit {code}, last.ckpt at step {saved_at}, "
+                      f"message={said}; resumed {len(steps)} steps, bit-exact batches and losses={exact}")
+
+
+def interrupt_sigint(tmp: Path) -> Result:
+    """Ctrl-C in the middle of a fit (issue 15)."""
+    return _interrupt(tmp, signal.SIGINT)
+
+
+def interrupt_sigterm(tmp: Path) -> Result:
+    """A scheduler's SIGTERM (preemption, `scancel`, `kill`) in the middle of a fit (issue 15)."""
+    return _interrupt(tmp, signal.SIGTERM)
+
+
+def interrupt_slurm_requeue(tmp: Path) -> Result:
+    """SLURM's requeue signal (SIGUSR1, Lightning's SLURMEnvironment with auto_requeue): the step finishes, last.ckpt
+    and Lightning's hpc_ckpt_1.ckpt are written at it, the requeue is asked for (``scontrol``; absent here, so
+    Lightning logs that it failed), and the requeued job (the same command line, no --ckpt_path) continues from the
+    hpc checkpoint bit-exactly."""
+    result = _interrupt(tmp, signal.SIGUSR1, env=SLURM_ENV, resume_args=())
+    hpc = sorted(p.name for p in (tmp / "part").glob("hpc_ckpt_*.ckpt"))
+    return Result(result.ok and hpc == ["hpc_ckpt_1.ckpt"], f"{result.observed}; hpc checkpoints {hpc}")
+
+
 def kill_during_checkpoint_write(tmp: Path) -> Result:
     """kill -9 while last.ckpt is being rewritten: the previous last.ckpt stays whole and a resume uses it."""
     shards = make_shards(tmp / "shards")
-    slow = "    - class_path: faults.SlowSave\n"
+    slow = "    - class_path: scripts.faults.SlowSave\n"
     cfg = write_config(tmp / "cfg.yaml", shards, tmp / "run", extra_callbacks=slow)
     ck = tmp / "run" / "checkpoints"
     proc = fit_subprocess(cfg)
@@ -520,7 +585,8 @@ def unknown_hook_point(tmp: Path) -> Result:
         return Result(False, "accepted blocks.7 of a 2-layer model")
     except ValueError as exn:
         msg = str(exn)
-    return Result("blocks.7.hook_resid_post" in msg and "blocks.1.hook_mlp_out" in msg, msg[:200])
+    one_line = "\n" not in msg and len(msg) < 300  # the pattern and examples, not every name (issue 15)
+    return Result("blocks.7.hook_resid_post" in msg and "blocks.1.hook_mlp_out" in msg and one_line, msg[:200])
 
 
 def d_in_data_vs_model(tmp: Path) -> Result:
@@ -574,6 +640,132 @@ def changed_lr_on_resume(tmp: Path) -> Result:
     return Result(code == 0 and abs(lr - 5e-4) < 1e-12, f"exit {code}; optimizer lr after resume: {lr}")
 
 
+# ------------------------------------------------------------------------------------- run folders (issue 10)
+def run_root_isolation(tmp: Path) -> Result:
+    """Two fits of one recipe that differ only in --trainer.default_root_dir share no file; nothing lands outside
+    the two roots; a third, fresh fit into a used root stops (exit 2) offering --ckpt_path last or a new root."""
+    shards = make_shards(tmp / "shards")
+    cfg = write_config(tmp / "cfg.yaml", shards, tmp / "unused", trainer="max_steps: 4")
+    cfg.write_text(cfg.read_text().replace(f"default_root_dir: {tmp / 'unused'}", "default_root_dir: runs/x")
+                   .replace(f"        dirpath: {tmp / 'unused'}/checkpoints\n", "").replace(
+                       "lightning.pytorch.callbacks.ModelCheckpoint", "lit_sae.callbacks.checkpoint.Checkpoint")
+                   .replace("export_dir: none", "export_dir: null"))
+    work = tmp / "work"
+    work.mkdir()
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        codes = [cli(["fit", "--config", str(cfg), "--trainer.default_root_dir", root])[0] for root in ("a", "b")]
+        code, err = cli(["fit", "--config", str(cfg), "--trainer.default_root_dir", "a"])
+    finally:
+        os.chdir(cwd)
+    files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+    own = all(f"{r}/checkpoints/last.ckpt" in files and f"{r}/sae/sae_weights.safetensors" in files for r in "ab")
+    outside = [f for f in files if not f.startswith(("a/", "b/"))]
+    versioned = [f for f in files if "-v1" in f or "version_" in f]
+    refused = code == 2 and "--ckpt_path last" in error_line(err) and "default_root_dir" in error_line(err)
+    ok = codes == [0, 0] and own and not outside and not versioned and refused
+    return Result(ok, f"fits exit {codes}; each root holds its checkpoint and export={own}; outside={outside}; "
+                      f"versioned={versioned}; fresh fit into a used root: exit {code}, {error_line(err)[:120]}")
+
+
+def test_without_checkpoint(tmp: Path) -> Result:
+    """`lit-sae test --ckpt_path last` with no checkpoint, and `lit-sae test` with none at all, refuse to report
+    untrained weights (exit 2, naming the folder searched); --untrained true is the explicit way to do it."""
+    shards = make_shards(tmp / "shards", n_test=BATCH)
+    cfg = write_config(tmp / "cfg.yaml", shards, tmp / "run")
+    last_code, last_err = cli(["test", "--config", str(cfg), "--ckpt_path", "last"])
+    none_code, none_err = cli(["test", "--config", str(cfg)])
+    asked_code, asked_err = cli(["test", "--config", str(cfg), "--untrained", "true"])
+    folder = str(tmp / "run" / "checkpoints")
+    ok = (last_code == 2 and folder in error_line(last_err) and none_code == 2 and "--untrained" in error_line(
+        none_err) and asked_code == 0)
+    return Result(ok, f"--ckpt_path last: exit {last_code} ({error_line(last_err)[:110]}); no ckpt_path: exit "
+                      f"{none_code}; --untrained true: exit {asked_code}")
+
+
+def resume_epoch_boundary(tmp: Path) -> Result:
+    """A run stopped on the last batch of epoch 1 (step 24 of 24) and resumed under max_epochs: 2 sees exactly
+    the uninterrupted run's batches and losses in epoch 2 and stops after 48 steps (issue 10 item 1; the stream's
+    position is the DataModule's own saved state)."""
+    shards = make_shards(tmp / "shards")
+    epochs = "max_steps: -1\nmax_epochs: 2"
+    full = write_config(tmp / "full.yaml", shards, tmp / "full", tmp / "full.tsv", trainer=epochs)
+    part = write_config(tmp / "part.yaml", shards, tmp / "part", tmp / "part.tsv", trainer="max_steps: 24")
+    res = write_config(tmp / "res.yaml", shards, tmp / "part", tmp / "resumed.tsv", trainer=epochs)
+    for cfg, args in ((full, ()), (part, ()), (res, ("--ckpt_path", "last"))):
+        code, out = finish(fit_subprocess(cfg, *args))
+        if code != 0:
+            return Result(False, f"{cfg.name}: exit {code}: {error_line(out)}")
+    ref = read_losses(tmp / "full.tsv")
+    after = read_losses(tmp / "resumed.tsv") if (tmp / "resumed.tsv").exists() else {}  # none: it trained no step
+    same = sorted(after) == list(range(25, 49)) and all(after[s] == ref[s] for s in after)
+    return Result(same, f"uninterrupted: {len(ref)} steps; resumed from step 24: steps {min(after, default=0)}.."
+                        f"{max(after, default=0)}, same batches and losses={same}")
+
+
+def ddp_eval_uneven(tmp: Path) -> Result:
+    """`lit-sae test` of one checkpoint on 1, 2 and 3 CPU processes: every test token evaluated exactly once, so
+    test NMSE agrees to 1e-10 and the report's token count is the split's (issue 10 item 4)."""
+    import json
+
+    n_test = 2 * BATCH + 17  # not a multiple of 2 or 3 processes' batches
+    shards = make_shards(tmp / "shards", n_test=n_test)
+    cfg = write_config(tmp / "cfg.yaml", shards, tmp / "run", trainer="max_steps: 4")
+    code, err = cli(["fit", "--config", str(cfg)])
+    if code == 0:  # evaluate the export: no training state (the train stream's position) is restored
+        code, err = cli(["export", str(tmp / "run" / "checkpoints" / "last.ckpt"), "--out", str(tmp / "sae")])
+    if code != 0:
+        return Result(False, f"fit/export exit {code}: {error_line(err)}")
+    report_cb = ("    - class_path: lit_sae.callbacks.eval_report.EvalReport\n      init_args:\n        downstream: false\n"
+                 "        probes: false\n        ablation: false\n        progress: false\n")
+    seen = {}
+    for world in (1, 2, 3):
+        out_dir = tmp / f"report{world}"
+        ecfg = write_config(tmp / f"eval{world}.yaml", shards, tmp / "run", extra_callbacks=report_cb.replace(
+            "progress: false", f"progress: false\n        out_dir: {out_dir}"), data="num_workers: 0")
+        code, out = finish(fit_subprocess(ecfg, "--model.init_from", str(tmp / "sae"), "--trainer.accelerator", "cpu",
+                                          "--trainer.devices", str(world), "--trainer.strategy",
+                                          "ddp" if world > 1 else "auto", command="test"), timeout=300)
+        if code != 0:
+            return Result(False, f"test on {world} processes: exit {code}: {error_line(out)}")
+        metrics = json.loads((out_dir / "report.json").read_text())["metrics"]
+        seen[world] = (metrics["nmse"], metrics["n_tokens"])
+    spread = max(v[0] for v in seen.values()) - min(v[0] for v in seen.values())
+    counts = {w: v[1] for w, v in seen.items()}
+    ok = spread <= 1e-10 and set(counts.values()) == {n_test}
+    return Result(ok, f"test nmse spread over 1/2/3 processes {spread:.1e}; tokens {counts} (split: {n_test})")
+
+
+# ---------------------------------------------------------------------------------------- offline (issue 15)
+def offline_model(tmp: Path) -> Result:
+    """`lit-sae harvest` with a model that is neither a local folder nor cached, on a machine without the hub:
+    exit 2 with one line naming where it looked, and no output folder created."""
+    results = []
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the same answer on a machine that has network
+    try:
+        results = _offline_harvests(tmp)
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+    return Result(all(r[0] for r in results), "; ".join(r[1] for r in results))
+
+
+def _offline_harvests(tmp: Path) -> list:
+    results = []
+    for model, must in ((str(tmp / "no-such-folder"), "model folder not found"),
+                        ("lit-sae-tests/not-a-model", "Hugging Face cache")):
+        out = tmp / f"shards-{len(results)}"
+        code, err = cli(["harvest", "--model", model, "--out_dir", str(out)])
+        line = error_line(err)
+        one_line = len([ln for ln in err.splitlines() if ln.strip() and "LIT_SAE_TRACEBACK" not in ln]) == 1
+        results.append((code == 2 and must in line and one_line and not out.exists(), f"exit {code}: {line[:100]}"))
+    return results
+
+
 class Scenario(NamedTuple):
     name: str
     expected: str
@@ -584,7 +776,20 @@ class Scenario(NamedTuple):
 SCENARIOS = [
     Scenario("resume_after_kill", "kill -9 mid-run, --ckpt_path last: same batches, |dloss| <= 1e-6",
              resume_after_kill, True),
+    Scenario("interrupt_sigint", "Ctrl-C: last.ckpt at the step, exit 130, bit-exact resume", interrupt_sigint,
+             True),
+    Scenario("interrupt_sigterm", "SIGTERM: last.ckpt at the step, exit 143, bit-exact resume", interrupt_sigterm,
+             True),
+    Scenario("interrupt_slurm_requeue", "SIGUSR1 (SLURM): hpc + last.ckpt, requeued job continues bit-exactly",
+             interrupt_slurm_requeue, True),
     Scenario("kill_during_checkpoint_write", "old last.ckpt whole, resume works", kill_during_checkpoint_write, True),
+    Scenario("run_root_isolation", "two roots share nothing; fresh fit into a used root: exit 2", run_root_isolation),
+    Scenario("test_without_checkpoint", "test w/o checkpoint: exit 2 naming the folder", test_without_checkpoint),
+    Scenario("resume_epoch_boundary", "resume from the last batch of an epoch: same batches, 48 steps",
+             resume_epoch_boundary, True),
+    Scenario("ddp_eval_uneven", "test on 1/2/3 processes: same nmse (1e-10) and token count", ddp_eval_uneven,
+             True),
+    Scenario("offline_model", "missing model offline: exit 2, one line, nothing created", offline_model),
     Scenario("atomic_write_failure", "save error leaves old last.ckpt, no tmp", atomic_write_failure),
     Scenario("divergence_nan_weights", "FloatingPointError, no NaN ckpt, old ckpt kept", divergence_nan_weights),
     Scenario("divergence_huge_lr", "FloatingPointError, no NaN ckpt, old ckpt kept", divergence_huge_lr),
@@ -601,7 +806,7 @@ SCENARIOS = [
     Scenario("k_above_n_latents", "exit 2 naming model.k", k_above_n_latents),
     Scenario("k_not_positive", "exit 2 naming model.k", k_not_positive),
     Scenario("negative_lr", "exit 2 naming model.lr", negative_lr),
-    Scenario("unknown_hook_point", "ValueError listing valid hook points", unknown_hook_point),
+    Scenario("unknown_hook_point", "one-line ValueError giving the valid hook points", unknown_hook_point),
     Scenario("d_in_data_vs_model_yaml", "exit 2: model.d_in differs from data", d_in_data_vs_model),
     Scenario("d_in_on_command_line", "exit 2: model.d_in comes from data", d_in_on_command_line),
     Scenario("unknown_config_key", "exit 2 suggesting model.n_latents", unknown_config_key),

@@ -1,6 +1,7 @@
 """End to end: tiny LM + tokenizer saved locally -> harvest -> fit a few steps -> trainer.test with EvalReport."""
 
 import json
+import re
 import math
 import sysconfig
 from pathlib import Path
@@ -103,3 +104,35 @@ def test_downstream_during_fit_logs_delta_ce(harvested, tmp_path):
     rows = [r for r in csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")) if r.get("val/delta_ce")]
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert all(math.isfinite(float(r["val/delta_ce"])) and float(r["val/kl"]) >= 0 for r in rows)
+
+
+def test_report_is_written_section_by_section_and_an_interruption_keeps_the_finished_ones(harvested, tmp_path,
+                                                                                          monkeypatch):
+    """Issue 15: reconstruction first, then each section as it finishes, with its wall time; a stop in the middle
+    leaves a report (marked incomplete) holding every finished section."""
+    import lit_sae.eval.report as report_mod
+    from lit_sae.data.datamodule import ActivationDataModule
+    from lit_sae.module import SAEModule
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during ablation sparsity
+
+    monkeypatch.setattr(report_mod, "ablation_sparsity", stopped)
+    dm = ActivationDataModule(str(harvested / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256,
+                              num_workers=0)
+    module = SAEModule(d_in=32, n_latents=64, k=4, init_tokens=256, export_dir="none")
+    cb = EvalReport(out_dir=str(tmp_path / "report"), n_contexts=8, probe_contexts=24, n_ablation_latents=4,
+                    ablation_contexts_per_latent=2, progress=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, callbacks=[cb],
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    with pytest.raises(SystemExit):  # Lightning turns the KeyboardInterrupt into a graceful exit
+        trainer.test(module, datamodule=dm)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["complete"] is False and report["pending"] == ["ablation", "probes"]
+    assert report["metrics"]["n_tokens"] == dm.manifest["splits"]["test"]["tokens"]
+    assert report["metrics"]["seconds"] >= 0 and report["downstream"]["seconds"] > 0
+    assert math.isfinite(report["downstream"]["delta_ce"]) and "ablation" not in report
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Incomplete" in md and "ablation, probes" in md and re.search(r"Downstream loss .*\(\d+\.\d s\)", md)

@@ -6,17 +6,18 @@ folder, truncated tar, wrong shape/dtype, NaN/Inf, skip_nonfinite; tests/test_sa
 hook point); here they are exercised end to end through the CLI.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import faults  # noqa: E402
+from scripts import faults
 
 IN_TEST_RESUME = {"resume_after_kill", "kill_during_checkpoint_write", "atomic_write_failure",
-                  "divergence_nan_weights", "divergence_huge_lr", "incompatible_checkpoint", "changed_lr_on_resume"}
-KNOWN_GAPS: dict[str, str] = {}  # scenario name -> why it is expected to fail (none at present)
+                  "divergence_nan_weights", "divergence_huge_lr", "incompatible_checkpoint", "changed_lr_on_resume",
+                  "interrupt_sigint", "interrupt_sigterm", "interrupt_slurm_requeue"}  # (tests/test_interrupts.py)
+KNOWN_GAPS: dict[str, str] = {  # scenario name -> why it is expected to fail
+    "resume_epoch_boundary": "the data stream must take its position from its own saved state (issue 10 item 1, "
+                             "lit_sae/data)",
+    "ddp_eval_uneven": "the val/test stream must give every token to exactly one rank (issue 10 item 4, lit_sae/data)",
+}
 CASES = [s for s in faults.SCENARIOS if s.name not in IN_TEST_RESUME]
 
 

@@ -84,12 +84,14 @@ def test_checkpoint_rebuilds_model_and_keeps_state(tmp_path):
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)
-    assert "DeadLatentTracker" in state["callbacks"]
+    # the dead-latent counters are module state (a buffer), not a callback's
+    assert torch.equal(state["state_dict"]["tokens_since_fired"], module.tokens_since_fired.cpu())
     restored = SAEModule.load_from_checkpoint(ckpt, weights_only=False)  # hyperparameters alone rebuild it
     assert (restored.sae.n_latents, restored.sae.k, restored.hparams.ema_decay) == (64, 4, 0.9)
     for name, p in module.sae.state_dict().items():
         torch.testing.assert_close(restored.sae.state_dict()[name], p)
     assert bool(restored.sae.data_initialized) and int(restored.tokens_seen) == 20 * 256
+    assert torch.equal(restored.tokens_since_fired, module.tokens_since_fired.cpu())
     assert int(restored.ema.steps) == 20
     # The EMA is bias-corrected: after 20 steps of decay 0.9 it is a proper average, close to the weights.
     avg = restored.ema.averaged()["W_dec"]
@@ -129,11 +131,14 @@ def test_cli_fit_twice_into_the_same_folder_and_export(tmp_path, monkeypatch):
             "--trainer.logger.init_args.save_dir", "run", "--trainer.logger.init_args.version", "fixed",
             "--trainer.enable_progress_bar", "false"]
     main(args)
-    main(args)  # same folder again: must not crash on the existing config.yaml
-    log_dir = tmp_path / "run" / "lightning_logs" / "fixed"
+    with pytest.raises(SystemExit) as stop:  # a fresh fit into a used run folder is refused ...
+        main(args)
+    assert stop.value.code == 2
+    main(args + ["--ckpt_path", "last", "--trainer.max_steps", "8"])  # ... a resume is not (existing config.yaml)
+    log_dir = tmp_path / "run" / "lightning_logs" / "fixed"  # the configured logger's folder
     assert (log_dir / "config.yaml").is_file()
     assert list(log_dir.glob("events.out.tfevents*"))
-    assert (log_dir / "sae" / "sae_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "sae" / "sae_weights.safetensors").is_file()  # the export: in the run's root
     dm = SyntheticDataModule(d_in=16, n_features=64, active=3, batch_size_tokens=256, train_tokens=3 * 256)
     trainer = fit(SAEModule(d_in=16, n_latents=32, k=4, export_dir="none", hook_point="blocks.2.hook_resid_post"),
                   dm, 3)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,7 +55,7 @@ class EvalReport(L.Callback):
     """Full evaluation report at the end of ``trainer.test``.
 
     Args:
-        out_dir: where report.json / report.md go (default: the trainer's log dir).
+        out_dir: where report.json / report.md go (default: the run folder, ``trainer.default_root_dir``).
         downstream: run the downstream loss (needs the LM named in the data manifest).
         n_contexts: held-out test-split contexts for downstream loss and ablation sparsity.
         probes: run the probe-loss tasks.
@@ -95,6 +96,7 @@ class EvalReport(L.Callback):
 
     # ------------------------------------------------------------------ accumulation (every rank)
     def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
         dev = pl_module.device
         self.nmse = NormalizedMSE(d_in=pl_module.sae.d_in).to(dev)
         self.rel = RelativeMSE().to(dev)
@@ -119,12 +121,14 @@ class EvalReport(L.Callback):
         with self.l0.sync_context():  # the token count over all ranks
             n_tokens = int(self.l0.count)
         self.report = {"metrics": {
+            "seconds": round(time.perf_counter() - self._started, 3),
             "nmse": float(self.nmse.compute()), "relative_mse": float(self.rel.compute()),
             "l0": float(self.l0.compute()), "dead_fraction": float(self.density.dead_fraction()),
             "n_tokens": n_tokens,
             "density_histogram": {"log10_edges": edges.tolist(), "counts": counts.tolist()},
         }}
         self._density = density.cpu()
+        self._log_dir = trainer.log_dir  # a collective under DDP: every rank asks here, not rank 0 alone later
         if trainer.is_global_zero:
             self._sae = copy.deepcopy(pl_module.sae).eval()
 
@@ -137,10 +141,20 @@ class EvalReport(L.Callback):
         report["config"] = self._config(trainer, pl_module)
         report["checkpoint"] = self._checkpoint(trainer)
         report["manifest"] = manifest
+        from lit_sae.eval.report import write_report
+
+        out_dir = self.out_dir or trainer.default_root_dir or "."
+        pending = [name for name, on in (("downstream", self.downstream), ("ablation", self.ablation),
+                                         ("probes", self.probes)) if on and manifest is not None]
+        self._write_partial(out_dir, report, pending)  # reconstruction first: kept if the rest is interrupted
         if manifest is None:
             log.warning("the datamodule has no `manifest`: downstream loss, probes and ablation are skipped")
-        elif self.downstream or self.probes or self.ablation:
+        elif pending:
             from lit_sae.eval.report import run_eval_suite
+
+            def section_done(name: str, result: dict) -> None:
+                report[name] = result
+                self._write_partial(out_dir, report, [p for p in pending if p not in report])
 
             device = self.lm_device or str(pl_module.device)
             report.update(run_eval_suite(
@@ -148,13 +162,21 @@ class EvalReport(L.Callback):
                 probe_contexts=self.probe_contexts, ablation=self.ablation,
                 n_ablation_latents=self.n_ablation_latents,
                 ablation_contexts_per_latent=self.ablation_contexts_per_latent, mean=None,
-                batch_size=self.batch_size, device=device, seed=self.seed, progress=self.progress))
-        from lit_sae.eval.report import write_report
-
-        out_dir = self.out_dir or trainer.log_dir or "."
+                batch_size=self.batch_size, device=device, seed=self.seed, progress=self.progress,
+                on_section=section_done))
+        report.pop("pending", None)
+        report["complete"] = True
         write_report(out_dir, report)
         self._log(trainer, report)
         self._sae = None
+
+    @staticmethod
+    def _write_partial(out_dir, report: dict, pending: list[str]) -> None:
+        """Write the report so far, marked incomplete with the sections still to come."""
+        from lit_sae.eval.report import write_report
+
+        report["complete"], report["pending"] = False, list(pending)
+        write_report(out_dir, report)
 
     def _config(self, trainer, pl_module) -> dict:
         cfg: dict[str, Any] = {"module": dict(getattr(pl_module, "hparams", {}) or {}),
@@ -163,7 +185,7 @@ class EvalReport(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         if dm is not None and getattr(dm, "hparams", None):
             cfg["data"] = dict(dm.hparams)
-        log_dir = trainer.log_dir
+        log_dir = getattr(self, "_log_dir", None)
         if log_dir and (Path(log_dir) / "config.yaml").is_file():  # what LightningCLI saved for this run
             cfg["cli"] = (Path(log_dir) / "config.yaml").read_text()
         return cfg

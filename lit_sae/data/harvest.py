@@ -34,8 +34,9 @@ import torch
 import lit_sae
 from lit_sae.data.contexts import SPLITS, first_position, iter_contexts, split_of
 from lit_sae.data.format import MANIFEST_NAME, ShardError
-from lit_sae.data.lm import load_lm, model_info, resolve_hook, truncated_forward
+from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_hook, truncated_forward
 from lit_sae.data.manifest import Exclusions, LMInfo, Manifest, ShardInfo, SourceInfo, SplitInfo, write_manifest_atomic
+from lit_sae.hub import check_model_available
 from lit_sae.data.text import ContentHash, open_source
 from lit_sae.data.writer import ShardWriter
 
@@ -182,6 +183,8 @@ def run_harvest(
     from tqdm.auto import tqdm
 
     _validate(config)
+    if model != EMBEDDED_MODEL:
+        check_model_available(model)  # before anything is created (issue 15)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _existing_manifest(out, config, overwrite)

@@ -85,6 +85,9 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
         gguf_file = gguf_file or EMBEDDED_GGUF
         name_or_path, load_path = EMBEDDED_MODEL, str(folder)
     else:
+        from lit_sae.hub import check_model_available
+
+        check_model_available(name_or_path)  # one line at once, not retries and tracebacks (issue 15)
         load_path = name_or_path
     sha = None
     if gguf_file is not None:
@@ -219,11 +222,15 @@ def hook_points(model: nn.Module) -> list[str]:
 
 
 def _unknown_hook(model: nn.Module, hook_point: str) -> ValueError:
-    valid = hook_points(model)
+    import difflib
+
     n = len(decoder_layers(model))
-    return ValueError(
-        f"unknown hook point {hook_point!r} for {type(model).__name__} ({n} layers). "
-        f"Valid names: blocks.{{0..{n - 1}}}.{{{','.join(HOOK_KINDS)}}}, i.e. {', '.join(valid)}"
+    close = difflib.get_close_matches(hook_point, hook_points(model), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    examples = ", ".join(f"blocks.{n - 1}.{kind}" for kind in HOOK_KINDS)
+    return ValueError(  # one readable line: the pattern, not every name (issue 15)
+        f"unknown hook point {hook_point!r} for {type(model).__name__} ({n} layers){hint} Valid names: "
+        f"blocks.{{0..{n - 1}}}.{{{','.join(HOOK_KINDS)}}}, e.g. {examples}"
     )
 
 

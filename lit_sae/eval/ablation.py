@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lit_sae.checks import check_token_ids
 from lit_sae.data.lm import splice, truncated_forward
 from lit_sae.eval._sae import sae_decode, sae_encode, sae_param
 from lit_sae.eval.downstream import splice_mask
@@ -80,7 +81,11 @@ def ablation_sparsity(
 
     Returns {"mean", "median", "random_mean", "random_median", "concat_mean", "random_concat_mean",
     "n_latents", "latents": [{"latent", "score", "random", "concat", "random_concat", "n_contexts",
-    "n_positions"}]}."""
+    "n_positions"}]}.
+
+    Raises:
+        ValueError: ``input_ids`` is not an integer (n, T) tensor."""
+    check_token_ids(input_ids)
     device = next(model.parameters()).device
     p = sae_param(sae)
     sae_dtype = p.dtype if p is not None else torch.float32

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lit_sae.checks import check_token_ids
 from lit_sae.data.lm import splice, truncated_forward
 from lit_sae.eval._sae import reconstructor
 
@@ -70,7 +71,10 @@ def mean_activation(
     norm_threshold: float | None = None,
     batch_size: int = 8,
 ) -> Tensor:
-    """Mean activation (d,) float64 over the positions ``splice_mask`` selects (runs layers up to the hook only)."""
+    """Mean activation (d,) float64 over the positions ``splice_mask`` selects (runs layers up to the hook only).
+
+    ``input_ids``: integer (n, T) token ids (ValueError otherwise)."""
+    check_token_ids(input_ids)
     total, count = None, 0
     device = _device(model)
     for start in range(0, len(input_ids), batch_size):
@@ -136,7 +140,11 @@ def downstream_loss(
 
     ``sae``: an SAE with encode/decode, or any function (N, d) -> (N, d) of input-space activations.
     ``mean``: the mean-ablation vector (d,); computed over the same contexts when None.
-    Returns a dict of floats (see the module docstring) plus token counts."""
+    Returns a dict of floats (see the module docstring) plus token counts.
+
+    Raises:
+        ValueError: ``input_ids`` is not an integer (n, T) tensor, or T leaves no position after ``first_position``."""
+    check_token_ids(input_ids)
     if input_ids.shape[1] < first_position + 2:
         raise ValueError(f"contexts of {input_ids.shape[1]} tokens leave nothing to evaluate after {first_position}")
     reconstruct = reconstructor(sae)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lit_sae.checks import check_probe_data
 from lit_sae.data.lm import truncated_forward
 from lit_sae.eval._sae import sae_encode, sae_param
 from lit_sae.eval.downstream import splice_mask
@@ -328,7 +329,11 @@ def probe_loss(
     Returns {"tasks": {task: {"sae_ce", "sae_latent", "raw_ce", "raw_dim", "prior_ce", "positive_rate",
     "n_train", "n_test"}}, "mean_sae_ce", "mean_raw_ce", "mean_prior_ce", "n_tasks"}; a task with fewer than
     ``min_positives`` positive (or negative) tokens in either split is reported with ``skipped`` and left out
-    of the means."""
+    of the means.
+
+    Raises:
+        ValueError: ``data`` lacks acts / labels / context or their row counts differ."""
+    check_probe_data(data)
     acts, labels, ctx = data["acts"], data["labels"], data["context"]
     g = torch.Generator().manual_seed(seed)
     contexts = ctx.unique()

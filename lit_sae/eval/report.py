@@ -13,8 +13,10 @@ import json
 import logging
 import math
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -130,11 +132,14 @@ def run_eval_suite(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    on_section: Optional[Callable[[str, dict], None]] = None,
 ) -> dict:
     """Downstream loss, probe loss and ablation sparsity of ``sae`` on the manifest's held-out text.
 
     ``lm``: an already loaded (model, tokenizer); loaded from the manifest otherwise. ``mean``: the mean
-    activation for mean ablation (e.g. from the test split); computed on the evaluation contexts when None."""
+    activation for mean ablation (e.g. from the test split); computed on the evaluation contexts when None.
+    ``on_section(name, result)`` is called as each section finishes (e.g. to write the report so far); every
+    section's dict carries ``seconds``, its wall time."""
     from lit_sae.data.lm import load_lm
 
     s = settings_from_manifest(manifest)
@@ -150,24 +155,46 @@ def run_eval_suite(
         if downstream or ablation:
             ids = held_out_contexts(s, tokenizer, n_contexts)
         if downstream:
-            if mean is None:
-                mean = mean_activation(model, s["hook_point"], ids, first_position=s["first_position"],
-                                       norm_threshold=s["norm_threshold"], batch_size=batch_size)
-            out["downstream"] = downstream_loss(model, s["hook_point"], sae, ids, mean=mean, **common)
+            with timed_section(out, "downstream", on_section):
+                if mean is None:
+                    mean = mean_activation(model, s["hook_point"], ids, first_position=s["first_position"],
+                                           norm_threshold=s["norm_threshold"], batch_size=batch_size)
+                out["downstream"] = downstream_loss(model, s["hook_point"], sae, ids, mean=mean, **common)
         if ablation:
-            out["ablation"] = ablation_sparsity(model, s["hook_point"], sae, ids, n_latents=n_ablation_latents,
-                                                contexts_per_latent=ablation_contexts_per_latent, seed=seed,
-                                                **common)
+            with timed_section(out, "ablation", on_section):
+                out["ablation"] = ablation_sparsity(model, s["hook_point"], sae, ids, n_latents=n_ablation_latents,
+                                                    contexts_per_latent=ablation_contexts_per_latent, seed=seed,
+                                                    **common)
         if probes:
-            docs, note = probe_documents(s, tokenizer, probe_contexts * s["context_length"])
-            data = probe_dataset(model, tokenizer, s["hook_point"], docs, context_length=s["context_length"],
-                                 n_contexts=probe_contexts, python=lambda d: True, **common)
-            out["probes"] = probe_loss(sae, data, seed=seed, progress=progress)
-            out["probes"]["probe_text"] = note
-            out["probes"]["n_tokens"] = int(len(data["acts"]))
+            with timed_section(out, "probes", on_section):
+                docs, note = probe_documents(s, tokenizer, probe_contexts * s["context_length"])
+                data = probe_dataset(model, tokenizer, s["hook_point"], docs, context_length=s["context_length"],
+                                     n_contexts=probe_contexts, python=lambda d: True, **common)
+                out["probes"] = probe_loss(sae, data, seed=seed, progress=progress)
+                out["probes"]["probe_text"] = note
+                out["probes"]["n_tokens"] = int(len(data["acts"]))
     finally:
         sae.train(was_training)
     return out
+
+
+@contextmanager
+def timed_section(report: dict, name: str, on_section: Optional[Callable[[str, dict], None]] = None):
+    """Time the block that fills ``report[name]`` (a dict): store its wall time as ``report[name]["seconds"]``,
+    then call ``on_section(name, report[name])`` (e.g. to write the report so far)."""
+    start = time.perf_counter()
+    yield
+    section = report.setdefault(name, {})
+    section["seconds"] = round(time.perf_counter() - start, 3)
+    log.info("%s done in %.1f s", name, section["seconds"])
+    if on_section is not None:
+        on_section(name, section)
+
+
+def _took(section: dict) -> str:
+    """' (12.3 s)' for a section that recorded its wall time, else ''."""
+    seconds = section.get("seconds") if isinstance(section, dict) else None
+    return f" ({seconds:.1f} s)" if isinstance(seconds, (int, float)) else ""
 
 
 def _jsonable(x):
@@ -195,19 +222,22 @@ def _fmt(x, digits=4) -> str:
 def render_markdown(report: dict) -> str:
     """A short human-readable summary of a report dict."""
     lines = ["# lit-sae evaluation report", ""]
+    if report.get("complete") is False:
+        lines += [f"**Incomplete**: sections still running or interrupted: {', '.join(report.get('pending', [])) or '?'}",
+                  ""]
     if report.get("checkpoint"):
         lines += [f"Checkpoint: `{report['checkpoint'].get('path')}` (sha256 `{report['checkpoint'].get('sha256')}`)",
                   ""]
     m = report.get("metrics", {})
     if m:
-        lines += ["## Reconstruction and sparsity (test split)", "", "| metric | value |", "|---|---|"]
+        lines += [f"## Reconstruction and sparsity (test split){_took(m)}", "", "| metric | value |", "|---|---|"]
         for k in ("nmse", "relative_mse", "l0", "dead_fraction", "n_tokens"):
             if k in m:
                 lines.append(f"| {k} | {_fmt(m[k])} |")
         lines.append("")
     d = report.get("downstream")
     if d:
-        lines += ["## Downstream loss (SAE spliced into the LM)", "", "| metric | value |", "|---|---|"]
+        lines += [f"## Downstream loss (SAE spliced into the LM){_took(d)}", "", "| metric | value |", "|---|---|"]
         for k in ("clean_ce", "sae_ce", "delta_ce", "kl_sae", "zero_ce", "mean_ce", "frac_recovered",
                   "frac_recovered_mean", "n_tokens"):
             if k in d:
@@ -215,7 +245,7 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     p = report.get("probes")
     if p:
-        lines += ["## Probe loss (held-out CE of the best single feature)", "",
+        lines += [f"## Probe loss (held-out CE of the best single feature){_took(p)}", "",
                   "| task | SAE latent | CE | raw dim | CE | prior CE |", "|---|---|---|---|---|---|"]
         for name, r in p["tasks"].items():
             if "skipped" in r:
@@ -227,7 +257,7 @@ def render_markdown(report: dict) -> str:
                   f"{_fmt(p['mean_prior_ce'])} |", "", f"Text: {p.get('probe_text', '')}", ""]
     a = report.get("ablation")
     if a:
-        lines += ["## Ablation sparsity ((L1/L2)^2 / V of the logit change; 1 = dense, 1/V = one logit)", "",
+        lines += [f"## Ablation sparsity ((L1/L2)^2 / V of the logit change; 1 = dense, 1/V = one logit){_took(a)}", "",
                   "| | mean | median |", "|---|---|---|",
                   f"| latents ({a['n_latents']}) | {_fmt(a['mean'])} | {_fmt(a['median'])} |",
                   f"| random directions | {_fmt(a['random_mean'])} | {_fmt(a['random_median'])} |", ""]
@@ -242,6 +272,8 @@ def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
     tmp = js.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False))
     os.replace(tmp, js)
-    md.write_text(render_markdown(report))
+    tmp_md = md.with_suffix(".md.tmp")
+    tmp_md.write_text(render_markdown(report))
+    os.replace(tmp_md, md)
     log.info("evaluation report written to %s and %s", js, md)
     return js, md

@@ -1,0 +1,125 @@
+"""Interrupts keep the work: SIGINT, SIGTERM and a cluster's requeue signal end a fit with a resumable checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_sae import compat
+from lit_sae.callbacks.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(SystemExit):
+    """Raised after the checkpoint of an interrupted fit is written; exit status 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+
+
+class SaveOnInterrupt(L.Callback):
+    """On SIGINT (Ctrl-C), SIGTERM or the cluster's requeue signal, finish the current optimizer step, write
+    ``last.ckpt`` atomically with the whole training state, and stop with exit status 128 + signal.
+
+    The signal only sets a flag; the save happens at the end of the step (``on_train_batch_end``, where the periodic
+    saves happen too), so the checkpoint is at a step boundary and a ``--ckpt_path last`` resume continues
+    bit-exactly. A second Ctrl-C stops at once (Python's KeyboardInterrupt) without saving. Under DDP the ranks
+    agree on stopping (one boolean all-reduce per step) so all of them save and stop at the same step. DataLoader
+    workers inherit the handler and ignore the signal: the training process decides.
+
+    The handlers are installed in ``setup``, before Lightning's: Lightning then chains its SIGTERM notifier with
+    this handler, and leaves the requeue signal of ``SLURMEnvironment(auto_requeue=True)`` (``requeue_signal``,
+    SIGUSR1 by default) to it. At the step boundary this callback then runs Lightning's own SLURM routine, which
+    writes ``hpc_ckpt_N.ckpt`` into the run's root and requeues the job; the requeued job runs the same command line
+    and continues from it (``lit_sae.runs.resolve_ckpt_path``).
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------------ signal handlers (main thread only)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if str(getattr(stage, "value", stage)) != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        self.received, self._pid = None, os.getpid()
+        for signum in self._signals(trainer):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    @staticmethod
+    def _signals(trainer: L.Trainer) -> list[int]:
+        env = compat.cluster_environment(trainer)
+        signals = [signal.SIGINT, signal.SIGTERM]
+        if requeue_signal(env) is not None:
+            signals.append(requeue_signal(env))
+        return signals
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker inherited this handler: the training process decides, workers go on
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        if self.received is None:
+            self.received = signum
+            log.warning("received %s: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                        signal.Signals(signum).name)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    # ------------------------------------------------------------------ the save, at a step boundary
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        signum = self.received if self.received is not None else signal.SIGTERM
+        path = self._save(trainer)
+        log.warning("interrupted by %s at step %d: saved %s; continue with `lit-sae fit ... --ckpt_path last`",
+                    signal.Signals(signum).name, trainer.global_step, path)
+        if signum == requeue_signal(compat.cluster_environment(trainer)):
+            compat.slurm_save_and_requeue(trainer, signum)  # Lightning's hpc checkpoint at this step + requeue
+        raise Interrupted(signum)
+
+    @staticmethod
+    def _save(trainer: L.Trainer) -> str:
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, Checkpoint) and cb.save_last:
+                return cb.save_last_now(trainer)
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                compat.save_last_checkpoint(cb, trainer)
+                return cb.last_model_path
+        from lit_sae.runs import LAST, checkpoint_dir
+
+        path = str(checkpoint_dir(trainer.default_root_dir) / LAST)
+        trainer.save_checkpoint(path)
+        return path
+
+
+def requeue_signal(env: Any) -> Optional[int]:
+    """The requeue signal of a ``SLURMEnvironment`` with ``auto_requeue`` (None for any other environment)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
+        return int(env.requeue_signal)
+    return None
