@@ -20,7 +20,7 @@ from lit_sae.checkpoint_io import use_atomic_checkpoints
 from lit_sae.module import SAEModule
 
 EXTRA = {"harvest": "harvest activations from a language model into webdataset shards",
-         "export": "export a checkpoint as cfg.json + sae_weights.safetensors (SAELens layout)"}
+         "export": "export a checkpoint for SAELens (default), sparsify or OpenAI's layout"}
 
 
 class SAECLI(LightningCLI):
@@ -174,14 +174,20 @@ def run_harvest(args: list[str]) -> None:
 
 
 def run_export(args: list[str]) -> None:
-    """``lit-sae export CKPT --out DIR``: the SAE of a checkpoint (EMA weights when on) in SAELens's layout."""
-    from lit_sae.export import export_checkpoint
+    """``lit-sae export CKPT --out DIR [--format saelens|sparsify|openai] [--overwrite]``: see ``lit_sae.export``."""
+    from lit_sae.export import export
 
     parser = ArgumentParser(prog="lit-sae export", description=EXTRA["export"])
-    parser.add_argument("ckpt", type=str, help="a checkpoint written by lit-sae fit")
-    parser.add_argument("--out", type=str, required=True, help="output folder")
-    cfg = parser.parse_args(args)
-    print(export_checkpoint(cfg.ckpt, cfg.out))
+    parser.add_function_arguments(export)
+    cfg = parser.parse_args(_positional_ckpt(args))
+    print(export(**cfg.as_dict()))
+
+
+def _positional_ckpt(args: list[str]) -> list[str]:
+    """``CKPT`` as the first positional argument, as before: ``export CKPT --out DIR`` == ``--ckpt CKPT --out DIR``."""
+    if args and not args[0].startswith("-"):
+        return ["--ckpt", args[0], *args[1:]]
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:
