@@ -173,6 +173,7 @@ class TopKSAE(nn.Module):
         what ``encode(x, return_info=True)`` returned; required for ``layernorm``)."""
         return self.denormalize(self._decode_n(values, indices) + self.b_pre, info)
 
+    @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """decode(encode(x)) in input space, (B, d_in) in the SAE's dtype and device."""
         return self.decode(*self.encode(x, return_info=True))
