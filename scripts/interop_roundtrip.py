@@ -46,6 +46,19 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "b_" in name or "bias" in name else 0.3))
 
 
+def tied_(W_enc_rows, b_enc, W_dec, b_dec, work: Path, seed: int) -> None:
+    """An SAE that reconstructs the test shards somewhat: unit decoder rows, tied encoder, b_dec = the data mean."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        W = torch.randn(W_dec.shape, generator=g)
+        W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        W_enc_rows.copy_(W_dec)
+        b_enc.zero_()
+        b_dec.copy_(load_file(str(work / "test_acts.safetensors"))["acts"].mean(0))
+
+
 def lit_sae_sae(d_in: int, n: int, k: int, seed: int, **kw) -> TopKSAE:
     """A lit-sae SAE with trained-looking state: data-initialised, EMA-like decoder rows folded back to unit norm."""
     torch.manual_seed(seed)
@@ -119,7 +132,7 @@ def saelens_cases(work: Path, d_in: int, hook: str) -> None:
                    f"; {type(theirs).__name__}, decoder rows unit norm (SAEBench check): {unit}")
     # For `lit-sae test --model.init_from`: a SAELens-saved SAE at the shards' width and hook point
     sae = SLTopK(TopKSAEConfig(d_in=d_in, d_sae=4 * d_in, k=8))
-    randomize_(sae, 11)
+    tied_(sae.W_enc.T, sae.b_enc, sae.W_dec, sae.b_dec, work, 11)
     sae.cfg.metadata.hook_name = hook
     sae.save_model(work / "for_test" / "saelens")
 
@@ -151,7 +164,7 @@ def sparsify_cases(work: Path, d_in: int, hook: str) -> None:
                    theirs.decode(enc.top_acts, enc.top_indices), ours.reconstruct(x), x,
                    f"; hookpoints {sorted(loaded)}")
     sc = SparseCoder(d_in, SparseCoderConfig(num_latents=4 * d_in, k=8))
-    randomize_(sc, 12)
+    tied_(sc.encoder.weight, sc.encoder.bias, sc.W_dec, sc.b_dec, work, 12)
     from lit_sae.formats.sparsify import hookpoint_of
 
     sc.save_to_disk(work / "for_test" / "sparsify" / hookpoint_of(hook))
