@@ -179,15 +179,21 @@ def run_export(args: list[str]) -> None:
 
     parser = ArgumentParser(prog="lit-sae export", description=EXTRA["export"])
     parser.add_function_arguments(export)
-    cfg = parser.parse_args(_positional_ckpt(args))
+    cfg = parser.parse_args(_export_args(args))
     print(export(**cfg.as_dict()))
 
 
-def _positional_ckpt(args: list[str]) -> list[str]:
-    """``CKPT`` as the first positional argument, as before: ``export CKPT --out DIR`` == ``--ckpt CKPT --out DIR``."""
+def _export_args(args: list[str]) -> list[str]:
+    """``CKPT`` as the first positional argument (``export CKPT --out DIR`` == ``--ckpt CKPT --out DIR``) and a
+    bare ``--overwrite`` flag (== ``--overwrite true``)."""
     if args and not args[0].startswith("-"):
-        return ["--ckpt", args[0], *args[1:]]
-    return args
+        args = ["--ckpt", args[0], *args[1:]]
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        if a == "--overwrite" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("true")
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -131,7 +131,7 @@ def test_cli_export_needs_overwrite_and_never_mixes_with_other_files(tmp_path, e
     with pytest.raises(SystemExit) as exn:
         main(["export", str(ckpt), "--out", str(out)])
     assert exn.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
-    main(["export", str(ckpt), "--out", str(out), "--overwrite", "true"])
+    main(["export", str(ckpt), "--out", str(out), "--overwrite"])
     assert (out / "sae_weights.safetensors").read_bytes() == first and sorted(os.listdir(tmp_path)) == ["e"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
