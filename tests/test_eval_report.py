@@ -82,6 +82,7 @@ def test_trainer_test_writes_report(harvested, tmp_path):
     assert sb["sparsity"]["l0"] == pytest.approx(m["l0"], rel=1e-6)
     assert sb["model_performance_preservation"]["ce_loss_with_sae"] == d["sae_ce"]
     assert sb["misc_metrics"]["frac_alive"] == pytest.approx(1 - m["dead_fraction"], abs=1e-9)
+    assert "| reconstruction_quality | explained_variance |" in (tmp_path / "report" / "report.md").read_text()
     assert "Downstream loss" in (tmp_path / "report" / "report.md").read_text()
     assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
 

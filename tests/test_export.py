@@ -94,8 +94,8 @@ def test_unit_norm_deviation_is_folded_and_recorded(tmp_path):
 def ema_checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ema")
     dm = SyntheticDataModule(d_in=16, n_features=64, active=3, batch_size_tokens=256, train_tokens=6 * 256)
-    module = SAEModule(d_in=16, n_latents=32, k=4, ema_decay=0.9, export_dir="none", hook_point=HOOK,
-                       normalize="scalar")
+    module = SAEModule(d_in=16, n_latents=32, k=4, ema_decay=0.9, export_dir=str(tmp / "fit_export"),
+                       hook_point=HOOK, normalize="scalar")
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, dm)
@@ -111,6 +111,9 @@ def test_export_of_an_ema_checkpoint_keeps_every_promise(tmp_path, ema_checkpoin
     # Unit-norm rows with the EMA on: the averaged rows are folded back to the sphere (as in evaluation)
     assert float((w["W_dec"].double().norm(dim=1) - 1).abs().max()) < 1e-6
     assert "decoder_renormalized" not in cfg["lit_sae"]
+    at_fit_end = load_file(str(ckpt.parent / "fit_export" / "sae_weights.safetensors"))  # on_fit_end's export
+    assert float((at_fit_end["W_dec"].double().norm(dim=1) - 1).abs().max()) < 1e-6
+    torch.testing.assert_close(at_fit_end["W_dec"], w["W_dec"])
     prov = cfg["lit_sae"]["checkpoint"]
     assert prov["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert (prov["step"], prov["tokens_seen"], prov["ema_steps"]) == (6, 6 * 256, 6)

@@ -34,7 +34,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 __all__ = ["CoreMetrics", "max_cosine_sims", "misc_metrics", "downstream_groups", "saebench_core_section",
-           "saebench_section"]
+           "saebench_section", "saebench_markdown"]
 
 SOURCE = "adamkarvonen/SAEBench sae_bench/evals/core/main.py"
 
@@ -175,3 +175,16 @@ def saebench_core_section(core: dict[str, Any], W_enc: Tensor, W_dec: Tensor,
 def saebench_section(core: dict[str, Any], sae, downstream: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The report integration: ``saebench_core_section`` for an SAE with ``W_enc`` / ``W_dec`` (rows = latents)."""
     return saebench_core_section(core, sae.W_enc.detach().cpu(), sae.W_dec.detach().cpu(), downstream)
+
+
+def saebench_markdown(section: Optional[dict[str, Any]]) -> list[str]:
+    """Markdown lines (a table per metric group) for the report's ``saebench_core`` section ([] when absent)."""
+    if not section:
+        return []
+    lines = ["## SAEBench core metrics (SAEBench's names and definitions)", "", "| group | metric | value |",
+             "|---|---|---|"]
+    for group, metrics in section.items():
+        if isinstance(metrics, dict):
+            lines += [f"| {group} | {name} | {value:.6g} |" if isinstance(value, float) else
+                      f"| {group} | {name} | {value} |" for name, value in metrics.items()]
+    return lines + ["", str(section.get("notes", "")), ""]
