@@ -105,7 +105,7 @@ def provenance(ckpt: str | Path, info: dict[str, Any], manifest: Optional[str | 
                                            "ema_steps": info.get("ema_steps")}}
     dm = info.get("datamodule") or {}
     where = manifest or dm.get("manifest_path") or dm.get("path")
-    path = _manifest_file(where) if where else None
+    path = _find_manifest(where, Path(ckpt)) if where else None
     if path is None or not path.is_file():
         if where:
             log.warning("%s: shard manifest not found; the export records no data provenance (pass --manifest)", where)
@@ -143,11 +143,17 @@ def load_exported(path: str | Path) -> tuple[TopKSAE, dict]:
     return sae, json.loads((Path(path) / saelens.CONFIG).read_text())
 
 
-def _manifest_file(where: str | Path) -> Optional[Path]:
+def _find_manifest(where: str | Path, ckpt: Path) -> Optional[Path]:
+    """manifest.json of a data path; a relative path (as a recipe gives it) is tried from the working directory,
+    then from each folder above the checkpoint (the fit ran in one of them)."""
     p = Path(str(where))
-    if p.is_dir():
-        return p / "manifest.json"
-    return p if p.suffix == ".json" else p.parent / "manifest.json"
+    bases = [Path(".")] if p.is_absolute() else [Path("."), *ckpt.resolve().parents]
+    for base in bases:
+        q = base / p
+        file = q / "manifest.json" if q.is_dir() else (q if q.suffix == ".json" else q.parent / "manifest.json")
+        if file.is_file():
+            return file
+    return None
 
 
 def _sha256(path: Path) -> str:

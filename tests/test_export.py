@@ -157,7 +157,7 @@ def test_exports_follow_the_umask(tmp_path, umask, dir_mode, file_mode):
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "e").iterdir()} == {file_mode}
 
 
-def test_provenance_reads_the_manifest(tmp_path):
+def test_provenance_reads_the_manifest(tmp_path, monkeypatch):
     manifest = {"context_length": 64, "hook_point": HOOK, "model": {"name_or_path": "gpt2"},
                 "config": {"source": "stdlib"}, "exclusions": {"drop_first_position": True}}
     (tmp_path / "shards").mkdir()
@@ -170,6 +170,14 @@ def test_provenance_reads_the_manifest(tmp_path):
                                                                                                    "stdlib")
     assert p["checkpoint"] == {"path": str((tmp_path / "m.ckpt").resolve()), "sha256": hashlib.sha256(b"x").hexdigest(),
                                "step": 3, "tokens_seen": 30, "ema_steps": 0}
+    # A recipe's relative data path is found from the folders above the checkpoint, wherever export runs
+    (tmp_path / "run" / "ckpts").mkdir(parents=True)
+    (tmp_path / "run" / "ckpts" / "last.ckpt").write_bytes(b"y")
+    (tmp_path / "shards").rename(tmp_path / "run" / "shards")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    p = provenance(tmp_path / "run" / "ckpts" / "last.ckpt", {**info, "datamodule": {"path": "shards"}})
+    assert p["manifest"]["path"] == str((tmp_path / "run" / "shards" / "manifest.json").resolve())
 
 
 def test_init_from_any_format_checks_hook_point_and_width(tmp_path):
