@@ -14,6 +14,7 @@ _EXPORTS = {
     "ActivationDataModule": "lit_sae.data.datamodule",
     "SyntheticDataModule": "lit_sae.data.synthetic",
     "export_sae": "lit_sae.export",
+    "load_sae": "lit_sae.load",
     "load_exported": "lit_sae.export",
 }
 

@@ -50,6 +50,11 @@ class EMA(nn.Module):
         with torch.no_grad():
             for name, value in self.averaged().items():
                 params[name].copy_(value)
+            # An average of unit-norm decoder rows is slightly shorter: fold the norms into the encoder so the
+            # averaged SAE keeps unit-norm rows (what evaluation sees is what an export holds).
+            fold = getattr(model, "fold_decoder_norms_", None)
+            if fold is not None:
+                fold()
         try:
             yield model
         finally:

@@ -1,112 +1,164 @@
-"""Export a trained SAE as ``cfg.json`` + ``sae_weights.safetensors`` in SAELens's layout, and load it back."""
+"""Export a trained SAE for other tools: SAELens (default), sparsify, or OpenAI's v5 state dict.
+
+``export(ckpt, out)`` reads a ``lit-sae fit`` checkpoint (its EMA weights when EMA was on) and writes:
+
+- ``saelens``: ``out/cfg.json`` + ``out/sae_weights.safetensors`` (SAELens, SAEBench, SAEDashboard, Neuronpedia);
+- ``sparsify``: ``out/<hookpoint>/cfg.json`` + ``out/<hookpoint>/sae.safetensors`` (``SparseCoder.load_from_disk``,
+  delphi);
+- ``openai``: ``out/sae.pt`` (``Autoencoder.from_state_dict``; topk SAEs with ``normalize: layernorm`` only).
+
+Every export takes raw activations and has unit-norm decoder rows (``lit_sae.formats.common.fold_for_export``), and
+its ``cfg.json`` carries provenance in the ``lit_sae`` section: the checkpoint's sha256, step and tokens seen, the
+shard manifest's sha256, context length and BOS handling, so an export that no longer matches its checkpoint or data
+can be detected. An existing ``out`` is replaced only with ``overwrite=True``, and never if it holds files that are
+not a lit-sae export.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
-import tempfile
+import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Literal, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from lit_sae.formats import openai, saelens, sparsify
+from lit_sae.formats.common import write_folder
 from lit_sae.sae import TopKSAE
 
-WEIGHTS, CONFIG = "sae_weights.safetensors", "cfg.json"
+log = logging.getLogger(__name__)
+
+__all__ = ["export", "export_sae", "export_checkpoint", "load_exported", "provenance"]
+
+Format = Literal["saelens", "sparsify", "openai"]
+FORMATS = ("saelens", "sparsify", "openai")
 
 
-def _hook_layer(hook_point: Optional[str]) -> Optional[int]:
-    parts = (hook_point or "").split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+def export(ckpt: str, out: str, format: Format = "saelens", overwrite: bool = False,
+           manifest: Optional[str] = None) -> Path:
+    """Export the SAE of a ``lit-sae fit`` checkpoint to the folder ``out``; returns ``out``.
 
+    Args:
+        ckpt: a checkpoint written by ``lit-sae fit`` (``.ckpt``).
+        out: the export folder (created; it must be new or empty unless ``overwrite``).
+        format: ``saelens`` (cfg.json + sae_weights.safetensors), ``sparsify`` (<hookpoint>/cfg.json +
+            sae.safetensors) or ``openai`` (sae.pt; topk + layernorm SAEs only).
+        overwrite: replace an existing export in ``out`` (a folder holding anything else is never touched).
+        manifest: the shards' manifest.json, when it is no longer where the checkpoint's data path says.
 
-@torch.no_grad()
-def export_sae(sae: TopKSAE, out_dir: str | Path, *, hook_point: Optional[str] = None, lm_name: Optional[str] = None):
-    """Write ``sae`` to ``out_dir`` for SAELens: W_enc (d_in, d_sae), b_enc, W_dec (d_sae, d_in), b_dec.
-
-    A ``scalar`` input scale s is folded into the weights (W_enc * s, W_dec / s, b_dec = b_pre / s), so the export
-    takes raw activations. ``layernorm`` cannot be folded and is recorded as ``normalize_activations: layer_norm``.
-    Files are written to a temporary folder and renamed, so a crash never leaves half an export.
+    Raises:
+        FileNotFoundError: no checkpoint at ``ckpt``.
+        ValueError: ``out`` exists (without ``overwrite``) or holds other files; the format cannot express the SAE.
     """
-    s = float(sae.norm_scale) if sae.normalize == "scalar" else 1.0
-    tensors = {
-        "W_enc": (sae.W_enc * s).T.contiguous().float().cpu(),
-        "b_enc": sae.b_enc.float().cpu(),
-        "W_dec": (sae.W_dec / s).contiguous().float().cpu(),
-        "b_dec": (sae.b_pre / s).float().cpu(),
-    }
-    if sae.activation == "batchtopk":
-        tensors["threshold"] = sae.threshold.reshape(1).float().cpu()
-    cfg = {
-        "architecture": "topk" if sae.activation == "topk" else "batchtopk",
-        "d_in": sae.d_in,
-        "d_sae": sae.n_latents,
-        "k": sae.k,
-        "activation_fn_str": "topk",
-        "activation_fn_kwargs": {"k": sae.k},
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "layer_norm" if sae.normalize == "layernorm" else "none",
-        "model_name": lm_name,
-        "hook_name": hook_point,
-        "hook_layer": _hook_layer(hook_point),
-        "hook_head_index": None,
-        "dtype": "float32",
-        "device": "cpu",
-        "lit_sae": {"normalize": sae.normalize, "folded_scale": s, "k_aux": sae.k_aux, "auxk_coef": sae.auxk_coef,
-                    "multi_topk": sae.multi_topk, "threshold": float(sae.threshold)},
-    }
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    save_file(tensors, str(tmp / WEIGHTS))
-    (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
-    if out.exists():
-        for name in (WEIGHTS, CONFIG):
-            os.replace(tmp / name, out / name)
-        tmp.rmdir()
-    else:
-        os.replace(tmp, out)
-    return out
+    from lit_sae.load import read_checkpoint
+
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: use one of {', '.join(FORMATS)}")
+    sae, info = read_checkpoint(ckpt)
+    hp = info["hparams"]
+    prov = provenance(ckpt, info, manifest)
+    return export_sae(sae, out, hook_point=hp.get("hook_point"), lm_name=hp.get("lm_name"), format=format,
+                      overwrite=overwrite, provenance=prov)
+
+
+def export_sae(sae: TopKSAE, out_dir: str | Path, *, hook_point: Optional[str] = None, lm_name: Optional[str] = None,
+               format: Format = "saelens", overwrite: bool = True, provenance: Optional[dict[str, Any]] = None
+               ) -> Path:
+    """Write ``sae`` to ``out_dir`` in ``format``. ``provenance`` (see :func:`provenance`) fills SAELens's
+    context_size / prepend_bos / dataset_path / model_name and lit-sae's own section. ``overwrite`` defaults to True
+    here because a fit re-exports into its own run folder; the ``export`` command defaults to False."""
+    prov = dict(provenance or {})
+    model = prov.pop("model_name_resolvable", None)
+    own = {"hook_point": hook_point, "model_alias": lm_name, **prov}
+    if format == "saelens":
+        metadata = {"hook_name": hook_point, "model_name": model or lm_name,
+                    "context_size": prov.get("context_length"), "prepend_bos": prov.get("prepend_bos"),
+                    "dataset_path": prov.get("dataset_path")}
+        return sae.save_pretrained(out_dir, metadata, lit_sae=own, overwrite=overwrite)
+    if format == "sparsify":
+        tensors, cfg = sparsify.to_sparsify(sae.config(), sae.state_dict(), {**own, "hook_name": hook_point})
+        from safetensors.torch import save
+
+        folder = sparsify.hookpoint_of(hook_point)
+        return write_folder(out_dir, {f"{folder}/{sparsify.CONFIG}": json.dumps(cfg, indent=2).encode(),
+                                      f"{folder}/{sparsify.WEIGHTS}": save(tensors)}, overwrite=overwrite)
+    if format == "openai":
+        buf = io.BytesIO()
+        torch.save(openai.to_openai(sae.config(), sae.state_dict()), buf)
+        _, cfg = saelens.to_saelens(sae.config(), sae.state_dict(), {"hook_name": hook_point}, own)
+        return write_folder(out_dir, {openai.WEIGHTS: buf.getvalue(),
+                                      "cfg.json": json.dumps({"lit_sae": cfg["lit_sae"]}, indent=2).encode()},
+                            overwrite=overwrite)
+    raise ValueError(f"format={format!r}: use one of {', '.join(FORMATS)}")
+
+
+def provenance(ckpt: str | Path, info: dict[str, Any], manifest: Optional[str | Path] = None) -> dict[str, Any]:
+    """What produced a checkpoint's SAE: ``checkpoint`` {path, sha256, step, tokens_seen, ema_steps}, ``manifest``
+    {path, sha256}, ``context_length``, ``prepend_bos``, ``drop_first_position``, ``dataset_path`` and, for a GGUF
+    model converted by lit-sae, the converted folder a transformers loader can open (``model_name_resolvable``).
+    Fields the checkpoint or manifest do not say are None."""
+    prov: dict[str, Any] = {"checkpoint": {"path": str(Path(ckpt).resolve()), "sha256": _sha256(Path(ckpt)),
+                                           "step": info.get("global_step"), "tokens_seen": info.get("tokens_seen"),
+                                           "ema_steps": info.get("ema_steps")}}
+    dm = info.get("datamodule") or {}
+    where = manifest or dm.get("manifest_path") or dm.get("path")
+    path = _find_manifest(where, Path(ckpt)) if where else None
+    if path is None or not path.is_file():
+        if where:
+            log.warning("%s: shard manifest not found; the export records no data provenance (pass --manifest)", where)
+        prov.update(manifest=None, context_length=None, prepend_bos=None, drop_first_position=None, dataset_path=None)
+        return prov
+    m = json.loads(path.read_text())
+    cfg, exc = m.get("config") or {}, m.get("exclusions") or {}
+    prov.update(
+        manifest={"path": str(path.resolve()), "sha256": _sha256(path)},
+        context_length=m.get("context_length"),
+        # lit-sae's harvest tokenizes with add_special_tokens=False: no BOS is ever prepended
+        prepend_bos=bool(m.get("prepend_bos", False)),
+        drop_first_position=exc.get("drop_first_position"),
+        dataset_path=cfg.get("source", (m.get("source") or {}).get("name")),
+    )
+    model = m.get("model") or {}
+    if model.get("gguf_file") and model.get("sha256"):
+        from lit_sae.data.lm import cache_dir
+
+        # the folder lit_sae.data.lm converts a GGUF model into (a transformers / TransformerLens loader opens it)
+        folder = cache_dir() / "models" / f"{Path(model['gguf_file']).stem}-{model['sha256'][:16]}"
+        if (folder / "config.json").is_file():
+            prov["model_name_resolvable"] = str(folder)
+    return prov
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``export(ckpt_path, out_dir)`` in SAELens's layout (kept for callers of the earlier API)."""
+    return export(str(ckpt_path), str(out_dir), overwrite=overwrite)
 
 
 def load_exported(path: str | Path) -> tuple[TopKSAE, dict]:
-    """Rebuild a ``TopKSAE`` from an export folder (the scale stays folded: the SAE takes raw activations)."""
-    path = Path(path)
-    for name in (CONFIG, WEIGHTS):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing; an exported SAE folder holds {CONFIG} and {WEIGHTS}")
-    cfg = json.loads((path / CONFIG).read_text())
-    w = load_file(str(path / WEIGHTS))
-    extra = cfg.get("lit_sae", {})
-    sae = TopKSAE(
-        cfg["d_in"],
-        cfg["d_sae"],
-        cfg["k"],
-        k_aux=extra.get("k_aux"),
-        multi_topk=False,
-        activation="batchtopk" if cfg["architecture"] == "batchtopk" else "topk",
-        normalize="layernorm" if cfg.get("normalize_activations") == "layer_norm" else "none",
-    )
-    sae.W_enc.data.copy_(w["W_enc"].T)
-    sae.b_enc.data.copy_(w["b_enc"])
-    sae.W_dec.data.copy_(w["W_dec"])
-    sae.b_pre.data.copy_(w["b_dec"])
-    if "threshold" in w:
-        sae.threshold.copy_(w["threshold"][0])
-    sae.data_initialized.fill_(True)
-    return sae, cfg
+    """A SAELens-layout export as (``TopKSAE``, its cfg.json dict); see ``TopKSAE.from_pretrained``."""
+    sae = TopKSAE.from_pretrained(path)
+    return sae, json.loads((Path(path) / saelens.CONFIG).read_text())
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Export the SAE of a ``lit-sae fit`` checkpoint (its EMA weights when EMA was on) to ``out_dir``."""
-    from contextlib import nullcontext
+def _find_manifest(where: str | Path, ckpt: Path) -> Optional[Path]:
+    """manifest.json of a data path; a relative path (as a recipe gives it) is tried from the working directory,
+    then from each folder above the checkpoint (the fit ran in one of them)."""
+    p = Path(str(where))
+    bases = [Path(".")] if p.is_absolute() else [Path("."), *ckpt.resolve().parents]
+    for base in bases:
+        q = base / p
+        file = q / "manifest.json" if q.is_dir() else (q if q.suffix == ".json" else q.parent / "manifest.json")
+        if file.is_file():
+            return file
+    return None
 
-    from lit_sae.module import SAEModule
 
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
-    module = SAEModule.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=False)
-    ctx = module.ema.swapped_into(module.sae) if module.ema is not None else nullcontext()
-    with ctx:
-        return export_sae(module.sae, out_dir, hook_point=module.hparams.hook_point, lm_name=module.hparams.lm_name)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

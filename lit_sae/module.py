@@ -71,8 +71,8 @@ class SAEModule(L.LightningModule):
         lm_name: the language model (recorded in exports; linked from the data).
         export_dir: where ``on_fit_end`` exports the SAE (default: ``<trainer.default_root_dir>/sae``, the run's
             folder; ``none`` disables).
-        init_from: an exported SAE folder (cfg.json + sae_weights.safetensors) whose weights this module starts
-            from, e.g. to ``lit-sae test`` an export; d_in, n_latents and k must match it.
+        init_from: an SAE this module starts from, e.g. to ``lit-sae test`` it: a lit-sae export or checkpoint, a
+            SAELens or sparsify folder, an OpenAI .pt (``lit_sae.load_sae``); d_in, n_latents and k must match it.
     """
 
     def __init__(
@@ -139,17 +139,24 @@ class SAEModule(L.LightningModule):
         self._resumed_rng: Optional[dict] = None  # RNG states of a loaded checkpoint, applied at the next step
 
     def _load_export(self, path: str) -> None:
-        from lit_sae.export import load_exported
+        """Start from the SAE at ``path`` (anything ``lit_sae.load_sae`` reads); it replaces the configured SAE."""
+        from lit_sae.load import load_sae
 
-        sae, cfg = load_exported(path)
-        mine = {"d_in": self.sae.d_in, "n_latents": self.sae.n_latents, "k": self.sae.k,
-                "normalize": "layernorm" if self.sae.normalize == "layernorm" else "none"}
-        theirs = {"d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k, "normalize": sae.normalize}
+        sae = load_sae(path)
+        hook = sae.metadata.get("hook_name")
+        if hook and self.hparams.hook_point and hook != self.hparams.hook_point:
+            raise ValueError(f"{path}: the SAE was trained on hook point {hook!r}, the data holds "
+                             f"{self.hparams.hook_point!r}: harvest shards at {hook!r} (or load an SAE of that hook)")
+        mine = {"d_in": self.sae.d_in, "n_latents": self.sae.n_latents}
+        theirs = {"d_in": sae.d_in, "n_latents": sae.n_latents}
+        if sae.activation == "topk":
+            mine["k"], theirs["k"] = self.sae.k, sae.k
         diff = {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
         if diff:
-            raise ValueError(f"{path}: exported SAE differs from model config in {diff} (config, export); set "
-                             "these model keys to the export's values (a scalar scale is folded: use normalize none)")
-        self.sae.load_state_dict(sae.state_dict())
+            hint = " (d_in comes from the data: use shards of the SAE's width)" if "d_in" in diff else ""
+            raise ValueError(f"{path}: the SAE differs from the model config in {diff} (config, file){hint}; set "
+                             "these model keys to the file's values")
+        self.sae = sae.float().train(self.training)
 
     # ------------------------------------------------------------------ set-up
     def configure_callbacks(self):

@@ -6,12 +6,18 @@
 ``x`` is first mapped into the SAE's space by the chosen input normalisation, and ``x_hat`` mapped back.
 Latents are kept sparse as (values, indices) pairs of shape (B, k); no dense (B, n_latents) code is built in
 training (the encoder's dense pre-activations exist only inside ``kernels.topk_encode``).
+
+The SAE saves and loads itself in SAELens's layout (``save_pretrained`` / ``from_pretrained``); ``relu`` and
+``jumprelu`` activations exist so that SAEs of those architectures from other libraries load and reconstruct exactly
+(inference only: lit-sae trains topk and batchtopk).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Literal, NamedTuple, Optional
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,10 +27,13 @@ from lit_sae.checks import check_acts, check_code, check_mask
 from lit_sae.losses import auxk_loss, normalized_mse
 from lit_sae.median import geometric_median
 
-Activation = Literal["topk", "batchtopk"]
+Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
+INFERENCE_ONLY = ("relu", "jumprelu")  # loaded from other libraries; no training recipe in lit-sae
 Normalize = Literal["none", "scalar", "layernorm"]
 
-LAYERNORM_EPS = 1e-5  # as in OpenAI's released v5 TopK SAEs (sparse_autoencoder/model.py, LN)
+# As OpenAI's released v5 TopK SAEs (sparse_autoencoder/model.py, LN) and SAELens's layer_norm: the eps is added to
+# std on the way in only; decoding multiplies by std itself.
+LAYERNORM_EPS = 1e-5
 # W_enc starts as W_dec^T scaled to this row norm. The paper's tied init is 1.0; on the embedded default
 # (n=4096, k=32, 400k tokens) val NMSE was 0.363 at 1.0, 0.331 at 0.7, 0.329 at 0.5, 0.335 at 0.3, so 0.5.
 ENCODER_INIT_NORM = 0.5
@@ -61,7 +70,9 @@ class TopKSAE(nn.Module):
         k_aux: latents used by the AuxK loss (default d_in // 2, the paper's choice).
         auxk_coef: weight of the AuxK loss (1/32 in the paper).
         multi_topk: add L(multi_topk_factor * k) / 8 to the loss (the paper's Multi-TopK, factor 4).
-        activation: ``topk`` (per token) or ``batchtopk`` (k*B over the batch, threshold at inference).
+        activation: ``topk`` (per token) or ``batchtopk`` (k*B over the batch, threshold at inference); ``relu``
+            and ``jumprelu`` (a per-latent ``threshold``, z = relu(pre) * (pre > threshold)) are inference-only,
+            for SAEs loaded from other libraries (k is then unused: pass n_latents).
         normalize: ``none``, ``scalar`` (one factor with E||x||^2 = d_in) or ``layernorm`` (per token).
         encoder_init_norm: row norm of W_enc at init (W_enc starts as the decoder's transpose times this; the
             paper ties them at 1.0, 0.5 measured better on short runs).
@@ -102,8 +113,10 @@ class TopKSAE(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d_in))
         # Estimated from data at the start of a fit; saved with the weights so a resume does not redo it.
         self.register_buffer("norm_scale", torch.ones(()))
-        self.register_buffer("threshold", torch.zeros(()))
+        # batchtopk: one learned threshold; jumprelu: one per latent; relu: 0 (unused by topk)
+        self.register_buffer("threshold", torch.zeros(n_latents) if activation == "jumprelu" else torch.zeros(()))
         self.register_buffer("data_initialized", torch.zeros((), dtype=torch.bool))
+        self.metadata: dict[str, Any] = {}  # where a loaded SAE came from (hook_name, model_name, ...)
 
     # ---------------------------------------------------------------- normalisation
     def normalize_input(self, x: Tensor) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
@@ -125,7 +138,7 @@ class TopKSAE(nn.Module):
             if state is None:
                 raise ValueError("normalize='layernorm' needs the (mu, std) state returned by normalize_input")
             mu, std = state
-            return x_n * (std + LAYERNORM_EPS) + mu
+            return x_n * std + mu
         return x_n
 
     @torch.no_grad()
@@ -152,25 +165,34 @@ class TopKSAE(nn.Module):
         x_n, _ = self.normalize_input(x)
         return (x_n - self.b_pre) @ self.W_enc.T + self.b_enc
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor, return_info: bool = False):
         """Sparse code of input-space ``x`` (B, d_in): (values (B, k), indices (B, k) int64), ReLU applied.
+
+        ``return_info=True`` adds a third element, the normalisation state ``decode`` needs to undo a ``layernorm``
+        input normalisation (OpenAI's ``encode -> (latents, info)``): ``decode(*sae.encode(x, True))`` is the
+        reconstruction for every normalisation. For threshold activations (batchtopk at inference, relu, jumprelu)
+        k is the batch's largest count of active latents and rows are zero-padded.
 
         Raises:
             ValueError: ``x`` is not a floating (B, d_in) tensor."""
         check_acts(x, self.d_in)
-        x_n, _ = self.normalize_input(x)
+        x_n, info = self.normalize_input(x)
         values, indices, *_ = self._encode_n(x_n, None)
-        return values, indices
+        return (values, indices, info) if return_info else (values, indices)
 
-    def decode(self, values: Tensor, indices: Tensor, norm_state=None) -> Tensor:
-        """x_hat (B, d_in) in input space = sum_i values_i W_dec[indices_i] + b_pre, normalisation undone.
-
-        ``values`` (B, k) floating and ``indices`` (B, k) int64, as ``encode`` returns them.
+    def decode(self, values: Tensor, indices: Tensor, info=None) -> Tensor:
+        """x_hat (B, d_in) in input space = sum_i values_i W_dec[indices_i] + b_pre, normalisation undone (``info``:
+        what ``encode(x, return_info=True)`` returned; required for ``layernorm``).
 
         Raises:
             ValueError: shapes differ, wrong dtypes."""
         check_code(values, indices, self.n_latents)
-        return self.denormalize(self._decode_n(values, indices) + self.b_pre, norm_state)
+        return self.denormalize(self._decode_n(values, indices) + self.b_pre, info)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """decode(encode(x)) in input space, (B, d_in) in the SAE's dtype and device."""
+        return self.decode(*self.encode(x, return_info=True))
 
     def _decode_n(self, values: Tensor, indices: Tensor) -> Tensor:
         decode = kernels.sparse_decode if self.fast else kernels.naive_sparse_decode
@@ -179,6 +201,12 @@ class TopKSAE(nn.Module):
     def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor]):
         """Returns (values, indices, multi_values, multi_indices, aux_values, aux_indices) in the SAE's space."""
         use_aux = dead_mask is not None and self.auxk_coef > 0
+        if self.activation in INFERENCE_ONLY:
+            if self.training and torch.is_grad_enabled():
+                raise ValueError(f"activation={self.activation!r} is inference-only in lit-sae (loaded from another "
+                                 "library): evaluate it in eval mode, or train activation 'topk' / 'batchtopk'")
+            return (*_threshold_code(torch.relu((x_n - self.b_pre) @ self.W_enc.T + self.b_enc),
+                                     self.threshold), None, None, None, None)
         if self.activation == "batchtopk":
             return self._encode_batchtopk(x_n, dead_mask if use_aux else None)
         encode = kernels.topk_encode if self.fast else kernels.naive_topk_encode
@@ -209,10 +237,10 @@ class TopKSAE(nn.Module):
                     m = self.threshold_momentum
                     first = float(self.threshold) == 0.0
                     self.threshold.copy_(smallest if first else m * self.threshold + (1 - m) * smallest)
+            width = max(int(mask.sum(dim=1).max()), 1)
+            values, indices = torch.where(mask, acts, torch.zeros_like(acts)).topk(width, dim=1)
         else:
-            mask = acts > self.threshold
-        width = max(int(mask.sum(dim=1).max()), 1)
-        values, indices = torch.where(mask, acts, torch.zeros_like(acts)).topk(width, dim=1)
+            values, indices = _threshold_code(acts, self.threshold)
         aux_values = aux_indices = None
         if dead_mask is not None and bool(dead_mask.any()):
             k_aux = min(self.k_aux, int(dead_mask.sum()))
@@ -249,11 +277,80 @@ class TopKSAE(nn.Module):
         mse = (recon_n - x_n).pow(2).mean()
         return SAEOutput(self.denormalize(recon_n, state), values, indices, loss, mse, nmse, aux, multik)
 
+    # ---------------------------------------------------------------- save / load (SAELens's layout)
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this SAE's shapes and computation (``TopKSAE(**sae.config())``)."""
+        return {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k, "k_aux": self.k_aux,
+                "auxk_coef": self.auxk_coef, "multi_topk": self.multi_topk,
+                "multi_topk_factor": self.multi_topk_factor, "activation": self.activation,
+                "normalize": self.normalize, "threshold_momentum": self.threshold_momentum}
+
+    def save_pretrained(self, path: str | Path, metadata: Optional[dict[str, Any]] = None, *,
+                        lit_sae: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens's layout, ``lit_sae.formats.saelens``).
+
+        The saved SAE takes raw activations: a ``scalar`` input scale is folded into the weights and decoder rows
+        are made unit norm (see ``lit_sae.formats.common.fold_for_export``; a deviation is recorded in the
+        ``lit_sae`` section of cfg.json). ``metadata``: SAELens's fields (hook_name, model_name, context_size,
+        prepend_bos, dataset_path, ...); ``lit_sae``: extra entries for lit-sae's own section. The folder is
+        written all at once with the user's umask. Raises ValueError if ``path`` holds anything and ``overwrite``
+        is False, or holds files that are not a lit-sae export."""
+        from safetensors.torch import save
+
+        from lit_sae.formats import saelens
+        from lit_sae.formats.common import write_folder
+
+        tensors, cfg = saelens.to_saelens(self.config(), self.state_dict(), metadata, lit_sae)
+        return write_folder(path, {saelens.CONFIG: json.dumps(cfg, indent=2).encode(),
+                                   saelens.WEIGHTS: save(tensors)}, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "TopKSAE":
+        """Load a SAELens-layout folder (lit-sae's own export or one SAELens saved: topk, standard, jumprelu,
+        batchtopk) as a ``TopKSAE`` in eval mode whose reconstruction equals SAELens's. Its SAELens metadata is in
+        ``sae.metadata``. Raises FileNotFoundError (a missing file) or ValueError naming the unsupported field."""
+        from lit_sae.formats import saelens
+
+        cfg, tensors = saelens.read_folder(path)
+        kwargs, state, meta = saelens.from_saelens(cfg, tensors, Path(path) / saelens.CONFIG)
+        return cls.from_state(kwargs, state, meta)
+
+    @classmethod
+    def from_state(cls, kwargs: dict[str, Any], state: dict[str, Tensor], metadata: Optional[dict] = None
+                   ) -> "TopKSAE":
+        """A ``TopKSAE(**kwargs)`` holding ``state`` (W_enc, b_enc, W_dec, b_pre; optional threshold, norm_scale),
+        marked data-initialised, in eval mode, in the state's dtype; ``metadata`` is kept as ``sae.metadata``."""
+        sae = cls(**kwargs)
+        full = sae.state_dict()
+        for name, value in state.items():
+            full[name] = value.reshape(full[name].shape) if full[name].numel() == value.numel() else value
+        full["data_initialized"] = torch.ones((), dtype=torch.bool)
+        dtype = state["W_dec"].dtype
+        sae.to(dtype).load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()})
+        sae.metadata = dict(metadata or {})
+        return sae.eval()
+
     # ---------------------------------------------------------------- decoder constraints
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row to unit norm (after each optimizer step)."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def fold_decoder_norms_(self) -> float:
+        """Make decoder rows unit norm without changing what each latent adds: row i is divided by its norm n_i,
+        encoder row i, b_enc_i and a per-latent threshold multiplied by it (SAELens's ``fold_W_dec_norm``).
+
+        Exact for ReLU / JumpReLU; TopK then ranks n_i * pre_i, so the selection can change where latents differ
+        by less than |n_i - 1|. Used on EMA weights (an average of unit rows is slightly shorter), so that what
+        lit-sae evaluates and exports keeps the unit-norm promise. Returns max |n_i - 1| before the fold."""
+        n = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(n[:, None])
+        self.W_enc.mul_(n[:, None])
+        self.b_enc.mul_(n)
+        if self.threshold.dim() == 1:
+            self.threshold.mul_(n)
+        return float((n - 1).abs().max())
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
@@ -266,6 +363,14 @@ class TopKSAE(nn.Module):
         self.W_dec.grad.sub_((self.W_dec.grad * W).sum(dim=1, keepdim=True) * W)
 
 
+def _threshold_code(acts: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the ReLU'd activations ``acts`` (B, n) above ``threshold`` (scalar or (n,); a negative
+    threshold acts as 0, as relu(pre) * (pre > threshold) does). Rows are zero-padded to the batch's largest count."""
+    mask = acts > threshold.clamp_min(0)
+    width = max(int(mask.sum(dim=1).max()), 1) if acts.shape[0] else 1
+    return torch.where(mask, acts, torch.zeros_like(acts)).topk(width, dim=1)
+
+
 def _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, multi_topk_factor) -> None:
     """Reject settings that cannot train, with the key's name and a fix."""
     if d_in <= 0 or n_latents <= 0:
@@ -274,11 +379,11 @@ def _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, 
         raise ValueError(f"k={k} must satisfy 0 < k <= n_latents={n_latents}: choose a k in that range")
     if k_aux is not None and k_aux <= 0:
         raise ValueError(f"k_aux={k_aux} must be positive (or null for the default d_in // 2)")
-    if activation not in ("topk", "batchtopk"):
+    if activation not in ("topk", "batchtopk", *INFERENCE_ONLY):
         raise ValueError(f"activation={activation!r}: use 'topk' or 'batchtopk'")
     if normalize not in ("none", "scalar", "layernorm"):
         raise ValueError(f"normalize={normalize!r}: use 'none', 'scalar' or 'layernorm'")
-    if multi_topk and activation == "batchtopk":
+    if multi_topk and activation != "topk":
         raise ValueError("multi_topk is only defined for activation='topk'")
     if multi_topk and k * multi_topk_factor > n_latents:
         raise ValueError(f"multi_topk needs k * {multi_topk_factor} <= n_latents ({n_latents}); lower k or disable it")

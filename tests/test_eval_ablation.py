@@ -20,11 +20,11 @@ class LinearTopK(nn.Module):
         self.W_dec, self.k, self.n_latents = nn.Parameter(W_dec), k, W_dec.shape[0]
         self.b_pre = nn.Parameter(torch.zeros(W_dec.shape[1]))
 
-    def encode(self, x):
+    def encode(self, x, return_info=False):
         v, i = ((x - self.b_pre) @ self.W_dec.T).topk(self.k, dim=-1)
-        return v.relu(), i
+        return (v.relu(), i, None) if return_info else (v.relu(), i)
 
-    def decode(self, v, i):
+    def decode(self, v, i, info=None):
         return (v[..., None] * self.W_dec[i]).sum(-2) + self.b_pre
 
 

@@ -76,6 +76,14 @@ def test_trainer_test_writes_report(harvested, tmp_path):
     assert report["ablation"]["n_latents"] == 4
     assert report["probes"]["n_tasks"] >= 6
     assert report["manifest"]["hook_point"] == "blocks.0.hook_resid_post"
+    # SAEBench's core groups, on the same tokens; its explained variance is lit-sae's 1 - NMSE (test split mean)
+    sb = report["saebench_core"]
+    assert sb["reconstruction_quality"]["explained_variance"] == pytest.approx(1 - m["nmse"], rel=1e-5)
+    assert sb["token_stats"]["total_tokens_eval_sparsity_variance"] == m["n_tokens"]
+    assert sb["sparsity"]["l0"] == pytest.approx(m["l0"], rel=1e-6)
+    assert sb["model_performance_preservation"]["ce_loss_with_sae"] == d["sae_ce"]
+    assert sb["misc_metrics"]["frac_alive"] == pytest.approx(1 - m["dead_fraction"], abs=1e-9)
+    assert "| reconstruction_quality | explained_variance |" in (tmp_path / "report" / "report.md").read_text()
     assert "Downstream loss" in (tmp_path / "report" / "report.md").read_text()
     assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
 

@@ -165,9 +165,13 @@ def test_layernorm_normalisation_roundtrip():
     x_n, state = sae.normalize_input(x)
     assert float(x_n.mean(-1).abs().max()) < 1e-12
     assert float((x_n.std(-1) - 1).abs().max()) < 1e-5
-    torch.testing.assert_close(sae.denormalize(x_n, state), x)
-    values, indices = sae.encode(x)
-    torch.testing.assert_close(sae(x).x_hat, sae.decode(values, indices, state))
+    # As OpenAI's LN and SAELens's layer_norm: eps joins std on the way in only, decoding multiplies by std
+    mu, std = x.mean(-1, keepdim=True), (x - x.mean(-1, keepdim=True)).std(-1, keepdim=True)
+    torch.testing.assert_close(sae.denormalize(x_n, state), (x - mu) * std / (std + 1e-5) + mu)
+    values, indices, info = sae.encode(x, return_info=True)
+    torch.testing.assert_close(sae(x).x_hat, sae.decode(values, indices, info))
+    torch.testing.assert_close(sae.reconstruct(x), sae(x).x_hat)
+    assert len(sae.encode(x)) == 2  # the two-value form callers used before stays
 
 
 @pytest.mark.parametrize(

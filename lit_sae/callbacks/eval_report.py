@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_sae.eval.saebench import CoreMetrics, saebench_section
 from lit_sae.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class EvalReport(L.Callback):
         self.rel = RelativeMSE().to(dev)
         self.l0 = L0().to(dev)
         self.density = FeatureDensity(pl_module.sae.n_latents).to(dev)
+        self.saebench = CoreMetrics(pl_module.sae.n_latents, pl_module.sae.d_in).to(dev)
 
     @torch.no_grad()
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -112,6 +114,7 @@ class EvalReport(L.Callback):
         self.rel.update(outputs["x"], outputs["x_hat"])
         self.l0.update(outputs["latent_values"])
         self.density.update(outputs["latent_values"], outputs["latent_indices"])
+        self.saebench.update(outputs["x"], outputs["x_hat"], outputs["latent_values"], outputs["latent_indices"])
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         # compute() all-reduces the states, so every rank must get here. The module swaps its EMA weights back
@@ -129,6 +132,7 @@ class EvalReport(L.Callback):
         }}
         self._density = density.cpu()
         self._log_dir = trainer.log_dir  # a collective under DDP: every rank asks here, not rank 0 alone later
+        self._saebench = self.saebench.compute()
         if trainer.is_global_zero:
             self._sae = copy.deepcopy(pl_module.sae).eval()
 
@@ -164,6 +168,7 @@ class EvalReport(L.Callback):
                 ablation_contexts_per_latent=self.ablation_contexts_per_latent, mean=None,
                 batch_size=self.batch_size, device=device, seed=self.seed, progress=self.progress,
                 on_section=section_done))
+        report["saebench_core"] = saebench_section(self._saebench, self._sae, report.get("downstream"))
         report.pop("pending", None)
         report["complete"] = True
         write_report(out_dir, report)

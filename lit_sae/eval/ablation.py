@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from lit_sae.checks import check_token_ids
 from lit_sae.data.lm import splice, truncated_forward
-from lit_sae.eval._sae import sae_decode, sae_encode, sae_param
 from lit_sae.eval.downstream import splice_mask
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ def ablation_sparsity(
         ValueError: ``input_ids`` is not an integer (n, T) tensor."""
     check_token_ids(input_ids)
     device = next(model.parameters()).device
-    p = sae_param(sae)
+    p = next(iter(sae.parameters()), None)
     sae_dtype = p.dtype if p is not None else torch.float32
     # 1. Clean activations and the SAE's code at every position that is spliced.
     acts = torch.cat([truncated_forward(model, input_ids[s : s + batch_size].to(device), hook_point).float().cpu()
@@ -95,8 +94,8 @@ def ablation_sparsity(
     mask = splice_mask(acts, first_position, norm_threshold)
     pos = mask.nonzero()  # (R, 2): context, position
     x = acts[mask].to(p.device if p is not None else "cpu", sae_dtype)
-    values, indices, state = sae_encode(sae, x)
-    x_hat = sae_decode(sae, values, indices, state).float().cpu()
+    values, indices, state = sae.encode(x, return_info=True)
+    x_hat = sae.decode(values, indices, state).float().cpu()
     values, indices = values.cpu(), indices.cpu()
     firing = (values > 0)
     fired = indices[firing].unique()
@@ -120,7 +119,7 @@ def ablation_sparsity(
         # Reconstruction without the latent at its firing rows (exact for any input normalisation).
         v = values[rows].clone()
         v[hit[rows]] = 0
-        x_abl = sae_decode(sae, v.to(x.device), indices[rows].to(x.device), _state_rows(state, rows.to(x.device)))
+        x_abl = sae.decode(v.to(x.device), indices[rows].to(x.device), _state_rows(state, rows.to(x.device)))
         delta = x_abl.float().cpu() - x_hat[rows]
         u = torch.randn(acts.shape[-1], generator=g)
         x_rand = x_hat[rows] - delta.norm(dim=-1, keepdim=True) * (u / u.norm())

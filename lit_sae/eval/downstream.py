@@ -29,11 +29,28 @@ from tqdm.auto import tqdm
 
 from lit_sae.checks import check_token_ids
 from lit_sae.data.lm import splice, truncated_forward
-from lit_sae.eval._sae import reconstructor
 
 log = logging.getLogger(__name__)
 
 __all__ = ["make_contexts", "splice_mask", "mean_activation", "downstream_loss", "token_losses"]
+
+
+def reconstructor(sae: nn.Module | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """A function (N, d_in) -> (N, d_in) giving the SAE's input-space reconstruction.
+
+    ``sae``: an SAE with ``encode(x, return_info=True) -> (values, indices, info)`` and ``decode(values, indices,
+    info)`` (``TopKSAE``'s interface, after OpenAI's ``encode -> (latents, info)``), or any callable (baselines and
+    tests, e.g. ``lambda x: x``). Inputs are cast to the SAE's dtype/device and the result back to the input's."""
+    if not hasattr(sae, "encode"):
+        return sae
+    p = next(iter(sae.parameters()), None)
+
+    @torch.no_grad()
+    def fn(x: Tensor) -> Tensor:
+        xs = x.to(p.device, p.dtype) if p is not None else x.float()
+        return sae.decode(*sae.encode(xs, return_info=True)).to(device=x.device, dtype=x.dtype)
+
+    return fn
 
 
 def make_contexts(tokenizer, documents: Iterable[str], context_length: int, n_contexts: int | None = None) -> Tensor:

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from lit_sae.checks import check_probe_data
 from lit_sae.data.lm import truncated_forward
-from lit_sae.eval._sae import sae_encode, sae_param
 from lit_sae.eval.downstream import splice_mask
 
 log = logging.getLogger(__name__)
@@ -282,13 +281,13 @@ def probe_dataset(
 @torch.no_grad()
 def _sae_code_columns(sae: nn.Module, acts: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
     """Sparse code of acts: (values (N, k) float32, indices (N, k)), on the CPU."""
-    p = sae_param(sae)
+    p = next(iter(sae.parameters()), None)
     vals, idx = [], []
     for start in range(0, len(acts), batch_size):
         x = acts[start : start + batch_size]
         if p is not None:
             x = x.to(p.device, p.dtype)
-        v, i, _ = sae_encode(sae, x)
+        v, i = sae.encode(x)
         vals.append(v.float().cpu())
         idx.append(i.cpu())
     return torch.cat(vals), torch.cat(idx)

@@ -261,6 +261,9 @@ def render_markdown(report: dict) -> str:
                   "| | mean | median |", "|---|---|---|",
                   f"| latents ({a['n_latents']}) | {_fmt(a['mean'])} | {_fmt(a['median'])} |",
                   f"| random directions | {_fmt(a['random_mean'])} | {_fmt(a['random_median'])} |", ""]
+    from lit_sae.eval.saebench import saebench_markdown
+
+    lines += saebench_markdown(report.get("saebench_core"))
     return "\n".join(lines) + "\n"
 
 
