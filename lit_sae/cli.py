@@ -53,8 +53,24 @@ def run_tools(argv: list[str]) -> Any:
         """Keeps the command table of the description as written."""
 
     commands = tools()
-    return CLI(commands, args=argv, prog="lit-sae", description=description(commands), formatter_class=Formatter,
+    return CLI(commands, args=_bare_bool_flags(argv, commands), prog="lit-sae", description=description(commands), formatter_class=Formatter,
                parser_mode="omegaconf")
+
+
+def _bare_bool_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]:
+    """``--overwrite`` alone means ``--overwrite true`` for a command's bool parameters (jsonargparse wants a value)."""
+    import inspect
+
+    if not argv or argv[0] not in commands:
+        return argv
+    flags = {f"--{name}" for name, p in inspect.signature(commands[argv[0]]).parameters.items()
+             if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("true")
+    return out
 
 
 def run_lightning(args: Optional[list[str]] = None, **kwargs: Any):
