@@ -201,6 +201,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             return run_harvest(argv[1:])
         if argv and argv[0] == "export":
             return run_export(argv[1:])
+        if argv and argv[0] == "features":  # feature browser (lit_sae/features/run.py)
+            from lit_sae.features.run import cli_main
+
+            return cli_main(argv[1:])
         # From the console, LightningCLI reads sys.argv itself (passing it as well makes it warn).
         run_lightning(None if from_console else argv)
     except (ValueError, FileNotFoundError, FloatingPointError) as exn:

@@ -115,7 +115,8 @@ def n2g_explain(codes: CodeBatch, n_latents: int, *, fit: Tensor | None = None, 
         key = lat_f * n_groups + g_f[pos_f]
         _, inv, cnt = torch.unique(key, return_inverse=True, return_counts=True)
         support = cnt[inv]
-        ok = (support >= min_support) & (support >= min_precision * size[g_f[pos_f]]) & (chosen < 0)
+        inside = (prev_f[pos_f][:, list(offsets)] != PAD).all(1)  # no pattern reaches before the context
+        ok = (support >= min_support) & (support >= min_precision * size[g_f[pos_f]]) & (chosen < 0) & inside
         chosen[ok] = ti
     patterns: list[list[tuple[list, int]]] = [[] for _ in range(L)]
     matched_keys = []
