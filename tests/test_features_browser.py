@@ -214,3 +214,33 @@ def test_interrupted_write_leaves_nothing_complete(run, tmp_path, monkeypatch):
         features(str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "f"), progress=False, n2g=False,
                  n_contexts=2)
     assert not (tmp_path / "f").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_test_report_has_explainability(run, tmp_path):
+    """`lit-sae test` with callbacks/eval.yaml's EvalReport: N2G summary in report.json / report.md and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_sae.callbacks.eval_report import EvalReport
+    from lit_sae.data.datamodule import ActivationDataModule
+    from lit_sae.module import SAEModule
+
+    module = SAEModule.load_from_checkpoint(str(run / "checkpoints" / "last.ckpt"), map_location="cpu")
+    dm = ActivationDataModule(str(run / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256, num_workers=0)
+    cb = EvalReport(out_dir=str(tmp_path / "report"), downstream=False, probes=False, n_ablation_latents=2,
+                    ablation_contexts_per_latent=1, progress=False)
+    logger = L.pytorch.loggers.TensorBoardLogger(str(tmp_path / "logs"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[cb], enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.test(module, datamodule=dm)
+    ex = json.loads((tmp_path / "report" / "report.json").read_text())["explainability"]
+    assert ex["n_latents"] == N_LATENTS and ex["n_scored"] + ex["n_never_fired"] + ex["n_no_heldout_firing"] == N_LATENTS
+    assert 0 <= ex["mean_precision"] <= 1 and 0 <= ex["median_recall"] <= 1
+    test_contexts = json.loads((run / "shards" / "manifest.json").read_text())["splits"]["test"]["contexts"]
+    assert ex["fit_contexts"] + ex["score_contexts"] == min(256, test_contexts)  # even rows fit, odd rows score
+    assert ex["fit_contexts"] - ex["score_contexts"] in (0, 1)
+    assert "## Explainability" in (tmp_path / "report" / "report.md").read_text()
+    acc = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents*")).parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "eval/explainability/mean_precision" in tags and "eval/explainability/frac_precision_recall_ge_0.8" in tags
+    assert acc.Scalars("eval/explainability/mean_precision")[0].value == pytest.approx(ex["mean_precision"], rel=1e-6)

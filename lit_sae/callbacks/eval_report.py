@@ -181,7 +181,7 @@ class EvalReport(L.Callback):
 
     def _log(self, trainer, report: dict) -> None:
         numbers = {}
-        for section in ("metrics", "downstream", "ablation"):
+        for section in ("metrics", "downstream", "ablation", "explainability"):
             if section in report:
                 numbers.update(_flat_numbers({k: v for k, v in report[section].items() if k != "latents"},
                                              f"eval/{section}"))

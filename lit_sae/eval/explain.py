@@ -202,11 +202,15 @@ def render_markdown_section(summary: dict) -> list[str]:
 
 
 def explainability(model, hook_point: str, sae, input_ids: Tensor, *, first_position: int = 1,
-                   norm_threshold: float | None = None, batch_size: int = 8, **kwargs) -> dict:
+                   norm_threshold: float | None = None, batch_size: int = 8, progress: bool = False,
+                   **kwargs) -> dict:
     """The report's section: :func:`summarize` of :func:`n2g_explain` on the codes of contexts ``input_ids``
-    (n, T): even rows fit, odd rows score."""
+    (n, T): even rows fit, odd rows score. ``kwargs`` go to :func:`n2g_explain`."""
+    from tqdm.auto import tqdm
+
     from lit_sae.eval.codes import context_codes, stack_codes
 
-    codes = stack_codes(context_codes(model, hook_point, sae, input_ids, first_position=first_position,
-                                      norm_threshold=norm_threshold, batch_size=batch_size))
+    with tqdm(total=int(input_ids.numel()), desc="explainability", unit="tok", disable=not progress) as bar:
+        codes = stack_codes(context_codes(model, hook_point, sae, input_ids, first_position=first_position,
+                                          norm_threshold=norm_threshold, batch_size=batch_size, on_batch=bar.update))
     return summarize(n2g_explain(codes, int(sae.n_latents), **kwargs))

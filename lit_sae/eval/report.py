@@ -123,11 +123,14 @@ def run_eval_suite(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    explain: bool = True,
+    explain_contexts: int = 256,
 ) -> dict:
-    """Downstream loss, probe loss and ablation sparsity of ``sae`` on the manifest's held-out text.
+    """Downstream loss, probe loss, ablation sparsity and explainability of ``sae`` on the manifest's held-out text.
 
     ``lm``: an already loaded (model, tokenizer); loaded from the manifest otherwise. ``mean``: the mean
-    activation for mean ablation (e.g. from the test split); computed on the evaluation contexts when None."""
+    activation for mean ablation (e.g. from the test split); computed on the evaluation contexts when None.
+    ``explain``: N2G precision/recall (:mod:`lit_sae.eval.explain`) on ``explain_contexts`` test contexts."""
     from lit_sae.data.lm import load_lm
 
     s = settings_from_manifest(manifest)
@@ -158,6 +161,11 @@ def run_eval_suite(
             out["probes"] = probe_loss(sae, data, seed=seed, progress=progress)
             out["probes"]["probe_text"] = note
             out["probes"]["n_tokens"] = int(len(data["acts"]))
+        if explain:
+            from lit_sae.eval.explain import explainability
+
+            out["explainability"] = explainability(model, s["hook_point"], sae,
+                                                   held_out_contexts(s, tokenizer, explain_contexts), **common)
     finally:
         sae.train(was_training)
     return out
@@ -224,6 +232,10 @@ def render_markdown(report: dict) -> str:
                   "| | mean | median |", "|---|---|---|",
                   f"| latents ({a['n_latents']}) | {_fmt(a['mean'])} | {_fmt(a['median'])} |",
                   f"| random directions | {_fmt(a['random_mean'])} | {_fmt(a['random_median'])} |", ""]
+    if report.get("explainability"):
+        from lit_sae.eval.explain import render_markdown_section
+
+        lines += render_markdown_section(report["explainability"])
     return "\n".join(lines) + "\n"
 
 
