@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["features", "load_sae", "run_root"]
 
+N2G_CONTEXTS = 2048  # contexts whose codes are kept for N2G (k x 12 bytes per token: 50 MB at 64-token contexts)
+
 
 def load_sae(path: str | Path) -> tuple[nn.Module, dict]:
     """An SAE in eval mode and facts about it, from a ``lit-sae fit`` checkpoint file or an exported folder.
@@ -185,8 +187,9 @@ def features(
     out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
     L = sae.n_latents
     mem = memory_estimate(L)
-    log.info("collector memory for %d latents: %.1f MB (%s)", L, sum(mem.values()) / 2**20,
-             ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in mem.items()))
+    log.info("estimated memory for %d latents: %.1f MB (%s), plus the LM and, for N2G, k x 12 bytes per token of "
+             "up to %d contexts", L, sum(mem.values()) / 2**20,
+             ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in mem.items()), N2G_CONTEXTS)
 
     t0 = time.perf_counter()
     model, tokenizer = load_lm(s["model"], gguf_file=s["gguf_file"], device=device)
@@ -210,7 +213,7 @@ def features(
     for step in (collector.pass1, collector.pass2, collector.pass3):
         for b in context_codes(model, s["hook_point"], sae, ids, **common):
             step(b)
-            if step == collector.pass2 and n2g:
+            if step == collector.pass2 and n2g and int(b.ctx[0]) < N2G_CONTEXTS:
                 kept.append(b)
     bar.close()
     stats = collector.result()
