@@ -129,10 +129,10 @@ def n2g_explain(codes: CodeBatch, n_latents: int, *, fit: Tensor | None = None, 
         p_lat, p_grp = pat // n_groups, pat % n_groups
         # an example position of each group, to spell the pattern out
         example = torch.full((n_groups,), -1, dtype=torch.long).scatter_(0, g_f, torch.arange(nf))
-        for lat, grp, sup in zip(p_lat.tolist(), p_grp.tolist(), support.tolist()):
-            row = prev_f[example[grp]]
-            patterns[lat].append(([int(row[o]) if o in offsets else None for o in range(offsets[0], -1, -1)],
-                                  int(sup)))
+        spelled = prev_f[example[p_grp]][:, list(range(offsets[0], -1, -1))].tolist()
+        fixed = [o in offsets for o in range(offsets[0], -1, -1)]
+        for lat, row, sup in zip(p_lat.tolist(), spelled, support.tolist()):
+            patterns[lat].append(([t if f else None for t, f in zip(row, fixed)], sup))
         # score-set positions matched: expand each pattern over its group's score positions
         order = torch.argsort(g_s, stable=True)
         starts = torch.searchsorted(g_s[order], p_grp)

@@ -117,6 +117,17 @@ def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def _recorded_data(data_path: Optional[str], ckpt_path: str) -> Optional[str]:
+    """The shard folder a checkpoint recorded; a relative path was relative to where ``fit`` ran, so it is also
+    looked for under the checkpoint's ancestors (runs/demo/shards from runs/demo/checkpoints/last.ckpt)."""
+    if data_path is None or "://" in data_path or Path(data_path).is_absolute() or Path(data_path).exists():
+        return data_path
+    for parent in Path(ckpt_path).resolve().parents:
+        if (parent / data_path).exists():
+            return str(parent / data_path)
+    return data_path
+
+
 def _vocab(tokenizer, ids) -> dict[int, str]:
     return {int(i): tokenizer.decode([int(i)]) for i in ids}
 
@@ -128,8 +139,9 @@ def features(
     split: Literal["test", "train"] = "test",
     n_contexts: Optional[int] = None,
     train_tokens: int = 200_000,
-    batch_size: int = 8,
+    batch_size: int = 32,
     device: str = "cpu",
+    cache_mb: int = 2048,
     n2g: bool = True,
     allow_untrained: bool = False,
     progress: bool = True,
@@ -148,6 +160,8 @@ def features(
         n_contexts: at most this many contexts (default: the whole test split).
         train_tokens: the token budget when ``split`` is ``train``.
         batch_size: contexts per LM forward.
+        cache_mb: keep the text's sparse codes in memory (k x 12 bytes per token) when they fit in this many MB,
+            so the LM runs once; above it, the LM re-encodes the text in each of the three passes.
         device: where the LM and the SAE run.
         n2g: fit and score N2G explanations (even contexts fit, odd contexts score).
         allow_untrained: accept a checkpoint that has seen no training tokens (refused otherwise).
@@ -160,7 +174,7 @@ def features(
     """
     from lit_sae.data.lm import load_lm
     from lit_sae.data.shards import read_manifest
-    from lit_sae.eval.codes import context_codes, stack_codes
+    from lit_sae.eval.codes import CodeBatch, context_codes, stack_codes
     from lit_sae.eval.explain import n2g_explain, summarize
     from lit_sae.eval.report import held_out_contexts, settings_from_manifest
     from lit_sae.features.collect import FeatureCollector, memory_estimate
@@ -171,7 +185,7 @@ def features(
     if info["tokens_seen"] == 0 and not allow_untrained:
         raise ValueError(f"{ckpt_path}: this checkpoint has seen no training tokens (untrained weights); train it "
                          "first, or pass --allow_untrained true to browse it anyway")
-    source = manifest or info["data_path"]
+    source = manifest or _recorded_data(info["data_path"], ckpt_path)
     if source is None:
         raise ValueError(f"{ckpt_path}: no harvest manifest given and none recorded in the SAE; pass --manifest "
                          "runs/<run>/shards (the folder holding manifest.json)")
@@ -205,17 +219,35 @@ def features(
         raise ValueError(f"{ckpt_path}: the SAE's d_in={sae.d_in} differs from the width {width} of {s['model']} "
                          f"at {s['hook_point']} (from {where})")
     collector = FeatureCollector(L)
-    n_tok = int(ids.numel())
-    bar = tqdm(total=3 * n_tok, unit="tok", unit_scale=True, desc="features (3 passes)", disable=not progress)
+    n_tok, k = int(ids.numel()), int(sae.k)
+    # The sparse codes of the whole text are kept in memory when small (k x 12 bytes per token): the LM then runs
+    # once instead of once per pass (3x less time); otherwise each pass re-encodes the text.
+    cached = n_tok * k * 12 <= cache_mb * 2**20
+    bar = tqdm(total=n_tok * (1 if cached else 3), unit="tok", unit_scale=True, disable=not progress,
+               desc="LM + SAE encode" if cached else "LM + SAE encode (3 passes)")
     common = dict(first_position=s["first_position"], norm_threshold=s["norm_threshold"], batch_size=batch_size,
                   on_batch=bar.update)
     kept = []
-    for step in (collector.pass1, collector.pass2, collector.pass3):
-        for b in context_codes(model, s["hook_point"], sae, ids, **common):
-            step(b)
-            if step == collector.pass2 and n2g and int(b.ctx[0]) < N2G_CONTEXTS:
-                kept.append(b)
-    bar.close()
+    if cached:
+        codes = stack_codes(context_codes(model, s["hook_point"], sae, ids, **common))
+        bar.close()
+        per = max(1, (1 << 15) // ids.shape[1])  # about 32k tokens per collector batch
+        batches = [CodeBatch(*(getattr(codes, f)[a:a + per] for f in ("ctx", "tokens", "values", "indices", "valid")))
+                   for a in range(0, len(ids), per)]
+        for step in tqdm((collector.pass1, collector.pass2, collector.pass3), desc="statistics", unit="pass",
+                         disable=not progress):
+            for b in batches:
+                step(b)
+        kept = [CodeBatch(*(getattr(codes, f)[:N2G_CONTEXTS] for f in ("ctx", "tokens", "values", "indices",
+                                                                       "valid")))] if n2g else []
+        del batches, codes
+    else:
+        for step in (collector.pass1, collector.pass2, collector.pass3):
+            for b in context_codes(model, s["hook_point"], sae, ids, **common):
+                step(b)
+                if step == collector.pass2 and n2g and int(b.ctx[0]) < N2G_CONTEXTS:
+                    kept.append(b)
+        bar.close()
     stats = collector.result()
     result = n2g_explain(stack_codes(kept), L) if n2g and kept else None
     del kept

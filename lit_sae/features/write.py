@@ -34,42 +34,63 @@ def _r(x: float, digits: int = 4) -> float | None:
     return float(f"{x:.{digits}g}")
 
 
-def _context(ctx: int, pos: int, value: float, window: list[float], before: int) -> dict:
-    return {"ctx": ctx, "pos": pos, "value": _r(value), "start": pos - before, "acts": [_r(a, 3) for a in window]}
+def _sparse_windows(windows: torch.Tensor, ref: torch.Tensor) -> list[list[list[int]]]:
+    """Per record (rows of ``windows`` (R, W)): [[offset, permille of ``ref`` (R,)], ...] of its nonzero entries
+    (a nonzero activation is at least 1 permille)."""
+    R = windows.shape[0]
+    permille = (windows / ref.clamp_min(1e-30)[:, None] * 1000).round().long()
+    permille = torch.where(windows > 0, permille.clamp_min(1), torch.zeros_like(permille))
+    r, j = torch.nonzero(permille, as_tuple=True)
+    pairs = torch.stack([j, permille[r, j]], dim=1).tolist()
+    ends = torch.cumsum(torch.bincount(r, minlength=R), 0).tolist()
+    out, a = [], 0
+    for e in ends:
+        out.append(pairs[a:e])
+        a = e
+    return out
 
 
 def latent_records(stats: FeatureStats, *, logits=None, neighbours=None, n2g=None) -> list[dict]:
-    """One JSON-able dict per latent (the layout of ``data/latents/NNNN.json.gz``)."""
+    """One JSON-able dict per latent (the layout of ``data/latents/NNNNN.json.gz``, docs/feature-browser.md)."""
     L, n_bands, per_band = stats.band_ctx.shape
+    n_top, W = stats.top_ctx.shape[1], stats.top_window.shape[-1]
     before = stats.window[0]
-    density = stats.density.tolist()
-    mean = stats.mean.tolist()
+    mx_t = stats.max
+    top_acts = _sparse_windows(stats.top_window.reshape(-1, W), mx_t.repeat_interleave(n_top))
+    band_acts = _sparse_windows(stats.band_window.reshape(-1, W), mx_t.repeat_interleave(n_bands * per_band))
+    density, mean = stats.density.tolist(), stats.mean.tolist()
+    top_ctx, top_pos, top_val = stats.top_ctx.tolist(), stats.top_pos.tolist(), stats.top_value.tolist()
+    b_ctx, b_pos, b_val = stats.band_ctx.tolist(), stats.band_pos.tolist(), stats.band_value.tolist()
+    band_count, hist, mx, count = stats.band_count.tolist(), stats.hist.tolist(), mx_t.tolist(), stats.count.tolist()
+
+    def ctx_entry(c, p, v, acts):
+        return {"ctx": c, "pos": p, "value": _r(v), "start": p - before, "acts": acts}
+
+    if logits is not None:
+        tv, ti, bv, bi = (t.tolist() for t in logits)
+    if neighbours is not None:
+        cos, ids = (t.tolist() for t in neighbours)
+    if n2g is not None:
+        prec, rec_ = n2g.precision.tolist(), n2g.recall.tolist()
     out = []
-    top_ctx, top_pos, top_val, top_win = (stats.top_ctx.tolist(), stats.top_pos.tolist(), stats.top_value.tolist(),
-                                          stats.top_window.tolist())
-    b_ctx, b_pos, b_val, b_win = (stats.band_ctx.tolist(), stats.band_pos.tolist(), stats.band_value.tolist(),
-                                  stats.band_window.tolist())
-    band_count, hist, mx, count = stats.band_count.tolist(), stats.hist.tolist(), stats.max.tolist(), stats.count.tolist()
     for i in range(L):
         rec: dict[str, Any] = {"id": i, "count": count[i], "density": _r(density[i], 6), "max": _r(mx[i]),
                                "mean": _r(mean[i]), "dead": count[i] == 0,
                                "hist": {"max": _r(mx[i]), "counts": hist[i]}}
-        rec["top"] = [_context(c, p, v, w, before)
-                      for c, p, v, w in zip(top_ctx[i], top_pos[i], top_val[i], top_win[i]) if c >= 0]
+        rec["top"] = [ctx_entry(c, p, v, top_acts[i * n_top + j])
+                      for j, (c, p, v) in enumerate(zip(top_ctx[i], top_pos[i], top_val[i])) if c >= 0]
         rec["bands"] = [{"lo": _r(mx[i] * b / n_bands), "hi": _r(mx[i] * (b + 1) / n_bands), "count": band_count[i][b],
-                         "samples": [_context(c, p, v, w, before) for c, p, v, w in
-                                     zip(b_ctx[i][b], b_pos[i][b], b_val[i][b], b_win[i][b]) if c >= 0]}
+                         "samples": [ctx_entry(c, p, v, band_acts[(i * n_bands + b) * per_band + j])
+                                     for j, (c, p, v) in enumerate(zip(b_ctx[i][b], b_pos[i][b], b_val[i][b]))
+                                     if c >= 0]}
                         for b in range(n_bands)]
         if logits is not None:
-            tv, ti, bv, bi = logits
             rec["logits"] = {"top": [[int(t), _r(v)] for t, v in zip(ti[i], tv[i])],
                              "bottom": [[int(t), _r(v)] for t, v in zip(bi[i], bv[i])]}
         if neighbours is not None:
-            cos, ids = neighbours
             rec["neighbours"] = [[int(j), _r(c)] for j, c in zip(ids[i], cos[i])]
         if n2g is not None:
-            p, r = float(n2g.precision[i]), float(n2g.recall[i])
-            rec["explanation"] = {"status": n2g.status[i], "precision": _r(p), "recall": _r(r),
+            rec["explanation"] = {"status": n2g.status[i], "precision": _r(prec[i]), "recall": _r(rec_[i]),
                                   "patterns": [{"tokens": t, "support": s} for t, s in n2g.patterns[i][:10]],
                                   "n_patterns": len(n2g.patterns[i])}
         out.append(rec)
