@@ -11,8 +11,11 @@ its patterns matches. This module fits such explanations from data, without re-r
 - **Fires**: activation >= ``threshold`` x the latent's max activation on the fit set (default 0.5, as N2G's
   "important" activations).
 - **Fit** (on the fit contexts): for every position where the latent fires, the first candidate pattern instantiated
-  at that position whose fit-set precision is >= ``min_precision`` and which matches at least ``min_support``
-  firing positions (so a pattern cannot just memorise one context). The explanation is the set of patterns found.
+  at that position whose fit-set precision is >= ``min_precision`` (and which explains at least ``min_support``
+  firing positions; default 1: like N2G, one example can yield a pattern, and the held-out score judges it). The
+  explanation is the set of patterns found. On the demo SAE (4,096 latents, 60 fit contexts) min_support=1 gave mean
+  held-out precision / recall 0.40 / 0.24 against 0.38 / 0.19 for min_support=2, whose median was 0 (most latents
+  fire too rarely in a small fit set to repeat a pattern).
 - **Score** (on the score contexts, disjoint from the fit contexts): precision = P(fires | some pattern matches),
   recall = P(some pattern matches | fires).
 
@@ -81,7 +84,7 @@ def _positions(codes: CodeBatch, mask: Tensor, max_len: int):
 
 @torch.no_grad()
 def n2g_explain(codes: CodeBatch, n_latents: int, *, fit: Tensor | None = None, threshold: float = 0.5,
-                max_len: int = 4, min_precision: float = 0.7, min_support: int = 2) -> N2GResult:
+                max_len: int = 4, min_precision: float = 0.7, min_support: int = 1) -> N2GResult:
     """Fit and score N2G-style explanations of every latent from the sparse codes of some contexts.
 
     ``codes``: the codes of C contexts (:func:`lit_sae.eval.codes.stack_codes`); ``fit``: (C,) bool, the fit
