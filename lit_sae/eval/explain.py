@@ -155,14 +155,8 @@ def n2g_explain(codes: CodeBatch, n_latents: int, *, fit: Tensor | None = None, 
     n_tp = torch.bincount(matched[tp] // max(ns, 1), minlength=L).double()
     precision = torch.where(n_match > 0, n_tp / n_match.clamp_min(1), torch.zeros(L, dtype=torch.float64))
     recall = n_tp / fires_score.double().clamp_min(1)
-    status = []
-    for i in range(L):
-        if fires_fit[i] == 0 and fires_score[i] == 0:
-            status.append("never fired")
-        elif fires_score[i] == 0:
-            status.append("no held-out firing")
-        else:
-            status.append("ok")
+    status = ["never fired" if f == 0 and s == 0 else "no held-out firing" if s == 0 else "ok"
+              for f, s in zip(fires_fit.tolist(), fires_score.tolist())]
     undefined = torch.tensor([s != "ok" for s in status], dtype=torch.bool)
     precision[undefined], recall[undefined] = math.nan, math.nan
     settings = dict(threshold=threshold, max_len=max_len, min_precision=min_precision, min_support=min_support,
