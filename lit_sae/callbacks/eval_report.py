@@ -64,6 +64,8 @@ class EvalReport(L.Callback):
         ablation: run ablation sparsity.
         n_ablation_latents: latents sampled (among those firing on the contexts) for ablation sparsity.
         ablation_contexts_per_latent: contexts per sampled latent.
+        explain: N2G explainability (precision/recall of token-pattern explanations, lit_sae.eval.explain).
+        explain_contexts: held-out test-split contexts for explainability.
         batch_size: contexts per LM forward.
         lm_device: device for the LM (default: the module's device).
         density_bins: bins of the log10 feature-density histogram in the report.
@@ -81,6 +83,8 @@ class EvalReport(L.Callback):
         ablation: bool = True,
         n_ablation_latents: int = 64,
         ablation_contexts_per_latent: int = 4,
+        explain: bool = True,
+        explain_contexts: int = 256,
         batch_size: int = 8,
         lm_device: Optional[str] = None,
         density_bins: int = 50,
@@ -91,6 +95,7 @@ class EvalReport(L.Callback):
         self.downstream, self.n_contexts, self.probes, self.probe_contexts = downstream, n_contexts, probes, probe_contexts
         self.ablation, self.n_ablation_latents = ablation, n_ablation_latents
         self.ablation_contexts_per_latent, self.batch_size = ablation_contexts_per_latent, batch_size
+        self.explain, self.explain_contexts = explain, explain_contexts
         self.lm_device, self.density_bins, self.seed, self.progress = lm_device, density_bins, seed, progress
         self.report: dict[str, Any] = {}
         self._sae = None
@@ -149,7 +154,7 @@ class EvalReport(L.Callback):
 
         out_dir = self.out_dir or trainer.default_root_dir or "."
         pending = [name for name, on in (("downstream", self.downstream), ("ablation", self.ablation),
-                                         ("probes", self.probes)) if on and manifest is not None]
+                                         ("probes", self.probes), ("explainability", self.explain)) if on and manifest is not None]
         self._write_partial(out_dir, report, pending)  # reconstruction first: kept if the rest is interrupted
         if manifest is None:
             log.warning("the datamodule has no `manifest`: downstream loss, probes and ablation are skipped")
@@ -166,6 +171,7 @@ class EvalReport(L.Callback):
                 probe_contexts=self.probe_contexts, ablation=self.ablation,
                 n_ablation_latents=self.n_ablation_latents,
                 ablation_contexts_per_latent=self.ablation_contexts_per_latent, mean=None,
+                explain=self.explain, explain_contexts=self.explain_contexts,
                 batch_size=self.batch_size, device=device, seed=self.seed, progress=self.progress,
                 on_section=section_done))
         report["saebench_core"] = saebench_section(self._saebench, self._sae, report.get("downstream"))
@@ -209,7 +215,7 @@ class EvalReport(L.Callback):
 
     def _log(self, trainer, report: dict) -> None:
         numbers = {}
-        for section in ("metrics", "downstream", "ablation"):
+        for section in ("metrics", "downstream", "ablation", "explainability"):
             if section in report:
                 numbers.update(_flat_numbers({k: v for k, v in report[section].items() if k != "latents"},
                                              f"eval/{section}"))

@@ -133,13 +133,16 @@ def run_eval_suite(
     seed: int = 0,
     progress: bool = True,
     on_section: Optional[Callable[[str, dict], None]] = None,
+    explain: bool = True,
+    explain_contexts: int = 256,
 ) -> dict:
-    """Downstream loss, probe loss and ablation sparsity of ``sae`` on the manifest's held-out text.
+    """Downstream loss, probe loss, ablation sparsity and explainability of ``sae`` on the manifest's held-out text.
 
     ``lm``: an already loaded (model, tokenizer); loaded from the manifest otherwise. ``mean``: the mean
     activation for mean ablation (e.g. from the test split); computed on the evaluation contexts when None.
     ``on_section(name, result)`` is called as each section finishes (e.g. to write the report so far); every
-    section's dict carries ``seconds``, its wall time."""
+    section's dict carries ``seconds``, its wall time.
+    ``explain``: N2G precision/recall (:mod:`lit_sae.eval.explain`) on ``explain_contexts`` test contexts."""
     from lit_sae.data.lm import load_lm
 
     s = settings_from_manifest(manifest)
@@ -173,6 +176,12 @@ def run_eval_suite(
                 out["probes"] = probe_loss(sae, data, seed=seed, progress=progress)
                 out["probes"]["probe_text"] = note
                 out["probes"]["n_tokens"] = int(len(data["acts"]))
+        if explain:
+            from lit_sae.eval.explain import explainability
+
+            with timed_section(out, "explainability", on_section):
+                out["explainability"] = explainability(model, s["hook_point"], sae,
+                                                       held_out_contexts(s, tokenizer, explain_contexts), **common)
     finally:
         sae.train(was_training)
     return out
@@ -264,6 +273,10 @@ def render_markdown(report: dict) -> str:
     from lit_sae.eval.saebench import saebench_markdown
 
     lines += saebench_markdown(report.get("saebench_core"))
+    if report.get("explainability"):
+        from lit_sae.eval.explain import render_markdown_section
+
+        lines += render_markdown_section(report["explainability"])
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,283 @@
+"""``lit-sae features``: collect per-latent statistics of a trained SAE on the harvest's text and write the browser.
+
+Flow: load the SAE (checkpoint or export) and the harvest manifest -> rebuild the text (the test split, as the
+evaluation report does, or a token budget of the train split) -> run the LM up to the hook in batches, encode
+sparsely, stream the statistics (three passes, :mod:`lit_sae.features.collect`) -> N2G explanations
+(:mod:`lit_sae.eval.explain`) -> logit effects and decoder neighbours (:mod:`lit_sae.features.decoder`) -> write
+``<run root>/features/`` (:mod:`lit_sae.features.write`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+__all__ = ["features", "load_sae", "run_root"]
+
+N2G_CONTEXTS = 2048  # contexts whose codes are kept for N2G (k x 12 bytes per token: 50 MB at 64-token contexts)
+
+
+def load_sae(path: str | Path) -> tuple[nn.Module, dict]:
+    """An SAE in eval mode and facts about it, from a ``lit-sae fit`` checkpoint file or an exported folder.
+
+    Returns (sae, info) with info keys: kind ("checkpoint" / "export"), path, hook_point, lm_name, tokens_seen
+    (None for exports), data_path (the shard folder a checkpoint was trained on, or None), config (dict).
+    Raises FileNotFoundError (missing path) or ValueError (unreadable file), naming the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such checkpoint or exported SAE folder")
+    if p.is_dir():
+        from lit_sae.export import load_exported
+
+        try:
+            sae, cfg = load_exported(p)
+        except (KeyError, json.JSONDecodeError, RuntimeError, OSError) as exn:
+            raise ValueError(f"{p}: not a readable exported SAE ({type(exn).__name__}: {exn})") from exn
+        info = {"kind": "export", "path": str(p), "hook_point": cfg.get("hook_name"), "lm_name": cfg.get("model_name"),
+                "tokens_seen": None, "data_path": None,
+                "config": {"d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k, "normalize": sae.normalize,
+                           "activation": sae.activation}}
+        return sae.eval(), info
+    from lit_sae.module import SAEModule
+
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        module = SAEModule.load_from_checkpoint(str(p), map_location="cpu", weights_only=False)
+    except Exception as exn:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"{p}: not a readable lit-sae checkpoint ({type(exn).__name__}: {exn}); pass a "
+                         "checkpoint written by `lit-sae fit` or an exported SAE folder") from exn
+    with module.ema.swapped_into(module.sae) if module.ema is not None else nullcontext():
+        sae = copy.deepcopy(module.sae)  # the weights evaluation uses (the EMA's when on)
+    hp = dict(module.hparams)
+    data = (ckpt.get("datamodule_hyper_parameters") or {}).get("path")
+    info = {"kind": "checkpoint", "path": str(p), "hook_point": hp.get("hook_point"), "lm_name": hp.get("lm_name"),
+            "tokens_seen": int(module.tokens_seen), "data_path": data,
+            "config": {k: hp[k] for k in ("d_in", "n_latents", "k", "activation", "normalize", "multi_topk",
+                                          "ema_decay") if k in hp}}
+    return sae.eval(), info
+
+
+def run_root(sae_path: str | Path) -> Path:
+    """The run's folder: the parent of a checkpoint's folder (runs/demo for runs/demo/checkpoints/last.ckpt), or
+    the parent of an exported SAE folder (runs/demo for runs/demo/sae)."""
+    p = Path(sae_path)
+    return p.parent.parent if p.is_file() else p.parent
+
+
+def _latest_report(root: Path) -> Optional[dict]:
+    """Headline numbers of the newest report.json under ``root`` (None when there is none)."""
+    found = sorted(root.glob("**/report.json"), key=lambda q: q.stat().st_mtime)
+    if not found:
+        return None
+    try:
+        rep = json.loads(found[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s: unreadable report, not shown in the browser", found[-1])
+        return None
+    head = {}
+    for section, keys in (("metrics", ("nmse", "l0", "dead_fraction", "n_tokens")),
+                          ("downstream", ("delta_ce", "frac_recovered", "kl_sae")),
+                          ("probes", ("mean_sae_ce",)), ("ablation", ("mean",))):
+        for k in keys:
+            v = (rep.get(section) or {}).get(k)
+            if v is not None:
+                head[f"{section}.{k}"] = v
+    return {"path": str(found[-1]), "headline": head}
+
+
+def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
+    """The first train-split contexts holding about ``n_tokens`` encoded tokens, rebuilt from the text source."""
+    from lit_sae.data.harvest import iter_contexts, split_of
+    from lit_sae.data.text import ContentHash
+    from lit_sae.eval.report import _text
+
+    per = settings["context_length"] - settings["first_position"]
+    rows = []
+    total = settings["n_contexts"] if settings["n_contexts"] is not None else 1 << 62
+    for c, ids in iter_contexts(tokenizer, _text(settings).documents(), settings["context_length"], total,
+                                settings["max_contexts_per_document"], ContentHash()):
+        if split_of(c, settings["seed"], settings["val_fraction"], settings["test_fraction"]) == "train":
+            rows.append(ids)
+            if len(rows) * per >= n_tokens:
+                break
+    if not rows:
+        raise ValueError("no train-split context could be rebuilt from the manifest's text source")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _recorded_data(data_path: Optional[str], ckpt_path: str) -> Optional[str]:
+    """The shard folder a checkpoint recorded; a relative path was relative to where ``fit`` ran, so it is also
+    looked for under the checkpoint's ancestors (runs/demo/shards from runs/demo/checkpoints/last.ckpt)."""
+    if data_path is None or "://" in data_path or Path(data_path).is_absolute() or Path(data_path).exists():
+        return data_path
+    for parent in Path(ckpt_path).resolve().parents:
+        if (parent / data_path).exists():
+            return str(parent / data_path)
+    return data_path
+
+
+def _vocab(tokenizer, ids) -> dict[int, str]:
+    return {int(i): tokenizer.decode([int(i)]) for i in ids}
+
+
+def features(
+    ckpt_path: str,
+    manifest: Optional[str] = None,
+    out_dir: Optional[str] = None,
+    split: Literal["test", "train"] = "test",
+    n_contexts: Optional[int] = None,
+    train_tokens: int = 200_000,
+    batch_size: int = 32,
+    device: str = "cpu",
+    cache_mb: int = 2048,
+    n2g: bool = True,
+    allow_untrained: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Collect per-latent statistics of an SAE and write the feature browser; returns the path of index.html.
+
+    Args:
+        ckpt_path: a checkpoint written by ``lit-sae fit`` (e.g. runs/demo/checkpoints/last.ckpt) or an exported
+            SAE folder (cfg.json + sae_weights.safetensors).
+        manifest: the harvest manifest (manifest.json or its shard folder) naming the LM, hook point, tokenizer,
+            text source and split assignment; default: the shard folder the checkpoint was trained on.
+        out_dir: where the browser goes (default: ``<run root>/features``, the run root being the checkpoint
+            folder's parent, or the export folder's parent).
+        split: ``test`` (the harvest's held-out contexts, rebuilt as ``lit-sae test`` rebuilds them) or ``train``
+            (``train_tokens`` tokens of the train split, for rare latents).
+        n_contexts: at most this many contexts (default: the whole test split).
+        train_tokens: the token budget when ``split`` is ``train``.
+        batch_size: contexts per LM forward.
+        cache_mb: keep the text's sparse codes in memory (k x 12 bytes per token) when they fit in this many MB,
+            so the LM runs once; above it, the LM re-encodes the text in each of the three passes.
+        device: where the LM and the SAE run.
+        n2g: fit and score N2G explanations (even contexts fit, odd contexts score).
+        allow_untrained: accept a checkpoint that has seen no training tokens (refused otherwise).
+        progress: show a progress bar (tokens/s).
+
+    Raises:
+        FileNotFoundError: the checkpoint, export or manifest is missing.
+        ValueError: an unreadable input, an untrained checkpoint, or an SAE whose d_in (or hook point) differs from
+            the manifest's.
+    """
+    from lit_sae.data.lm import load_lm
+    from lit_sae.data.shards import read_manifest
+    from lit_sae.eval.codes import CodeBatch, context_codes, stack_codes
+    from lit_sae.eval.explain import n2g_explain, summarize
+    from lit_sae.eval.report import held_out_contexts, settings_from_manifest
+    from lit_sae.features.collect import FeatureCollector, memory_estimate
+    from lit_sae.features.decoder import decoder_neighbours, final_norm_and_unembedding, logit_effects
+    from lit_sae.features.write import latent_records, write_browser
+
+    sae, info = load_sae(ckpt_path)
+    if info["tokens_seen"] == 0 and not allow_untrained:
+        raise ValueError(f"{ckpt_path}: this checkpoint has seen no training tokens (untrained weights); train it "
+                         "first, or pass --allow_untrained true to browse it anyway")
+    source = manifest or _recorded_data(info["data_path"], ckpt_path)
+    if source is None:
+        raise ValueError(f"{ckpt_path}: no harvest manifest given and none recorded in the SAE; pass --manifest "
+                         "runs/<run>/shards (the folder holding manifest.json)")
+    man = read_manifest(str(source))
+    where = str(Path(source) / "manifest.json") if Path(source).is_dir() else str(source)
+    if int(man["d_in"]) != sae.d_in:
+        raise ValueError(f"{ckpt_path}: the SAE's d_in={sae.d_in} differs from d_in={man['d_in']} of the hook point "
+                         f"{man['hook_point']} in {where}; pass the manifest of the activations this SAE was trained on")
+    if info["hook_point"] and info["hook_point"] != man["hook_point"]:
+        raise ValueError(f"{ckpt_path}: the SAE was trained at {info['hook_point']} but {where} harvested "
+                         f"{man['hook_point']}; pass the matching manifest")
+    s = settings_from_manifest(man)
+    out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
+    L = sae.n_latents
+    mem = memory_estimate(L)
+    log.info("estimated memory for %d latents: %.1f MB (%s), plus the LM and, for N2G, k x 12 bytes per token of "
+             "up to %d contexts", L, sum(mem.values()) / 2**20,
+             ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in mem.items()), N2G_CONTEXTS)
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_lm(s["model"], gguf_file=s["gguf_file"], device=device)
+    sae.to(device)
+    if split == "test":
+        n = n_contexts or int(man["splits"].get("test", {}).get("contexts") or 0) or 1024
+        ids = held_out_contexts(s, tokenizer, n)
+    else:
+        ids = _train_contexts(s, tokenizer, train_tokens)
+        ids = ids[:n_contexts] if n_contexts else ids
+    width = model.config.hidden_size if hasattr(model.config, "hidden_size") else None
+    if width is not None and width != sae.d_in:
+        raise ValueError(f"{ckpt_path}: the SAE's d_in={sae.d_in} differs from the width {width} of {s['model']} "
+                         f"at {s['hook_point']} (from {where})")
+    collector = FeatureCollector(L)
+    n_tok, k = int(ids.numel()), int(sae.k)
+    # The sparse codes of the whole text are kept in memory when small (k x 12 bytes per token): the LM then runs
+    # once instead of once per pass (3x less time); otherwise each pass re-encodes the text.
+    cached = n_tok * k * 12 <= cache_mb * 2**20
+    bar = tqdm(total=n_tok * (1 if cached else 3), unit="tok", unit_scale=True, disable=not progress,
+               desc="LM + SAE encode" if cached else "LM + SAE encode (3 passes)")
+    common = dict(first_position=s["first_position"], norm_threshold=s["norm_threshold"], batch_size=batch_size,
+                  on_batch=bar.update)
+    kept = []
+    if cached:
+        codes = stack_codes(context_codes(model, s["hook_point"], sae, ids, **common))
+        bar.close()
+        per = max(1, (1 << 15) // ids.shape[1])  # about 32k tokens per collector batch
+        batches = [CodeBatch(*(getattr(codes, f)[a:a + per] for f in ("ctx", "tokens", "values", "indices", "valid")))
+                   for a in range(0, len(ids), per)]
+        for step in tqdm((collector.pass1, collector.pass2, collector.pass3), desc="statistics", unit="pass",
+                         disable=not progress):
+            for b in batches:
+                step(b)
+        kept = [CodeBatch(*(getattr(codes, f)[:N2G_CONTEXTS] for f in ("ctx", "tokens", "values", "indices",
+                                                                       "valid")))] if n2g else []
+        del batches, codes
+    else:
+        for step in (collector.pass1, collector.pass2, collector.pass3):
+            for b in context_codes(model, s["hook_point"], sae, ids, **common):
+                step(b)
+                if step == collector.pass2 and n2g and int(b.ctx[0]) < N2G_CONTEXTS:
+                    kept.append(b)
+        bar.close()
+    stats = collector.result()
+    result = n2g_explain(stack_codes(kept), L) if n2g and kept else None
+    del kept
+    g, W_U = final_norm_and_unembedding(model)
+    W_dec = sae.W_dec.detach()
+    if getattr(sae, "normalize", "none") == "scalar":
+        W_dec = W_dec / sae.norm_scale  # into the LM's activation space
+    logits = logit_effects(W_dec, W_U, g)
+    neighbours = decoder_neighbours(W_dec)
+    records = latent_records(stats, logits=logits, neighbours=neighbours, n2g=result)
+    contexts = ids.tolist()
+    used = {t for row in contexts for t in row} | set(logits[1].flatten().tolist()) | set(logits[3].flatten().tolist())
+    for pats in (result.patterns if result else []):
+        used.update(t for p, _ in pats[:10] for t in p if t is not None)
+    meta = {"sae": {**info["config"], "path": info["path"], "tokens_seen": info["tokens_seen"]},
+            "source": {"model": s["model"], "hook_point": s["hook_point"], "manifest": where, "split": split,
+                       "n_contexts": len(ids), "context_length": int(ids.shape[1]),
+                       "first_position": s["first_position"], "norm_threshold": s["norm_threshold"]},
+            "report": _latest_report(run_root(ckpt_path)),
+            "explainability": summarize(result) if result else None,
+            "window": list(stats.window)}
+    page = write_browser(out, records, contexts, _vocab(tokenizer, used), stats, meta)
+    log.info("feature browser for %d latents (%d dead) on %d tokens written in %.1f s: %s", L,
+             int((stats.count == 0).sum()), stats.n_tokens, time.perf_counter() - t0, page)
+    return page
+
+
+def cli_main(args: Optional[list[str]] = None) -> None:
+    """``lit-sae features --ckpt_path PATH [--manifest ...]``: the arguments of :func:`features`."""
+    from jsonargparse import CLI
+
+    page = CLI(features, args=args, as_positional=False, prog="lit-sae features")
+    print(page)

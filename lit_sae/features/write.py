@@ -1,0 +1,199 @@
+"""Write the feature browser: the data as JSON (.json / .json.gz, layout in docs/feature-browser.md) and a
+self-contained ``index.html`` that reads the same data from ``js/*.js`` copies (browsers refuse ``fetch`` on
+``file://``, but load scripts). No file refers to the network. Everything goes to a temporary sibling folder that
+is renamed into place at the end, so an interrupted write never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_sae.features.collect import FeatureStats
+
+__all__ = ["FORMAT", "CHUNK", "latent_records", "write_browser"]
+
+FORMAT = "lit-sae-features/1"
+CHUNK = 256  # latents per data file: a latent's page loads one file of about 256 x 3 KB
+
+
+def _r(x: float, digits: int = 4) -> float | None:
+    """Round to ``digits`` significant digits for compact JSON (None for NaN / inf)."""
+    x = float(x)
+    if not math.isfinite(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+def _sparse_windows(windows: torch.Tensor, ref: torch.Tensor) -> list[list[list[int]]]:
+    """Per record (rows of ``windows`` (R, W)): [[offset, permille of ``ref`` (R,)], ...] of its nonzero entries
+    (a nonzero activation is at least 1 permille)."""
+    R = windows.shape[0]
+    permille = (windows / ref.clamp_min(1e-30)[:, None] * 1000).round().long()
+    permille = torch.where(windows > 0, permille.clamp_min(1), torch.zeros_like(permille))
+    r, j = torch.nonzero(permille, as_tuple=True)
+    pairs = torch.stack([j, permille[r, j]], dim=1).tolist()
+    ends = torch.cumsum(torch.bincount(r, minlength=R), 0).tolist()
+    out, a = [], 0
+    for e in ends:
+        out.append(pairs[a:e])
+        a = e
+    return out
+
+
+def latent_records(stats: FeatureStats, *, logits=None, neighbours=None, n2g=None) -> list[dict]:
+    """One JSON-able dict per latent (the layout of ``data/latents/NNNNN.json.gz``, docs/feature-browser.md)."""
+    L, n_bands, per_band = stats.band_ctx.shape
+    n_top, W = stats.top_ctx.shape[1], stats.top_window.shape[-1]
+    before = stats.window[0]
+    mx_t = stats.max
+    top_acts = _sparse_windows(stats.top_window.reshape(-1, W), mx_t.repeat_interleave(n_top))
+    band_acts = _sparse_windows(stats.band_window.reshape(-1, W), mx_t.repeat_interleave(n_bands * per_band))
+    density, mean = stats.density.tolist(), stats.mean.tolist()
+    top_ctx, top_pos, top_val = stats.top_ctx.tolist(), stats.top_pos.tolist(), stats.top_value.tolist()
+    b_ctx, b_pos, b_val = stats.band_ctx.tolist(), stats.band_pos.tolist(), stats.band_value.tolist()
+    band_count, hist, mx, count = stats.band_count.tolist(), stats.hist.tolist(), mx_t.tolist(), stats.count.tolist()
+
+    def ctx_entry(c, p, v, acts):
+        return {"ctx": c, "pos": p, "value": _r(v), "start": p - before, "acts": acts}
+
+    if logits is not None:
+        tv, ti, bv, bi = (t.tolist() for t in logits)
+    if neighbours is not None:
+        cos, ids = (t.tolist() for t in neighbours)
+    if n2g is not None:
+        prec, rec_ = n2g.precision.tolist(), n2g.recall.tolist()
+    out = []
+    for i in range(L):
+        rec: dict[str, Any] = {"id": i, "count": count[i], "density": _r(density[i], 6), "max": _r(mx[i]),
+                               "mean": _r(mean[i]), "dead": count[i] == 0,
+                               "hist": {"max": _r(mx[i]), "counts": hist[i]}}
+        rec["top"] = [ctx_entry(c, p, v, top_acts[i * n_top + j])
+                      for j, (c, p, v) in enumerate(zip(top_ctx[i], top_pos[i], top_val[i])) if c >= 0]
+        rec["bands"] = [{"lo": _r(mx[i] * b / n_bands), "hi": _r(mx[i] * (b + 1) / n_bands), "count": band_count[i][b],
+                         "samples": [ctx_entry(c, p, v, band_acts[(i * n_bands + b) * per_band + j])
+                                     for j, (c, p, v) in enumerate(zip(b_ctx[i][b], b_pos[i][b], b_val[i][b]))
+                                     if c >= 0]}
+                        for b in range(n_bands)]
+        if logits is not None:
+            rec["logits"] = {"top": [[int(t), _r(v)] for t, v in zip(ti[i], tv[i])],
+                             "bottom": [[int(t), _r(v)] for t, v in zip(bi[i], bv[i])]}
+        if neighbours is not None:
+            rec["neighbours"] = [[int(j), _r(c)] for j, c in zip(ids[i], cos[i])]
+        if n2g is not None:
+            rec["explanation"] = {"status": n2g.status[i], "precision": _r(prec[i]), "recall": _r(rec_[i]),
+                                  "patterns": [{"tokens": t, "support": s} for t, s in n2g.patterns[i][:10]],
+                                  "n_patterns": len(n2g.patterns[i])}
+        out.append(rec)
+    return out
+
+
+def _token_ids(records: list[dict], contexts: list[list[int]]) -> set[int]:
+    ids = {t for row in contexts for t in row}
+    for r in records:
+        for side in ("top", "bottom"):
+            ids.update(t for t, _ in r.get("logits", {}).get(side, []))
+        for p in r.get("explanation", {}).get("patterns", []):
+            ids.update(t for t in p["tokens"] if t is not None)
+    return ids
+
+
+def _top_tokens(rec: dict, contexts: list[list[int]], vocab: dict[int, str], n: int = 3) -> list[str]:
+    """The most frequent tokens at the max of the latent's top contexts (for the index and its search)."""
+    seen: dict[str, int] = {}
+    for c in rec["top"]:
+        tok = vocab.get(contexts[c["ctx"]][c["pos"]], "")
+        seen[tok] = seen.get(tok, 0) + 1
+    return [t for t, _ in sorted(seen.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def _explanation_text(rec: dict, vocab: dict[int, str]) -> str:
+    pats = rec.get("explanation", {}).get("patterns", [])
+    return " | ".join(" ".join("*" if t is None else json.dumps(vocab.get(t, "?"), ensure_ascii=False)
+                                for t in p["tokens"]) for p in pats[:3])
+
+
+def _summary(records: list[dict], contexts, vocab, stats: FeatureStats, meta: dict) -> dict:
+    live = stats.density[stats.count > 0]
+    edges = torch.linspace(-8, 0, 33) if live.numel() == 0 else torch.linspace(
+        math.floor(float(live.log10().min())), 0, 33)
+    hist = torch.histc(live.log10().float(), bins=32, min=float(edges[0]), max=0.0) if live.numel() else torch.zeros(32)
+    return {
+        "format": FORMAT, **meta, "n_tokens": stats.n_tokens, "n_dead": int((stats.count == 0).sum()),
+        "density_histogram": {"log10_edges": [_r(e) for e in edges.tolist()], "counts": [int(c) for c in hist.tolist()]},
+        "chunk": CHUNK,
+        "latents": {
+            "id": [r["id"] for r in records], "count": [r["count"] for r in records],
+            "density": [r["density"] for r in records], "max": [r["max"] for r in records],
+            "mean": [r["mean"] for r in records],
+            "precision": [r.get("explanation", {}).get("precision") for r in records],
+            "recall": [r.get("explanation", {}).get("recall") for r in records],
+            "status": [r.get("explanation", {}).get("status") for r in records],
+            "explanation": [_explanation_text(r, vocab) for r in records],
+            "top_tokens": [_top_tokens(r, contexts, vocab) for r in records],
+        },
+    }
+
+
+def _dump(path: Path, obj: Any, js_var: str | None = None, js_dir: Path | None = None, gz: bool = True) -> None:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    if gz:
+        with gzip.open(path.with_name(path.name + ".gz"), "wt", encoding="utf-8", compresslevel=6) as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    if js_var is not None and js_dir is not None:
+        # "</" cannot end the script early: JSON allows "<\/" for "</"
+        (js_dir / (path.name.split(".")[0] + ".js")).write_text(
+            f"LITSAE.{js_var}({text.replace('</', '<' + chr(92) + '/')});\n", encoding="utf-8")
+
+
+def write_browser(out_dir: str | os.PathLike, records: list[dict], contexts: list[list[int]], vocab: dict[int, str],
+                  stats: FeatureStats, meta: dict) -> Path:
+    """Write the browser folder ``out_dir`` (replaced if it exists) and return the path of its index.html.
+
+    ``records``: :func:`latent_records`; ``contexts``: token ids of every context the records refer to (by index);
+    ``vocab``: token id -> text for the ids used; ``meta``: JSON-able facts about the SAE and the run (``sae``,
+    ``source``, ``report``, ``explainability``)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        data, js = tmp / "data", tmp / "js"
+        (data / "latents").mkdir(parents=True)
+        js.mkdir()
+        used = _token_ids(records, contexts)
+        vocab_used = {str(t): vocab.get(t, f"<{t}>") for t in sorted(used)}
+        summary = _summary(records, contexts, {int(k): v for k, v in vocab_used.items()}, stats, meta)
+        _dump(data / "summary.json", summary, "summary", js, gz=False)
+        _dump(data / "vocab.json", vocab_used, "vocab", js)
+        _dump(data / "contexts.json", contexts, "contexts", js)
+        for s in range(0, len(records), CHUNK):
+            name = f"{s // CHUNK:05d}"
+            _dump(data / "latents" / f"{name}.json", records[s:s + CHUNK], None)
+            text = json.dumps(records[s:s + CHUNK], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            (js / f"latents-{name}.js").write_text(
+                f"LITSAE.chunk({s // CHUNK},{text.replace('</', '<' + chr(92) + '/')});\n", encoding="utf-8")
+        page = resources.files("lit_sae.features").joinpath("static", "index.html").read_text(encoding="utf-8")
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "index.html"
