@@ -138,7 +138,7 @@ def test_report_is_written_section_by_section_and_an_interruption_keeps_the_fini
     with pytest.raises(SystemExit):  # Lightning turns the KeyboardInterrupt into a graceful exit
         trainer.test(module, datamodule=dm)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["complete"] is False and report["pending"] == ["ablation", "probes"]
+    assert report["complete"] is False and report["pending"] == ["ablation", "probes", "explainability"]
     assert report["metrics"]["n_tokens"] == dm.manifest["splits"]["test"]["tokens"]
     assert report["metrics"]["seconds"] >= 0 and report["downstream"]["seconds"] > 0
     assert math.isfinite(report["downstream"]["delta_ce"]) and "ablation" not in report

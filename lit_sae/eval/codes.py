@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from lit_sae.data.lm import truncated_forward
-from lit_sae.eval._sae import sae_param
 from lit_sae.eval.downstream import splice_mask
 
 __all__ = ["CodeBatch", "context_codes", "stack_codes"]
@@ -45,7 +44,7 @@ def context_codes(model: nn.Module, hook_point: str, sae: nn.Module, input_ids: 
     ``rows``: only these rows of ``input_ids`` (ascending int64); default all. ``on_batch(n_tokens)`` is called
     after each batch (progress bars). Raises ValueError when the hook's width differs from ``sae.d_in``.
     """
-    p = sae_param(sae)
+    p = next(iter(sae.parameters()), None)
     dtype = p.dtype if p is not None else torch.float32
     sae_device = p.device if p is not None else torch.device("cpu")
     lm_device = next(model.parameters()).device
