@@ -144,7 +144,9 @@ class SAEModule(L.LightningModule):
 
         sae = load_sae(path)
         hook = sae.metadata.get("hook_name")
-        if hook and self.hparams.hook_point and hook != self.hparams.hook_point:
+        if not hook:
+            log.warning("%s names no hook point: make sure it was trained on %s", path, self.hparams.hook_point)
+        elif self.hparams.hook_point and hook != self.hparams.hook_point:
             raise ValueError(f"{path}: the SAE was trained on hook point {hook!r}, the data holds "
                              f"{self.hparams.hook_point!r}: harvest shards at {hook!r} (or load an SAE of that hook)")
         mine = {"d_in": self.sae.d_in, "n_latents": self.sae.n_latents}

@@ -47,7 +47,8 @@ def test_saelens_export_is_complete_and_reconstructs_by_saelens_formula(tmp_path
     export_sae(sae, tmp_path / "e", hook_point=HOOK, lm_name="smollm2-135m", provenance=prov)
     cfg = json.loads((tmp_path / "e" / "cfg.json").read_text())
     w = load_file(str(tmp_path / "e" / "sae_weights.safetensors"))
-    assert (cfg["d_in"], cfg["d_sae"], cfg["hook_name"], cfg["hook_layer"], cfg["dtype"]) == (16, 64, HOOK, 2, "float32")
+    assert (cfg["d_in"], cfg["d_sae"], cfg["hook_name"], cfg["hook_layer"]) == (16, 64, HOOK, 2)
+    assert cfg["dtype"] == "float32"
     assert (cfg["context_size"], cfg["prepend_bos"], cfg["dataset_path"], cfg["model_name"]) == (64, False, "stdlib",
                                                                                                  "/m/x")
     assert cfg["metadata"]["context_size"] == 64 and cfg["lit_sae"]["model_alias"] == "smollm2-135m"
@@ -64,7 +65,8 @@ def test_sparsify_and_openai_exports_reconstruct_by_their_formulas(tmp_path):
     export_sae(sae, tmp_path / "s", hook_point=HOOK, format="sparsify")
     cfg = json.loads((tmp_path / "s" / "layers.2" / "cfg.json").read_text())
     w = load_file(str(tmp_path / "s" / "layers.2" / "sae.safetensors"))
-    assert (cfg["d_in"], cfg["num_latents"], cfg["k"], cfg["activation"], cfg["transcode"]) == (16, 64, 4, "topk", False)
+    assert (cfg["d_in"], cfg["num_latents"], cfg["k"], cfg["activation"]) == (16, 64, 4, "topk")
+    assert not cfg["transcode"] and not cfg["skip_connection"]
     x = _x()
     assert _rel(sparsify_reference(cfg, w, x), sae.reconstruct(x.float()), x) < 1e-5
     ln = _sae("layernorm")
@@ -191,7 +193,7 @@ def test_init_from_any_format_checks_hook_point_and_width(tmp_path):
     x = _x().float()
     expected = saelens_reference({"architecture": "jumprelu"}, w, x.double())
     assert _rel(module(x).x_hat.detach(), expected, x) < 1e-5
-    with pytest.raises(ValueError, match="trained on hook point 'blocks.2.hook_resid_post'.*'blocks.5.hook_resid_post'"):
+    with pytest.raises(ValueError, match="hook point 'blocks.2.hook_resid_post'.*'blocks.5.hook_resid_post'"):
         SAEModule(d_in=16, n_latents=48, hook_point="blocks.5.hook_resid_post", init_from=str(folder))
     with pytest.raises(ValueError, match=r"'d_in': \(24, 16\).*d_in comes from the data"):
         SAEModule(d_in=24, n_latents=48, hook_point=HOOK, init_from=str(folder))

@@ -171,7 +171,8 @@ def openai_reference(sd, x):
 def test_openai_v5_state_dict(tmp_path):
     g = torch.Generator().manual_seed(5)
     sd = {"pre_bias": torch.randn(D, generator=g) * 0.1, "latent_bias": torch.randn(N, generator=g) * 0.1,
-          "encoder.weight": torch.randn(N, D, generator=g) * 0.4, "decoder.weight": torch.randn(D, N, generator=g) * 0.4,
+          "encoder.weight": torch.randn(N, D, generator=g) * 0.4,
+          "decoder.weight": torch.randn(D, N, generator=g) * 0.4,
           "stats_last_nonzero": torch.zeros(N, dtype=torch.long), "activation": "TopK",
           "activation_state_dict": {"k": K, "postact_fn": "ReLU"}}
     torch.save(sd, tmp_path / "layer_8.pt")

@@ -1,4 +1,4 @@
-"""SAELens's layout: ``cfg.json`` + ``sae_weights.safetensors`` (what ``SAE.save_model`` writes, ``load_from_disk`` reads).
+"""SAELens's layout: ``cfg.json`` + ``sae_weights.safetensors`` (``SAE.save_model`` writes it, ``load_from_disk`` reads).
 
 SAELens (jbloomAus/SAELens, ``sae_lens/saes/*.py``) computes, for input-space x (d_in):
 
