@@ -371,7 +371,7 @@ class SAEModule(L.LightningModule):
         self.log("val/l0", self.val_l0)
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        """Like validation; returns what the evaluation callbacks need (see docs/CONTRACT.md)."""
+        """Like validation; returns what the evaluation callbacks need."""
         x = check_acts(batch_acts(batch), self.sae.d_in, "test batch acts").float()
         out = self.sae(x)
         self.test_nmse.update(x, out.x_hat)

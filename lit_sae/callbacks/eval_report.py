@@ -114,7 +114,7 @@ class EvalReport(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not isinstance(outputs, dict) or "x_hat" not in outputs:
             raise RuntimeError("EvalReport needs SAEModule.test_step to return x, x_hat, latent_values and "
-                               "latent_indices (docs/CONTRACT.md)")
+                               "latent_indices")
         self.nmse.update(outputs["x"], outputs["x_hat"])
         self.rel.update(outputs["x"], outputs["x_hat"])
         self.l0.update(outputs["latent_values"])
