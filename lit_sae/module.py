@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -20,6 +18,7 @@ from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD, DeadLatentTracker
 from lit_sae.checks import check_acts
 from lit_sae.ema import EMA
 from lit_sae.metrics import L0, NormalizedMSE
+from lit_sae.resume_state import nonfinite_entries, rng_states, set_rng_states
 from lit_sae.runs import export_dir
 from lit_sae.sae import ENCODER_INIT_NORM, SAEOutput, TopKSAE
 
@@ -224,14 +223,14 @@ class SAEModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to write diverged weights; add the RNG states (the rest of the state is saved by Lightning)."""
-        bad = _nonfinite_entries(checkpoint)
+        bad = nonfinite_entries(checkpoint)
         if bad:
             raise FloatingPointError(
                 f"the weights diverged: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN/Inf at step "
                 f"{self.global_step}, so no checkpoint is written and the last one on disk is still good; resume "
                 "from it with a lower learning rate: `lit-sae fit --config ... --ckpt_path last --model.lr X`"
             )
-        checkpoint["rng_states"] = _rng_states()
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that a resumed checkpoint fits this config, before its weights are loaded; apply a changed lr;
@@ -292,7 +291,7 @@ class SAEModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """After a resume, continue the random streams where the checkpoint left them (at the first step)."""
         if self._resumed_rng is not None:
-            _set_rng_states(self._resumed_rng)
+            set_rng_states(self._resumed_rng)
             self._resumed_rng = None
 
     # ------------------------------------------------------------------ training
@@ -421,37 +420,3 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
-
-
-def _nonfinite_entries(checkpoint: dict[str, Any]) -> list[str]:
-    """Names of the floating tensors in a checkpoint's weights and optimizer state that hold NaN or Inf."""
-    bad = [name for name, t in checkpoint.get("state_dict", {}).items()
-           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    for i, state in enumerate(checkpoint.get("optimizer_states", [])):
-        for pid, per_param in state.get("state", {}).items():
-            for key, t in per_param.items():
-                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    bad.append(f"optimizer {i} state {pid}.{key}")
-    return bad
-
-
-def _rng_states() -> dict[str, Any]:
-    """torch, CUDA, numpy and Python RNG states of this process, as plain tensors and tuples (weights_only-safe)."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of ``_rng_states``."""
-    torch.set_rng_state(states["torch"])
-    if states.get("torch.cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch.cuda"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, state, gauss = states["python"]
-    random.setstate((version, tuple(state), gauss))

@@ -10,22 +10,26 @@ echo "== 1/4 harvest: SmolLM2-135M residual stream after layer 20 -> $OUT/shards
 lit-sae harvest --config configs/harvest/smollm2-demo.yaml
 
 echo "== 2/4 fit: configs/quickstart.yaml"
-lit-sae fit --config configs/quickstart.yaml
+resume=()  # a rerun continues the run in $OUT (a fresh fit into a used run folder is refused)
+[ -e "$OUT/checkpoints/last.ckpt" ] && resume=(--ckpt_path last)
+lit-sae fit --config configs/quickstart.yaml "${resume[@]}"
 
 echo "== 3/4 test: the paper's evaluation suite on the held-out split"
-lit-sae test --config configs/quickstart.yaml --config callbacks/eval.yaml --ckpt_path "$OUT/checkpoints/last.ckpt"
+lit-sae test --config configs/quickstart.yaml --config callbacks/eval.yaml --ckpt_path last
 
 echo "== 4/4 features: the feature browser on the held-out split (N2G explanations included)"
-browser=$(lit-sae features --ckpt_path "$OUT/checkpoints/last.ckpt")
+lit-sae features --ckpt_path "$OUT/checkpoints/last.ckpt" --out_dir "$OUT/features"
+browser="$OUT/features/index.html"
 
-report=$(ls -t "$OUT"/lightning_logs/*/report.md 2>/dev/null | head -n 1 || true)
+report="$OUT/report.md"
+[ -e "$report" ] || report=""
 cat <<MSG
 
 Done in $(( $(date +%s) - start )) s. Results:
   activation shards + manifest : $OUT/shards/
   checkpoints (resume: --ckpt_path last) : $OUT/checkpoints/
   exported SAE (SAELens layout): $OUT/sae/
-  TensorBoard logs             : $OUT/lightning_logs/   (tensorboard --logdir $OUT)
+  TensorBoard logs             : $OUT/   (tensorboard --logdir $OUT)
   evaluation report            : ${report:-<missing>} (and report.json beside it)
   feature browser (offline)    : $browser
 MSG

@@ -37,6 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+LIT_SAE = str(Path(PYTHON).with_name("lit-sae"))  # the console script of this environment
 
 D_IN, N_LATENTS, K, BATCH = 16, 64, 4, 256
 CKPT_EVERY = 4  # steps between last.ckpt refreshes in the resume scenarios
@@ -181,7 +182,7 @@ def fit_subprocess(config: Path, *args: str, env: Optional[dict] = None, command
     its workers too)."""
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
              PYTHONHASHSEED="0", OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [PYTHON, "-c", "from lit_sae.cli import main; main()", command, "--config", str(config), *args]
+    cmd = [LIT_SAE, command, "--config", str(config), *args]  # the console script: DDP relaunches it as it is
     return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -33,11 +33,11 @@ class SaveOnInterrupt(L.Callback):
     saves happen too), so the checkpoint is at a step boundary and a ``--ckpt_path last`` resume continues
     bit-exactly. A second Ctrl-C stops at once (Python's KeyboardInterrupt) without saving. Under DDP the ranks
     agree on stopping (one boolean all-reduce per step) so all of them save and stop at the same step. DataLoader
-    workers inherit the handler and ignore the signal: the training process decides.
+    workers start with these signals blocked: the training process decides, and stops them itself.
 
-    The handlers are installed in ``setup``, before Lightning's: Lightning then chains its SIGTERM notifier with
-    this handler, and leaves the requeue signal of ``SLURMEnvironment(auto_requeue=True)`` (``requeue_signal``,
-    SIGUSR1 by default) to it. At the step boundary this callback then runs Lightning's own SLURM routine, which
+    The handlers are installed in ``setup``, before Lightning's: Lightning then leaves the requeue signal of
+    ``SLURMEnvironment(auto_requeue=True)`` (``requeue_signal``, SIGUSR1 by default) to this callback, and SIGTERM
+    is taken back from Lightning's notifier at ``on_train_start`` (see there). At the step boundary this callback then runs Lightning's own SLURM routine, which
     writes ``hpc_ckpt_N.ckpt`` into the run's root and requeues the job; the requeued job runs the same command line
     and continues from it (``lit_sae.runs.resolve_ckpt_path``).
     """
@@ -52,6 +52,7 @@ class SaveOnInterrupt(L.Callback):
         if str(getattr(stage, "value", stage)) != "fit" or threading.current_thread() is not threading.main_thread():
             return
         self.received, self._pid = None, os.getpid()
+        _children_block_stop_signals(True)
         for signum in self._signals(trainer):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
@@ -74,7 +75,15 @@ class SaveOnInterrupt(L.Callback):
             log.warning("received %s: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
                         signal.Signals(signum).name)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning has chained its own SIGTERM notifier in front of this handler by now; take SIGTERM back, so that
+        Lightning does not stop the loop itself (``SIGTERMException``, exit 0) between this callback's check and
+        the next step, which would lose the steps since the last periodic checkpoint."""
+        if signal.SIGTERM in self._previous and os.getpid() == self._pid:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
     def _restore(self) -> None:
+        _children_block_stop_signals(False)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
@@ -116,6 +125,28 @@ class SaveOnInterrupt(L.Callback):
         return path
 
 
+_BLOCK_IN_CHILDREN = [False]
+
+
+def _children_block_stop_signals(on: bool) -> None:
+    """While a fit runs, processes forked from it (DataLoader workers) start with SIGINT and SIGTERM blocked.
+
+    A terminal's Ctrl-C and a scheduler's SIGTERM reach the whole process group; torch's workers die of SIGTERM
+    (their C handler re-raises it), and the training process would then fail mid-step with "DataLoader worker ...
+    killed by signal" instead of saving at the end of the step. The signal mask survives torch's own handler
+    setup in the worker; the training process shuts its workers down itself when it stops."""
+    _BLOCK_IN_CHILDREN[0] = on
+
+
+def _block_stop_signals_if_asked() -> None:
+    if _BLOCK_IN_CHILDREN[0]:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_block_stop_signals_if_asked)
+
+
 def requeue_signal(env: Any) -> Optional[int]:
     """The requeue signal of a ``SLURMEnvironment`` with ``auto_requeue`` (None for any other environment)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -123,3 +154,4 @@ def requeue_signal(env: Any) -> Optional[int]:
     if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
         return int(env.requeue_signal)
     return None
+

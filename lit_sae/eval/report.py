@@ -232,8 +232,8 @@ def render_markdown(report: dict) -> str:
     """A short human-readable summary of a report dict."""
     lines = ["# lit-sae evaluation report", ""]
     if report.get("complete") is False:
-        lines += [f"**Incomplete**: sections still running or interrupted: {', '.join(report.get('pending', [])) or '?'}",
-                  ""]
+        pending = ", ".join(report.get("pending", [])) or "?"
+        lines += [f"**Incomplete**: sections still running or interrupted: {pending}", ""]
     if report.get("checkpoint"):
         lines += [f"Checkpoint: `{report['checkpoint'].get('path')}` (sha256 `{report['checkpoint'].get('sha256')}`)",
                   ""]
