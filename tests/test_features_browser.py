@@ -249,3 +249,13 @@ def test_test_report_has_explainability(run, tmp_path):
     tags = acc.Tags()["scalars"]
     assert "eval/explainability/mean_precision" in tags and "eval/explainability/frac_precision_recall_ge_0.8" in tags
     assert acc.Scalars("eval/explainability/mean_precision")[0].value == pytest.approx(ex["mean_precision"], rel=1e-6)
+
+
+def test_train_split_token_budget(run, browser, tmp_path):
+    page = features(str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "t"), split="train",
+                    train_tokens=300, n2g=False, progress=False)
+    summary = json.loads((page.parent / "data" / "summary.json").read_text())
+    assert summary["source"]["split"] == "train" and 300 <= summary["n_tokens"] < 300 + 32
+    train = json.loads(gzip.open(page.parent / "data" / "contexts.json.gz").read())
+    test = json.loads(gzip.open(browser.parent / "data" / "contexts.json.gz").read())
+    assert not {tuple(c) for c in train} & {tuple(c) for c in test}  # train and test contexts never mix
