@@ -213,7 +213,6 @@ def test_interrupted_write_leaves_nothing_complete(run, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(write, "latent_records", write.latent_records)
     monkeypatch.setattr(write.resources, "files", boom)  # fails after the data files were written
     with pytest.raises(OSError, match="disk full"):
         features(str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "f"), progress=False, n2g=False,
