@@ -258,3 +258,13 @@ def test_train_split_token_budget(run, browser, tmp_path):
     train = json.loads(gzip.open(page.parent / "data" / "contexts.json.gz").read())
     test = json.loads(gzip.open(browser.parent / "data" / "contexts.json.gz").read())
     assert not {tuple(c) for c in train} & {tuple(c) for c in test}  # train and test contexts never mix
+
+
+def test_export_folder_finds_the_run_shards(run, tmp_path):
+    """An exported SAE inside a run folder (runs/x/sae) is browsed with the run's shards, output beside it."""
+    shutil.copytree(run / "sae", tmp_path / "sae")
+    (tmp_path / "shards").symlink_to(run / "shards")
+    page = features(str(tmp_path / "sae"), n2g=False, n_contexts=3, progress=False)
+    assert page == tmp_path / "features" / "index.html"
+    summary = json.loads((page.parent / "data" / "summary.json").read_text())
+    assert summary["sae"]["tokens_seen"] is None and summary["source"]["manifest"].endswith("manifest.json")
