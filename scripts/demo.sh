@@ -16,7 +16,8 @@ echo "== 3/4 test: the paper's evaluation suite on the held-out split"
 lit-sae test --config configs/quickstart.yaml --config callbacks/eval.yaml --ckpt_path "$OUT/checkpoints/last.ckpt"
 
 echo "== 4/4 features: the feature browser on the held-out split (N2G explanations included)"
-browser=$(lit-sae features --ckpt_path "$OUT/checkpoints/last.ckpt")
+lit-sae features --ckpt_path "$OUT/checkpoints/last.ckpt" --out_dir "$OUT/features"
+browser="$OUT/features/index.html"
 
 report=$(ls -t "$OUT"/lightning_logs/*/report.md 2>/dev/null | head -n 1 || true)
 cat <<MSG
