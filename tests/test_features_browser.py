@@ -156,7 +156,8 @@ def test_cli_features_and_errors(run, tmp_path, capsys):
     ckpt = run / "checkpoints" / "last.ckpt"
     main(["features", "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "b"), "--n2g", "false",
           "--progress", "false", "--n_contexts", "4"])
-    assert capsys.readouterr().out.strip() == str(tmp_path / "b" / "index.html")
+    said = capsys.readouterr()
+    assert str(tmp_path / "b" / "index.html") in said.out + said.err  # the command says where the browser is
     # without the in-memory code cache (the LM re-encodes the text in each pass) the data are the same
     main(["features", "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "c"), "--n2g", "false",
           "--progress", "false", "--n_contexts", "4", "--cache_mb", "0", "--batch_size", "3"])
@@ -213,7 +214,6 @@ def test_interrupted_write_leaves_nothing_complete(run, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(write, "latent_records", write.latent_records)
     monkeypatch.setattr(write.resources, "files", boom)  # fails after the data files were written
     with pytest.raises(OSError, match="disk full"):
         features(str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "f"), progress=False, n2g=False,
@@ -249,3 +249,23 @@ def test_test_report_has_explainability(run, tmp_path):
     tags = acc.Tags()["scalars"]
     assert "eval/explainability/mean_precision" in tags and "eval/explainability/frac_precision_recall_ge_0.8" in tags
     assert acc.Scalars("eval/explainability/mean_precision")[0].value == pytest.approx(ex["mean_precision"], rel=1e-6)
+
+
+def test_train_split_token_budget(run, browser, tmp_path):
+    page = features(str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "t"), split="train",
+                    train_tokens=300, n2g=False, progress=False)
+    summary = json.loads((page.parent / "data" / "summary.json").read_text())
+    assert summary["source"]["split"] == "train" and 300 <= summary["n_tokens"] < 300 + 32
+    train = json.loads(gzip.open(page.parent / "data" / "contexts.json.gz").read())
+    test = json.loads(gzip.open(browser.parent / "data" / "contexts.json.gz").read())
+    assert not {tuple(c) for c in train} & {tuple(c) for c in test}  # train and test contexts never mix
+
+
+def test_export_folder_finds_the_run_shards(run, tmp_path):
+    """An exported SAE inside a run folder (runs/x/sae) is browsed with the run's shards, output beside it."""
+    shutil.copytree(run / "sae", tmp_path / "sae")
+    (tmp_path / "shards").symlink_to(run / "shards")
+    page = features(str(tmp_path / "sae"), n2g=False, n_contexts=3, progress=False)
+    assert page == tmp_path / "features" / "index.html"
+    summary = json.loads((page.parent / "data" / "summary.json").read_text())
+    assert summary["sae"]["tokens_seen"] is None and summary["source"]["manifest"].endswith("manifest.json")

@@ -152,7 +152,8 @@ def features(
         ckpt_path: a checkpoint written by ``lit-sae fit`` (e.g. runs/demo/checkpoints/last.ckpt) or an exported
             SAE folder (cfg.json + sae_weights.safetensors).
         manifest: the harvest manifest (manifest.json or its shard folder) naming the LM, hook point, tokenizer,
-            text source and split assignment; default: the shard folder the checkpoint was trained on.
+            text source and split assignment; default: the shard folder the checkpoint was trained on, or for an
+            export, ``<run root>/shards`` when it exists.
         out_dir: where the browser goes (default: ``<run root>/features``, the run root being the checkpoint
             folder's parent, or the export folder's parent).
         split: ``test`` (the harvest's held-out contexts, rebuilt as ``lit-sae test`` rebuilds them) or ``train``
@@ -186,6 +187,9 @@ def features(
         raise ValueError(f"{ckpt_path}: this checkpoint has seen no training tokens (untrained weights); train it "
                          "first, or pass --allow_untrained true to browse it anyway")
     source = manifest or _recorded_data(info["data_path"], ckpt_path)
+    if source is None and (run_root(ckpt_path) / "shards" / "manifest.json").is_file():
+        source = str(run_root(ckpt_path) / "shards")  # an export inside a run folder: the run's own shards
+        log.info("using the run's harvest manifest %s", source)
     if source is None:
         raise ValueError(f"{ckpt_path}: no harvest manifest given and none recorded in the SAE; pass --manifest "
                          "runs/<run>/shards (the folder holding manifest.json)")
