@@ -132,8 +132,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_lightning(None if from_console else argv)
         else:
             result = run_tools(argv)
-            if result is not None:
-                logging.getLogger("lit_sae.cli").info("%s", result)
+            if result is not None:  # the command's product (an export folder, the browser's index.html): stdout
+                print(result)
     except Exception as exn:
         if os.environ.get("LIT_SAE_TRACEBACK") or not _is_user_error(exn):
             raise

@@ -9,17 +9,14 @@ sparsely, stream the statistics (three passes, :mod:`lit_sae.features.collect`) 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+if TYPE_CHECKING:  # torch is imported where it is used: `lit-sae --help` lists this command without loading torch
+    from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -29,43 +26,44 @@ N2G_CONTEXTS = 2048  # contexts whose codes are kept for N2G (k x 12 bytes per t
 
 
 def load_sae(path: str | Path) -> tuple[nn.Module, dict]:
-    """An SAE in eval mode and facts about it, from a ``lit-sae fit`` checkpoint file or an exported folder.
+    """An SAE in eval mode and facts about it, from anything ``lit_sae.load_sae`` reads: a ``lit-sae fit``
+    checkpoint (its EMA weights when EMA was on), a SAELens folder (lit-sae's export is one), a sparsify folder or an
+    OpenAI ``.pt``.
 
-    Returns (sae, info) with info keys: kind ("checkpoint" / "export"), path, hook_point, lm_name, tokens_seen
-    (None for exports), data_path (the shard folder a checkpoint was trained on, or None), config (dict).
+    Returns (sae, info) with info keys: kind ("checkpoint", or the folder's format: "saelens", "sparsify",
+    "openai"), path, hook_point, lm_name, tokens_seen (None except for checkpoints), data_path (the shard folder a
+    checkpoint was trained on, or None), config (dict).
     Raises FileNotFoundError (missing path) or ValueError (unreadable file), naming the file.
     """
+    from lit_sae.load import detect_format, read_checkpoint
+    from lit_sae.load import load_sae as load_any
+
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such checkpoint or exported SAE folder")
-    if p.is_dir():
-        from lit_sae.export import load_exported
-
-        try:
-            sae, cfg = load_exported(p)
-        except (KeyError, json.JSONDecodeError, RuntimeError, OSError) as exn:
-            raise ValueError(f"{p}: not a readable exported SAE ({type(exn).__name__}: {exn})") from exn
-        info = {"kind": "export", "path": str(p), "hook_point": cfg.get("hook_name"), "lm_name": cfg.get("model_name"),
-                "tokens_seen": None, "data_path": None,
-                "config": {"d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k, "normalize": sae.normalize,
-                           "activation": sae.activation}}
-        return sae.eval(), info
-    from lit_sae.module import SAEModule
-
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-        module = SAEModule.load_from_checkpoint(str(p), map_location="cpu", weights_only=False)
-    except Exception as exn:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"{p}: not a readable lit-sae checkpoint ({type(exn).__name__}: {exn}); pass a "
-                         "checkpoint written by `lit-sae fit` or an exported SAE folder") from exn
-    with module.ema.swapped_into(module.sae) if module.ema is not None else nullcontext():
-        sae = copy.deepcopy(module.sae)  # the weights evaluation uses (the EMA's when on)
-    hp = dict(module.hparams)
-    data = (ckpt.get("datamodule_hyper_parameters") or {}).get("path")
+        fmt = detect_format(p)
+        if fmt == "litsae-checkpoint":
+            sae, ckpt = read_checkpoint(p)
+        else:
+            sae, ckpt = load_any(p), None
+    except FileNotFoundError:
+        raise
+    except Exception as exn:  # torch and safetensors raise several types for a truncated or foreign file
+        raise ValueError(f"{p}: not a readable SAE ({type(exn).__name__}: {str(exn).splitlines()[0][:300]}); pass "
+                         "a checkpoint written by `lit-sae fit`, an exported SAE folder, a SAELens or sparsify "
+                         "folder or an OpenAI .pt") from exn
+    config = {"d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k, "normalize": sae.normalize,
+              "activation": sae.activation}
+    if ckpt is None:
+        md = getattr(sae, "metadata", {}) or {}
+        info = {"kind": fmt, "path": str(p), "hook_point": md.get("hook_name"), "lm_name": md.get("model_name"),
+                "tokens_seen": None, "data_path": None, "config": config}
+        return sae.eval(), info
+    hp = ckpt["hparams"]
+    config.update({k: hp[k] for k in ("multi_topk", "ema_decay") if k in hp})
     info = {"kind": "checkpoint", "path": str(p), "hook_point": hp.get("hook_point"), "lm_name": hp.get("lm_name"),
-            "tokens_seen": int(module.tokens_seen), "data_path": data,
-            "config": {k: hp[k] for k in ("d_in", "n_latents", "k", "activation", "normalize", "multi_topk",
-                                          "ema_decay") if k in hp}}
+            "tokens_seen": ckpt["tokens_seen"], "data_path": ckpt["datamodule"].get("path"), "config": config}
     return sae.eval(), info
 
 
@@ -99,6 +97,8 @@ def _latest_report(root: Path) -> Optional[dict]:
 
 def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
     """The first train-split contexts holding about ``n_tokens`` encoded tokens, rebuilt from the text source."""
+    import torch
+
     from lit_sae.data.harvest import iter_contexts, split_of
     from lit_sae.data.text import ContentHash
     from lit_sae.eval.report import _text
@@ -133,6 +133,7 @@ def _vocab(tokenizer, ids) -> dict[int, str]:
 
 
 def features(
+    *,
     ckpt_path: str,
     manifest: Optional[str] = None,
     out_dir: Optional[str] = None,
@@ -173,6 +174,8 @@ def features(
         ValueError: an unreadable input, an untrained checkpoint, or an SAE whose d_in (or hook point) differs from
             the manifest's.
     """
+    from tqdm.auto import tqdm
+
     from lit_sae.data.lm import load_lm
     from lit_sae.data.shards import read_manifest
     from lit_sae.eval.codes import CodeBatch, context_codes, stack_codes
