@@ -50,8 +50,10 @@ def _check_ties(full, sh, group_rows):
         assert float(getattr(ro, f)) == pytest.approx(float(getattr(so, f)), rel=1e-12), (f, float(getattr(ro, f)), float(getattr(so, f)))
 
 
-def _worker(rank, world, dp, tp, port):
+def _worker(rank, world, dp, tp, port, ckdir):
     from torch.distributed.device_mesh import init_device_mesh
+
+    from lit_sae.parallel.checkpoint import gather_full, load_sharded, save_sharded
 
     from lit_sae.parallel.data import GroupSum
     from lit_sae.parallel.tensor import ShardedTopKSAE, average_gradients_, update_dead_counts_
@@ -109,20 +111,31 @@ def _worker(rank, world, dp, tp, port):
         counts_r = torch.zeros(N, dtype=torch.long)
         counts_s = torch.zeros(N // tp, dtype=torch.long)
         dead_after = 3 * B
-        for step in range(20):
-            x = torch.randn(B, D, generator=g).double() * 2 + 0.5
-            ro = ref(x, counts_r >= dead_after)
+
+        def step_(step, sh, opt_s, counts_s, ref=None):
+            x = torch.randn(B, D, generator=torch.Generator().manual_seed(100 + step)).double() * 2 + 0.5
             so = sh(x[rows], counts_s >= dead_after)
-            ro.loss.backward()
             so.loss.backward()
             average_gradients_(sh, dp_group)
-            for m, opt in ((ref, opt_r), (sh, opt_s)):
+            pairs = [(sh, opt_s)]
+            if ref is not None:
+                ro = ref(x, counts_r >= dead_after)
+                ro.loss.backward()
+                pairs.append((ref, opt_r))
+                update_dead_counts_(counts_r, ro.latent_values, ro.latent_indices, 0, B, None, 1e-3)
+            for m, opt in pairs:
                 m.remove_parallel_grads_()
                 opt.step()
                 opt.zero_grad()
                 m.normalize_decoder_()
-            update_dead_counts_(counts_r, ro.latent_values, ro.latent_indices, 0, B, None, 1e-3)
             update_dead_counts_(counts_s, so.latent_values, so.latent_indices, sh.offset, B, dp_group, 1e-3)
+
+        for step in range(20):
+            if step == 10:  # a sharded checkpoint (each rank writes its shard) and the reference's state beside it
+                save_sharded(ckdir / "ck", sh, opt_s, mesh, counts_s, extra={"step": step})
+                if rank == 0:
+                    torch.save(ref.state_dict(), ckdir / "ref10.pt")
+            step_(step, sh, opt_s, counts_s, ref)
         assert bool((counts_r >= dead_after).any()), "no latent died: AuxK was not exercised"
         assert torch.equal(counts_s, counts_r[local])
         for name in ("W_enc", "b_enc", "W_dec"):
@@ -131,10 +144,46 @@ def _worker(rank, world, dp, tp, port):
                 _close(opt_s.state[getattr(sh, name)][key], opt_r.state[getattr(ref, name)][key][local], 1e-5,
                        f"{name}.{key}")
         _close(sh.b_pre, ref.b_pre, 1e-5, "b_pre")
+        gathered = gather_full(sh)
+        for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
+            _close(getattr(gathered, name), getattr(ref, name), 1e-5, "gathered " + name)
+
+        # resume from the step-10 checkpoint on the same mesh: steps 10..19 again give the same state
+        sh2 = ShardedTopKSAE(D, N, K, tp_group=tp_group, k_aux=K_AUX, multi_topk=True, multi_topk_factor=2).double()
+        sh2.train()
+        if dp > 1:
+            sh2.batch_sum = GroupSum(dp_group)
+        opt2 = torch.optim.Adam(sh2.parameters(), lr=3e-3, eps=6.25e-10)
+        counts2 = torch.zeros(N // tp, dtype=torch.long)
+        assert load_sharded(ckdir / "ck", sh2, opt2, mesh, counts2) == {"step": 10}
+        for step in range(10, 20):
+            step_(step, sh2, opt2, counts2)
+        assert torch.equal(counts2, counts_s)
+        for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
+            _close(getattr(sh2, name), getattr(sh, name), 1e-12, "resumed " + name)
+            _close(opt2.state[getattr(sh2, name)]["exp_avg_sq"], opt_s.state[getattr(sh, name)]["exp_avg_sq"],
+                   1e-12, "resumed adam " + name)
+        if dp == 2:  # the same checkpoint on a 1 x 4 mesh is refused before anything is loaded
+            mesh4 = init_device_mesh("cpu", (1, 4), mesh_dim_names=("data", "tensor"))
+            sh4 = ShardedTopKSAE.from_full(full, mesh4.get_group("tensor"))
+            opt4 = torch.optim.Adam(sh4.parameters())
+            with pytest.raises(ValueError, match="data_parallel_size: checkpoint 2, now 1; tensor_parallel_size: "
+                                                 "checkpoint 2, now 4"):
+                load_sharded(ckdir / "ck", sh4, opt4, mesh4)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("dp,tp", [(1, 2), (1, 4), (2, 2)])
-def test_sharded_sae_equals_one_process(dp, tp):
-    mp.spawn(_worker, args=(dp * tp, dp, tp, _free_port()), nprocs=dp * tp, join=True)
+def test_sharded_sae_equals_one_process(dp, tp, tmp_path):
+    mp.spawn(_worker, args=(dp * tp, dp, tp, _free_port(), tmp_path), nprocs=dp * tp, join=True)
+    # `lit-sae export` of a sharded checkpoint, in one process: one SAELens-layout SAE equal to the reference's
+    from lit_sae.export import load_exported
+    from lit_sae.parallel.checkpoint import export_sharded
+
+    export_sharded(tmp_path / "ck", tmp_path / "export", hook_point="blocks.0.hook_resid_post")
+    sae, cfg = load_exported(tmp_path / "export")
+    assert cfg["d_sae"] == N and cfg["hook_name"] == "blocks.0.hook_resid_post"
+    ref = torch.load(tmp_path / "ref10.pt")
+    for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
+        torch.testing.assert_close(getattr(sae, name).double(), ref[name].double(), rtol=1e-6, atol=1e-6)
