@@ -9,6 +9,7 @@ with AuxK (latents die after 4 steps) and Multi-TopK on. A DDP run stopped at st
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ D_IN, CTX, B, STEPS = 16, 16, 32, 24
 HERE = Path(__file__).parent
 
 
-def _write_shards(out):
+def _write_shards(out, nan_row=None):
     g = torch.Generator().manual_seed(0)
     dirs = torch.nn.functional.normalize(torch.randn(48, D_IN, generator=g), dim=1)
     man = {"format": FORMAT, "d_in": D_IN, "dtype": "float16", "block_tokens": 64, "tokens_per_shard": 256,
@@ -34,8 +35,11 @@ def _write_shards(out):
         infos = []
         codes = torch.rand(n, 48, generator=g) * (torch.rand(n, 48, generator=g) < 0.1)
         ids = torch.arange(start, start + n)
+        acts = codes @ dirs * 3 + 1.0
+        if nan_row is not None and split == "train":
+            acts[nan_row] = float("nan")
         with ShardWriter(str(out), split, D_IN, "float16", 64, 256, on_shard=infos.append) as w:
-            w.add(codes @ dirs * 3 + 1.0, ids % 1000, ids // CTX, ids % CTX)
+            w.add(acts, ids % 1000, ids // CTX, ids % CTX)
         start += n
         man["splits"][split] = {"shards": infos}
     write_manifest_atomic(str(out), man)
@@ -67,12 +71,14 @@ def _config(root: Path, shards: Path, data_class: str, extra_data=None) -> Path:
     return path
 
 
-def _lit_sae(config: Path, *args: str) -> None:
+def _lit_sae(config: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     cmd = [str(Path(sys.executable).parent / "lit-sae"), "fit", "--config", str(config), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def _losses(root: Path) -> dict[int, float]:
@@ -127,3 +133,40 @@ def test_ddp_equals_one_process_on_the_global_batch(runs):
 
 def test_ddp_resume_from_last_is_exact(runs):
     _assert_same(_state(runs / "ddp"), _state(runs / "half"))
+
+
+def test_a_failing_rank_ends_every_rank(tmp_path):
+    """Rank 1 meets a NaN row in its half of the (unshuffled) train split mid-run; rank 0 waits in a collective.
+    The command must end (not hang) with the shard named, and leave no process behind."""
+    shards = tmp_path / "shards"
+    _write_shards(shards, nan_row=1570)  # rank 1 reads tokens 960..1919; b_pre's sample does not touch 1570
+    cfg = _config(tmp_path / "run", shards, "lit_sae.data.datamodule.ActivationDataModule", {"shuffle": False})
+    proc = _lit_sae(cfg, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    ok=False)
+    assert proc.returncode != 0
+    assert "NaN" in proc.stderr and "train-" in proc.stderr, proc.stderr[-3000:]
+    left = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left running: {left}"
+
+
+def test_two_torchrun_nodes_equal_two_local_processes(runs, tmp_path):
+    """``torchrun --nnodes 2 --nproc-per-node 1`` on localhost (two "nodes", gloo, Lightning's TorchElastic cluster
+    environment, ``trainer.num_nodes 2``) trains exactly as the 2-process single-node run."""
+    cfg = _config(tmp_path / "nodes", runs / "shards", "lit_sae.data.datamodule.ActivationDataModule")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    bin_dir = Path(sys.executable).parent
+    procs = [subprocess.Popen(
+        [str(bin_dir / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+         "--master-addr", "127.0.0.1", "--master-port", str(port), str(bin_dir / "lit-sae"), "fit", "--config",
+         str(cfg), "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2",
+         "--trainer.strategy", "ddp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    _assert_same(_state(runs / "ddp"), _state(tmp_path / "nodes"))
+    assert _losses(tmp_path / "nodes") == pytest.approx(_losses(runs / "ddp"), rel=1e-9)
