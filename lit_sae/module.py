@@ -353,11 +353,12 @@ class SAEModule(L.LightningModule):
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
         """Export the trained SAE (EMA weights when on) in SAELens's layout."""
+        log_dir = self.trainer.log_dir  # a collective under DDP (broadcast from rank 0): every rank reads it
         if self.hparams.export_dir == "none" or not self.trainer.is_global_zero:
             return
         from lit_sae.export import export_sae
 
-        out = Path(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "sae")
+        out = Path(self.hparams.export_dir or Path(log_dir or ".") / "sae")
         with ExitStack() as stack:
             if self.ema is not None:
                 stack.enter_context(self.ema.swapped_into(self.sae))

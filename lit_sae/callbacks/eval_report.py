@@ -130,6 +130,9 @@ class EvalReport(L.Callback):
 
     # ------------------------------------------------------------------ LM evaluations and report (rank 0)
     def on_test_end(self, trainer, pl_module) -> None:
+        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): read it on every rank, then only rank 0
+        # works on (the other ranks must not be left waiting in a broadcast that only rank 0 would join).
+        self._log_dir = trainer.log_dir
         if not trainer.is_global_zero:
             return
         manifest = _manifest(trainer)
@@ -151,7 +154,7 @@ class EvalReport(L.Callback):
                 batch_size=self.batch_size, device=device, seed=self.seed, progress=self.progress))
         from lit_sae.eval.report import write_report
 
-        out_dir = self.out_dir or trainer.log_dir or "."
+        out_dir = self.out_dir or self._log_dir or "."
         write_report(out_dir, report)
         self._log(trainer, report)
         self._sae = None
@@ -163,7 +166,7 @@ class EvalReport(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         if dm is not None and getattr(dm, "hparams", None):
             cfg["data"] = dict(dm.hparams)
-        log_dir = trainer.log_dir
+        log_dir = self._log_dir
         if log_dir and (Path(log_dir) / "config.yaml").is_file():  # what LightningCLI saved for this run
             cfg["cli"] = (Path(log_dir) / "config.yaml").read_text()
         return cfg
