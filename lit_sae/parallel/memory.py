@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 
 from lit_sae.kernels import MAX_PREACT_BYTES
 
-ACT_COPIES = 8  # (B, d) tensors alive at the step's peak; counted from TopKSAE.forward and measured (see module doc)
+ACT_COPIES = 16  # (B, d) tensors alive at the peak: TopKSAE.forward keeps about 14 for backward with AuxK and
+# Multi-TopK on (centred input, reconstructions, residuals, differences), plus gradients in flight; 8 (the count
+# without AuxK/Multi-TopK) under-predicted the measured CPU peaks by 4-14%, 16 is within 10% (plan_memory.py --validate)
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float64": 8}
 
 
