@@ -4,7 +4,7 @@ import pytest
 
 from lit_sae.kernels import MAX_PREACT_BYTES
 from lit_sae.parallel.memory import ACT_COPIES, gpus_needed, plan_memory
-from lit_sae.parallel.tensor import check_shardable
+from lit_sae.parallel.tensor import check_mesh, check_shardable
 
 
 def test_plan_counts_by_hand():
@@ -28,5 +28,9 @@ def test_gpus_needed_for_16m_latents_on_80gb():
 def test_layout_errors_name_the_keys():
     with pytest.raises(ValueError, match=r"model.n_latents=100 is not divisible by tensor_parallel_size=8"):
         check_shardable(100, 8)
+    with pytest.raises(ValueError, match=r"data_parallel_size=2 x tensor_parallel_size=3 must equal the number of "
+                                         r"processes \(4 = trainer.devices x trainer.num_nodes\)"):
+        check_mesh(4, 2, 3)
+    check_mesh(4, 2, 2)
     with pytest.raises(ValueError, match=r"batch_size_tokens=1000 does not split over data_parallel_size=3"):
         plan_memory(64, 128, 4, 1000, data_parallel_size=3)

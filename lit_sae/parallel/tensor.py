@@ -45,6 +45,14 @@ def check_shardable(n_latents: int, tensor_parallel_size: int) -> None:
                          f"{tensor_parallel_size}: choose n_latents as a multiple of it (or another tensor size)")
 
 
+def check_mesh(world_size: int, data_parallel_size: int, tensor_parallel_size: int) -> None:
+    """Raise ValueError unless data_parallel_size x tensor_parallel_size equals the number of processes."""
+    if data_parallel_size <= 0 or tensor_parallel_size <= 0 or data_parallel_size * tensor_parallel_size != world_size:
+        raise ValueError(f"data_parallel_size={data_parallel_size} x tensor_parallel_size={tensor_parallel_size} must "
+                         f"equal the number of processes ({world_size} = trainer.devices x trainer.num_nodes): "
+                         "change one of them")
+
+
 def _merge_candidates(vals: Tensor, gidx: Tensor, K: int, group) -> tuple[Tensor, Tensor]:
     """Global exact top-K from every shard's candidates: (values (B, K), global indices (B, K) int64).
 
