@@ -181,6 +181,14 @@ class SAEModule(L.LightningModule):
         counts += fired[-1].to(counts.dtype)  # stays on the device: no host sync per step
         counts[fired[:-1] > 0] = 0
 
+    def setup(self, stage: str) -> None:
+        """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data``): DDP on W ranks of
+        ``data.batch_size_tokens`` each trains exactly as one process on the W-times larger batch."""
+        if stage == "fit":
+            from lit_sae.parallel.data import use_data_parallel_losses
+
+            use_data_parallel_losses(self.sae)
+
     def on_fit_start(self) -> None:
         """Initialise b_pre (geometric median) and the input scale from data, once: never on resume."""
         if bool(self.sae.data_initialized):

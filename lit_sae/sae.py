@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lit_sae import kernels
 from lit_sae.checks import check_acts, check_code, check_mask
-from lit_sae.losses import auxk_loss, normalized_mse
+from lit_sae.losses import LOCAL, BatchSum, auxk_loss, normalized_mse
 from lit_sae.median import geometric_median
 
 Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
@@ -104,6 +104,9 @@ class TopKSAE(nn.Module):
         self.activation, self.normalize = activation, normalize
         self.threshold_momentum = threshold_momentum
         self.fast = fast
+        # The data-parallel seam: how the losses' batch statistics are summed over ranks in training (LOCAL: one
+        # process). Set by the trainer's side (``lit_sae.parallel.data``); evaluation always uses this batch only.
+        self.batch_sum: BatchSum = LOCAL
 
         W_dec = torch.randn(n_latents, d_in)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -262,17 +265,18 @@ class TopKSAE(nn.Module):
         x_n, state = self.normalize_input(x.to(self.W_dec.dtype))
         values, indices, multi_values, multi_indices, aux_values, aux_indices = self._encode_n(x_n, dead_mask)
         recon_n = (self._decode_n(values, indices) + self.b_pre).to(x_n.dtype)
-        nmse = normalized_mse(recon_n, x_n)
+        bs = self.batch_sum if self.training else LOCAL  # eval ranks may hold unequal batch counts: no collectives
+        nmse = normalized_mse(recon_n, x_n, bs)
         zero = nmse.new_zeros(())
         multik = zero
         if multi_values is not None:
             # The first k of the top-4k are the top-k: decode only the other 3k and add them to the k-reconstruction.
             k = self.k
             extra = self._decode_n(multi_values[:, k:].contiguous(), multi_indices[:, k:].contiguous())
-            multik = normalized_mse(recon_n + extra.to(x_n.dtype), x_n)
+            multik = normalized_mse(recon_n + extra.to(x_n.dtype), x_n, bs)
         # b_pre stays out of the auxiliary reconstruction: it explains the residual x - x_hat, not x.
         aux_recon = None if aux_values is None else self._decode_n(aux_values, aux_indices).to(x_n.dtype)
-        aux = auxk_loss(aux_recon, (x_n - recon_n).detach())
+        aux = auxk_loss(aux_recon, (x_n - recon_n).detach(), bs)
         loss = nmse + multik / 8 + self.auxk_coef * aux
         mse = (recon_n - x_n).pow(2).mean()
         return SAEOutput(self.denormalize(recon_n, state), values, indices, loss, mse, nmse, aux, multik)

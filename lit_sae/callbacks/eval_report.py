@@ -143,7 +143,7 @@ class EvalReport(L.Callback):
 
     # ------------------------------------------------------------------ LM evaluations and report (rank 0)
     def on_test_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero:  # trainer.log_dir (a collective) was read by every rank in on_test_epoch_end
             return
         manifest = _manifest(trainer)
         report = self.report

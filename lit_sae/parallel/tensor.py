@@ -1,0 +1,248 @@
+"""One TopK SAE sharded over its latents across a tensor-parallel process group (Gao et al. 2024, section 4.1 / OpenAI's
+sharded training): exact TopK, Multi-TopK and AuxK with no dense (B, n_latents) tensor and no full weight on any rank.
+
+Tensor-parallel rank t of T holds latents ``[t * n/T, (t+1) * n/T)``: its rows of ``W_enc``, ``b_enc``, ``W_dec``
+(and so their Adam states) and its dead-latent counters; ``b_pre`` and the normalisation are replicated. Every rank of
+the group sees the same batch (x: (B, d_in)).
+
+Forward (communication per step, B tokens, K = max(k, k_multi)):
+    1. local pre-activations of the shard, in row chunks (``kernels._select_chunks``); the shard's exact top-K
+       (local candidates) and, for AuxK, its top-k_aux among its dead latents;
+    2. ``all_gather`` of the candidates (values, global indices): (B, T*K); the global top-K of the candidates in the
+       exact order of one device (value descending, ties by lower latent index): an element of the global top-K is
+       in its shard's top-K, so nothing is lost;
+    3. decode: each shard sums its own selected latents' rows of W_dec; one all-reduce (B, d_in) adds the partial sums.
+Backward: the output gradient is already on every rank (replicated loss); each shard back-propagates through its own
+selected (row, latent) pairs only (sparse, as ``kernels``), and one all-reduce (B, d_in) sums the shards' parts of
+the input gradient (which reaches ``b_pre``).
+
+The same module also runs data parallel: the losses' batch statistics are summed over the data-parallel group
+(``lit_sae.losses.BatchSum``) and gradients are averaged over it by :func:`average_gradients_`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_sae import kernels
+from lit_sae.losses import LOCAL
+from lit_sae.parallel.collectives import all_gather_cat, copy_to_shards, sum_over_shards
+from lit_sae.sae import ENCODER_INIT_NORM, TopKSAE, _check_config
+
+_CONFIG = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "multi_topk_factor", "activation",
+           "normalize", "threshold_momentum", "fast")
+
+
+def check_shardable(n_latents: int, tensor_parallel_size: int) -> None:
+    """Raise ValueError unless the latents split evenly over the tensor-parallel ranks."""
+    if tensor_parallel_size <= 0 or n_latents % tensor_parallel_size:
+        raise ValueError(f"model.n_latents={n_latents} is not divisible by tensor_parallel_size="
+                         f"{tensor_parallel_size}: choose n_latents as a multiple of it (or another tensor size)")
+
+
+def check_mesh(world_size: int, data_parallel_size: int, tensor_parallel_size: int) -> None:
+    """Raise ValueError unless data_parallel_size x tensor_parallel_size equals the number of processes."""
+    if data_parallel_size <= 0 or tensor_parallel_size <= 0 or data_parallel_size * tensor_parallel_size != world_size:
+        raise ValueError(f"data_parallel_size={data_parallel_size} x tensor_parallel_size={tensor_parallel_size} must "
+                         f"equal the number of processes ({world_size} = trainer.devices x trainer.num_nodes): "
+                         "change one of them")
+
+
+def _merge_candidates(vals: Tensor, gidx: Tensor, K: int, group) -> tuple[Tensor, Tensor]:
+    """Global exact top-K from every shard's candidates: (values (B, K), global indices (B, K) int64).
+
+    Candidate columns are put in ascending latent index, so ``kernels._topk_exact``'s tie rule (lower column first)
+    is the single-device rule (lower latent index first)."""
+    cand_v, cand_i = all_gather_cat(vals, group), all_gather_cat(gidx, group)
+    order = cand_i.argsort(dim=1)
+    cand_v, cand_i = cand_v.gather(1, order), cand_i.gather(1, order)
+    v, pos = kernels._topk_exact(cand_v, K)
+    return v, cand_i.gather(1, pos)
+
+
+class _ShardedTopKEncode(torch.autograd.Function):
+    """Exact global top-K (and AuxK) of a latent-sharded encoder; backward through this shard's selections only."""
+
+    @staticmethod
+    def forward(ctx, x_c, W_enc, b_enc, K, k_aux, dead_idx, offset, n_total, group):
+        n_local = W_enc.shape[0]
+        width_aux = min(k_aux, n_local) if dead_idx is not None else 0
+        vals, idx, aux_v, aux_i = kernels._select_chunks(x_c, W_enc, b_enc, K, dead_idx, width_aux)
+        gv, gi = _merge_candidates(vals, idx + offset, K, group)
+        gv.relu_()
+        ctx.offset, ctx.n_local = offset, n_local
+        av = ai = None
+        if dead_idx is not None:
+            pad = width_aux - aux_v.shape[1]  # this shard may hold fewer dead latents than the others
+            if pad:
+                aux_v = torch.cat([aux_v, aux_v.new_full((aux_v.shape[0], pad), float("-inf"))], dim=1)
+                aux_i = torch.cat([aux_i + offset, aux_i.new_full((aux_i.shape[0], pad), n_total)], dim=1)
+            else:
+                aux_i = aux_i + offset
+            av, ai = _merge_candidates(aux_v, aux_i, k_aux, group)
+            av.relu_()
+        else:
+            av = gv.new_empty(gv.shape[0], 0)
+            ai = gi.new_empty(gi.shape[0], 0)
+        ctx.save_for_backward(x_c, W_enc, gv, gi, av, ai)
+        ctx.b_enc_meta = (b_enc.dtype, b_enc.shape)
+        ctx.mark_non_differentiable(gi, ai)
+        return gv, gi, av, ai
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        pt = W_enc.dtype
+        parts_g, parts_i = [], []
+        for g, v, i in ((g_vals, vals, idx), (g_aux, aux_vals, aux_idx)):
+            if g is None or i.shape[1] == 0:
+                continue
+            owned = (i >= ctx.offset) & (i < ctx.offset + ctx.n_local)
+            parts_g.append((g * ((v > 0) & owned)).to(pt))  # ReLU's gradient, and only this shard's pairs
+            parts_i.append(torch.where(owned, i - ctx.offset, 0))
+        if not parts_g:
+            return (None,) * 9
+        g, ii = torch.cat(parts_g, dim=1), torch.cat(parts_i, dim=1)
+        dx = dW = db = None
+        with torch.autocast(x_c.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:  # this shard's part; copy_to_shards sums the parts
+                dx = F.embedding_bag(ii, W_enc, per_sample_weights=g, mode="sum").to(x_c.dtype)
+            if ctx.needs_input_grad[1]:
+                dW = kernels._scatter_rows(ii, g, x_c.to(pt), ctx.n_local)
+            if ctx.needs_input_grad[2]:
+                b_dtype, b_shape = ctx.b_enc_meta
+                db = torch.zeros(b_shape, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
+                db = db.to(b_dtype)
+        return dx, dW, db, None, None, None, None, None, None
+
+
+class ShardedTopKSAE(TopKSAE):
+    """A :class:`~lit_sae.sae.TopKSAE` whose latents are split over ``tp_group`` (see the module docstring).
+
+    Same ``forward``/``encode``/``decode`` contract and outputs as the unsharded SAE (global latent indices, the
+    global batch's losses), but ``W_enc``, ``b_enc``, ``W_dec`` are this rank's rows (n_latents / T, ...) and
+    ``dead_mask`` is this rank's slice (n_latents / T,) bool. ``activation='topk'`` only; ``fast`` kernels only.
+
+    Build it with :meth:`from_full` (slices an unsharded SAE: tests, small models) or directly (each rank initialises
+    only its rows, from a generator seeded with ``seed`` and its shard: no rank ever holds the full matrices).
+
+    Raises:
+        ValueError: n_latents not divisible by the group size, batchtopk, or any ``TopKSAE`` config error.
+    """
+
+    def __init__(self, d_in: int, n_latents: int, k: int, *, tp_group, seed: int = 0,
+                 encoder_init_norm: float = ENCODER_INIT_NORM, _init: bool = True, **config):
+        nn.Module.__init__(self)
+        T, t = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        check_shardable(n_latents, T)
+        cfg = dict(k_aux=None, auxk_coef=1 / 32, multi_topk=False, multi_topk_factor=4, activation="topk",
+                   normalize="none", threshold_momentum=0.99, fast=True) | config
+        _check_config(d_in, n_latents, k, cfg["k_aux"], cfg["activation"], cfg["normalize"], cfg["multi_topk"],
+                      cfg["multi_topk_factor"])
+        if cfg["activation"] != "topk":
+            raise ValueError("model.activation='batchtopk' cannot be sharded over latents; use 'topk'")
+        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        self.k_aux = min(cfg["k_aux"] if cfg["k_aux"] is not None else d_in // 2, n_latents)
+        for key in ("auxk_coef", "multi_topk", "multi_topk_factor", "activation", "normalize", "threshold_momentum"):
+            setattr(self, key, cfg[key])
+        self.fast = True
+        self.batch_sum = LOCAL
+        self.tp_group, self.tp_size, self.tp_rank = tp_group, T, t
+        self.n_local, self.offset = n_latents // T, t * (n_latents // T)
+        W_dec = torch.empty(self.n_local, d_in)
+        if _init:
+            W_dec.normal_(generator=torch.Generator().manual_seed(seed * 100_003 + t))
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.clone() * encoder_init_norm)
+        self.b_enc = nn.Parameter(torch.zeros(self.n_local))
+        self.b_pre = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("norm_scale", torch.ones(()))
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("data_initialized", torch.zeros((), dtype=torch.bool))
+
+    @classmethod
+    def from_full(cls, sae: TopKSAE, tp_group) -> "ShardedTopKSAE":
+        """This rank's shard of an unsharded ``sae`` (same config, same values; parameters are copies)."""
+        cfg = {key: getattr(sae, key) for key in _CONFIG if key not in ("d_in", "n_latents", "k")}
+        out = cls(sae.d_in, sae.n_latents, sae.k, tp_group=tp_group, _init=False, **cfg)
+        out.batch_sum = sae.batch_sum
+        rows = slice(out.offset, out.offset + out.n_local)
+        with torch.no_grad():
+            out.to(sae.W_dec.dtype)
+            for name in ("W_enc", "b_enc", "W_dec"):
+                getattr(out, name).copy_(getattr(sae, name)[rows])
+            out.b_pre.copy_(sae.b_pre)
+            for name, buf in sae.named_buffers():
+                getattr(out, name).copy_(buf)
+        return out
+
+    def local_rows(self) -> slice:
+        """The latents this rank holds, as a slice of 0..n_latents."""
+        return slice(self.offset, self.offset + self.n_local)
+
+    # ---- the two seams TopKSAE.forward goes through ----------------------------------------------------------------
+    def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor]):
+        k_multi = self.k * self.multi_topk_factor if self.multi_topk else 0
+        K = max(self.k, k_multi)
+        dead_idx, k_aux = None, 0
+        if dead_mask is not None and self.auxk_coef > 0:
+            if dead_mask.numel() != self.n_local:
+                raise ValueError(f"dead_mask has {dead_mask.numel()} entries; a shard needs its {self.n_local}")
+            local = dead_mask.to(x_n.device).nonzero().squeeze(1)
+            total = local.new_tensor([local.numel()])
+            dist.all_reduce(total, group=self.tp_group)
+            if int(total):  # the same decision on every shard
+                dead_idx, k_aux = local, min(self.k_aux, int(total))
+        x_c = copy_to_shards(x_n - self.b_pre, self.tp_group)
+        vals, idx, av, ai = _ShardedTopKEncode.apply(x_c, self.W_enc, self.b_enc, K, k_aux, dead_idx, self.offset,
+                                                     self.n_latents, self.tp_group)
+        multi = (vals, idx) if k_multi else (None, None)
+        aux = (av, ai) if dead_idx is not None else (None, None)
+        return vals[:, :self.k], idx[:, :self.k], *multi, *aux
+
+    def _decode_n(self, values: Tensor, indices: Tensor) -> Tensor:
+        """sum_j values[:, j] W_dec[indices[:, j]] over all shards: this shard's pairs, then one all-reduce."""
+        owned = (indices >= self.offset) & (indices < self.offset + self.n_local)
+        local = torch.where(owned, indices - self.offset, 0)
+        part = kernels.sparse_decode(values * owned, local, self.W_dec)
+        return sum_over_shards(part, self.tp_group)
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """This shard's dense pre-activations (B, n_latents / T) (analysis only)."""
+        return super().pre_acts(x)
+
+
+def average_gradients_(module: nn.Module, dp_group) -> None:
+    """Average every parameter's gradient over the data-parallel group (in place; no-op for one rank)."""
+    if dp_group is None or dist.get_world_size(dp_group) == 1:
+        return
+    n = dist.get_world_size(dp_group)
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=dp_group)
+            p.grad.div_(n)
+
+
+@torch.no_grad()
+def update_dead_counts_(counts: Tensor, values: Tensor, indices: Tensor, offset: int, tokens: int, dp_group,
+                        fire_threshold: float) -> None:
+    """Sharded dead-latent counters: ``counts`` (n_latents / T,) int64 of this shard's latents, tokens since each fired.
+
+    values, indices: (B, k) this data-parallel rank's selection (global indices); ``tokens``: tokens of the global
+    batch (all data-parallel ranks). A latent fired if it fired on any data-parallel rank (one all-reduce over
+    ``dp_group``, of this shard's n_latents / T entries only).
+    """
+    n_local = counts.numel()
+    owned = (indices >= offset) & (indices < offset + n_local) & (values > fire_threshold)
+    fired = torch.zeros(n_local, device=counts.device)
+    fired[indices[owned] - offset] = 1.0
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(fired, group=dp_group)
+    counts += tokens
+    counts[fired > 0] = 0

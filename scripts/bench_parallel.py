@@ -1,0 +1,106 @@
+"""Step time of one SAE training step: one process vs 2-process data parallel vs 2-way tensor parallel (CPU, gloo).
+
+Same global batch and model in every mode (fp32, fast kernels, Adam, decoder constraints, AuxK with a fixed 10% dead
+set, no data loading):
+    single   one process, the whole batch (1 torch thread; ``single-2t``: 2 threads, the fair CPU budget)
+    ddp2     2 processes x 1 thread, each half the batch; losses' batch statistics and gradients all-reduced
+             (``lit_sae.parallel.data.GroupSum`` + a gradient all-reduce: DDP's math without Lightning)
+    tp2      2 processes x 1 thread, each holding half the latents and the whole batch (``ShardedTopKSAE``)
+Prints the median step time per mode and its ratio to ``single``. On a machine shared with other jobs the absolute
+times mean little; read the ratios, measured in one run.
+
+    .venv/bin/python scripts/bench_parallel.py                      # d_in 768, n 16384, k 32, batch 4096
+    .venv/bin/python scripts/bench_parallel.py --n-latents 4096 --batch 1024 --steps 5   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(rank: int, world: int, mode: str, args, port: int, out) -> None:
+    from lit_sae.parallel.data import GroupSum
+    from lit_sae.parallel.tensor import ShardedTopKSAE, average_gradients_
+    from lit_sae.sae import TopKSAE
+
+    torch.set_num_threads(2 if mode == "single-2t" else 1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    full = TopKSAE(args.d_in, args.n_latents, args.k)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.d_in, generator=g) + 0.5
+    dead = torch.rand(args.n_latents, generator=g) < 0.1
+    if mode == "tp2":
+        sae = ShardedTopKSAE.from_full(full, dist.group.WORLD)
+        dead = dead[sae.local_rows()]
+        dp_group = None
+    else:
+        sae, dp_group = full, (dist.group.WORLD if world > 1 else None)
+        if world > 1:
+            sae.batch_sum = GroupSum(dp_group)
+            x = x.chunk(world)[rank]
+    del full
+    sae.train()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    times = []
+    for step in range(args.warmup + args.steps):
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        out_ = sae(x, dead)
+        out_.loss.backward()
+        average_gradients_(sae, dp_group)
+        sae.remove_parallel_grads_()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder_()
+        if world > 1:
+            dist.barrier()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        out[mode] = statistics.median(times)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d-in", type=int, default=768)
+    p.add_argument("--n-latents", type=int, default=16384)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096, help="global batch (tokens per step)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        for mode, world in (("single", 1), ("single-2t", 1), ("ddp2", 2), ("tp2", 2)):
+            mp.spawn(_run, args=(world, mode, args, _free_port(), out), nprocs=world, join=True)
+        results = dict(out)
+    base = results["single"]
+    print(f"d_in {args.d_in}, n_latents {args.n_latents}, k {args.k}, global batch {args.batch}, "
+          f"median of {args.steps} steps")
+    print(f"{'mode':<10} {'step s':>8} {'/ single':>9}")
+    for mode, t in results.items():
+        print(f"{mode:<10} {t:8.3f} {t / base:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
