@@ -90,7 +90,7 @@ def _state(root: Path) -> dict:
     ck = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == STEPS
     state = dict(ck["state_dict"])
-    state["dead_counts"] = ck["callbacks"]["DeadLatentTracker"]["tokens_since_fired"]
+    state["dead_counts"] = ck["state_dict"]["tokens_since_fired"]  # a module buffer (also compared as such)
     for pid, per_param in ck["optimizer_states"][0]["state"].items():
         for key, t in per_param.items():
             state[f"adam.{pid}.{key}"] = t

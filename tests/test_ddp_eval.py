@@ -45,7 +45,7 @@ def test_eval_under_ddp_runs_on_rank_0_without_hanging(harvested, tmp_path):  # 
                  "init_args": {"every_n_steps": 2, "n_contexts": 4}},
             ],
         },
-        "model": {"n_latents": 64, "k": 4, "init_tokens": 256},  # export_dir: default <log_dir>/sae
+        "model": {"n_latents": 64, "k": 4, "init_tokens": 256},  # export_dir: default <root>/sae
         "data": {"class_path": "lit_sae.data.datamodule.ActivationDataModule",
                  "init_args": {"path": str(harvested / "shards"), "batch_size_tokens": 64,
                                "shuffle_buffer_tokens": 256, "num_workers": 0}},
@@ -55,7 +55,7 @@ def test_eval_under_ddp_runs_on_rank_0_without_hanging(harvested, tmp_path):  # 
     _run("fit", "--config", str(root / "config.yaml"), *DDP)
     rows = [r for r in csv.DictReader(open(root / "csv" / "version_0" / "metrics.csv")) if r.get("val/delta_ce")]
     assert [int(r["step"]) for r in rows] == [2, 4] and all(math.isfinite(float(r["val/delta_ce"])) for r in rows)
-    assert (root / "csv" / "version_0" / "sae" / "cfg.json").is_file()  # by rank 0, into the logger's folder
+    assert (root / "sae" / "cfg.json").is_file()  # by rank 0, into the run folder
 
     eval_cfg = {"trainer": {"callbacks+": [{"class_path": "lit_sae.callbacks.eval_report.EvalReport", "init_args": {
         "out_dir": str(tmp_path / "report"), "n_contexts": 8, "probe_contexts": 24, "n_ablation_latents": 4,
