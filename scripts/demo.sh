@@ -21,7 +21,7 @@ echo "== 4/4 features: the feature browser on the held-out split (N2G explanatio
 lit-sae features --ckpt_path "$OUT/checkpoints/last.ckpt" --out_dir "$OUT/features"
 browser="$OUT/features/index.html"
 
-report="$OUT/report.md"
+report="$OUT/report.md"  # the run folder holds the report, next to checkpoints/ and sae/
 [ -e "$report" ] || report=""
 cat <<MSG
 
