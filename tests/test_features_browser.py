@@ -71,7 +71,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(run):
-    page = features(str(run / "checkpoints" / "last.ckpt"), progress=False)
+    page = features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), progress=False)
     return page
 
 
@@ -175,21 +175,21 @@ def test_bad_inputs_name_the_file(run, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.ckpt"):
-        features(str(bad), progress=False)
+        features(ckpt_path=str(bad), progress=False)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        features(str(tmp_path / "missing.ckpt"), progress=False)
+        features(ckpt_path=str(tmp_path / "missing.ckpt"), progress=False)
     broken = tmp_path / "shards"
     broken.mkdir()
     (broken / "manifest.json").write_text("{ truncated")
     with pytest.raises(ValueError, match=r"shards/manifest.json.*not valid JSON"):
-        features(str(run / "checkpoints" / "last.ckpt"), manifest=str(broken), progress=False)
+        features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), manifest=str(broken), progress=False)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        features(str(run / "checkpoints" / "last.ckpt"), manifest=str(tmp_path / "nowhere"), progress=False)
+        features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), manifest=str(tmp_path / "nowhere"), progress=False)
     wide = TopKSAE(48, 64, 4)
     wide.data_initialized.fill_(True)
     export_sae(wide, tmp_path / "wide", hook_point="blocks.0.hook_resid_post")
     with pytest.raises(ValueError, match=r"wide: the SAE's d_in=48 differs from d_in=32 .*manifest.json"):
-        features(str(tmp_path / "wide"), manifest=str(run / "shards"), progress=False)
+        features(ckpt_path=str(tmp_path / "wide"), manifest=str(run / "shards"), progress=False)
     assert not (tmp_path / "features").exists()
 
 
@@ -202,8 +202,8 @@ def test_untrained_checkpoint_is_refused(run, tmp_path):
     path = tmp_path / "run" / "checkpoints" / "untrained.ckpt"
     trainer.save_checkpoint(path)
     with pytest.raises(ValueError, match="untrained.ckpt.*no training tokens.*allow_untrained"):
-        features(str(path), manifest=str(run / "shards"), progress=False)
-    page = features(str(path), manifest=str(run / "shards"), allow_untrained=True, progress=False, n2g=False,
+        features(ckpt_path=str(path), manifest=str(run / "shards"), progress=False)
+    page = features(ckpt_path=str(path), manifest=str(run / "shards"), allow_untrained=True, progress=False, n2g=False,
                     n_contexts=2)
     assert page == tmp_path / "run" / "features" / "index.html"
 
@@ -216,7 +216,7 @@ def test_interrupted_write_leaves_nothing_complete(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(write.resources, "files", boom)  # fails after the data files were written
     with pytest.raises(OSError, match="disk full"):
-        features(str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "f"), progress=False, n2g=False,
+        features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "f"), progress=False, n2g=False,
                  n_contexts=2)
     assert not (tmp_path / "f").exists() and list(tmp_path.iterdir()) == []
 
@@ -252,7 +252,7 @@ def test_test_report_has_explainability(run, tmp_path):
 
 
 def test_train_split_token_budget(run, browser, tmp_path):
-    page = features(str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "t"), split="train",
+    page = features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "t"), split="train",
                     train_tokens=300, n2g=False, progress=False)
     summary = json.loads((page.parent / "data" / "summary.json").read_text())
     assert summary["source"]["split"] == "train" and 300 <= summary["n_tokens"] < 300 + 32
@@ -265,7 +265,7 @@ def test_export_folder_finds_the_run_shards(run, tmp_path):
     """An exported SAE inside a run folder (runs/x/sae) is browsed with the run's shards, output beside it."""
     shutil.copytree(run / "sae", tmp_path / "sae")
     (tmp_path / "shards").symlink_to(run / "shards")
-    page = features(str(tmp_path / "sae"), n2g=False, n_contexts=3, progress=False)
+    page = features(ckpt_path=str(tmp_path / "sae"), n2g=False, n_contexts=3, progress=False)
     assert page == tmp_path / "features" / "index.html"
     summary = json.loads((page.parent / "data" / "summary.json").read_text())
     assert summary["sae"]["tokens_seen"] is None and summary["source"]["manifest"].endswith("manifest.json")

@@ -133,6 +133,7 @@ def _vocab(tokenizer, ids) -> dict[int, str]:
 
 
 def features(
+    *,
     ckpt_path: str,
     manifest: Optional[str] = None,
     out_dir: Optional[str] = None,
