@@ -152,12 +152,14 @@ def test_page_in_headless_chromium(browser, tmp_path):
     print(f"screenshot: {shot}")
 
 
-def test_cli_features_and_errors(run, tmp_path, capsys):
+def test_cli_features_and_errors(run, tmp_path, capsys, caplog):
     ckpt = run / "checkpoints" / "last.ckpt"
+    caplog.set_level("INFO", logger="lit_sae")
     main(["features", "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "b"), "--n2g", "false",
           "--progress", "false", "--n_contexts", "4"])
     said = capsys.readouterr()
-    assert str(tmp_path / "b" / "index.html") in said.out + said.err  # the command says where the browser is
+    assert str(tmp_path / "b" / "index.html") in said.out + said.err + caplog.text  # it says where the browser is
+    assert "estimated memory for 48 latents" in caplog.text  # said before starting
     # without the in-memory code cache (the LM re-encodes the text in each pass) the data are the same
     main(["features", "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "c"), "--n2g", "false",
           "--progress", "false", "--n_contexts", "4", "--cache_mb", "0", "--batch_size", "3"])
