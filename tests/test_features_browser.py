@@ -271,3 +271,34 @@ def test_export_folder_finds_the_run_shards(run, tmp_path):
     assert page == tmp_path / "features" / "index.html"
     summary = json.loads((page.parent / "data" / "summary.json").read_text())
     assert summary["sae"]["tokens_seen"] is None and summary["source"]["manifest"].endswith("manifest.json")
+
+
+def test_browser_never_replaces_an_unrelated_folder(tmp_path):
+    """An --out_dir that holds anything but an earlier browser is refused and left as it was."""
+    from lit_sae.features.write import _is_browser
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    assert not _is_browser(mine)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _is_browser(empty)
+    browser = tmp_path / "features"
+    (browser / "data").mkdir(parents=True)
+    (browser / "js").mkdir()
+    (browser / "index.html").write_text("<html></html>")
+    (browser / "data" / "summary.json").write_text("{}")
+    assert _is_browser(browser)
+    (browser / "extra.txt").write_text("a user's file")
+    assert not _is_browser(browser)
+
+
+def test_features_refuses_an_unrelated_out_dir(run, tmp_path):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes: exists and is not a feature browser"):
+        features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), out_dir=str(mine), progress=False, n2g=False,
+                 n_contexts=2)
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"] and (mine / "thesis.tex").read_text() == "keep me"

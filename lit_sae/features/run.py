@@ -183,7 +183,7 @@ def features(
     from lit_sae.eval.report import held_out_contexts, settings_from_manifest
     from lit_sae.features.collect import FeatureCollector, memory_estimate
     from lit_sae.features.decoder import decoder_neighbours, final_norm_and_unembedding, logit_effects
-    from lit_sae.features.write import latent_records, write_browser
+    from lit_sae.features.write import check_out_dir, latent_records, write_browser
 
     sae, info = load_sae(ckpt_path)
     if info["tokens_seen"] == 0 and not allow_untrained:
@@ -206,6 +206,7 @@ def features(
                          f"{man['hook_point']}; pass the matching manifest")
     s = settings_from_manifest(man)
     out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
+    check_out_dir(out)  # before any work: a folder that is not an earlier browser is never replaced
     L = sae.n_latents
     mem = memory_estimate(L)
     log.info("estimated memory for %d latents: %.1f MB (%s), plus the LM and, for N2G, k x 12 bytes per token of "

@@ -157,14 +157,32 @@ def _dump(path: Path, obj: Any, js_var: str | None = None, js_dir: Path | None =
             f"LITSAE.{js_var}({text.replace('</', '<' + chr(92) + '/')});\n", encoding="utf-8")
 
 
+def _is_browser(folder: Path) -> bool:
+    """True for an empty folder or one holding exactly what :func:`write_browser` writes."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else {"?"}
+    return not names or (names == {"index.html", "data", "js"} and (folder / "data" / "summary.json").is_file())
+
+
+def check_out_dir(out: Path) -> None:
+    """ValueError unless ``out`` is new, empty or an earlier feature browser (which ``write_browser`` replaces)."""
+    if out.exists() and not _is_browser(out):
+        raise ValueError(f"{out}: exists and is not a feature browser written by lit-sae features; choose another "
+                         "--out_dir (nothing was written)")
+
+
 def write_browser(out_dir: str | os.PathLike, records: list[dict], contexts: list[list[int]], vocab: dict[int, str],
                   stats: FeatureStats, meta: dict) -> Path:
-    """Write the browser folder ``out_dir`` (replaced if it exists) and return the path of its index.html.
+    """Write the browser folder ``out_dir`` and return the path of its index.html.
+
+    An earlier feature browser in ``out_dir`` is replaced; any other non-empty folder there is never touched
+    (ValueError naming it). The folder is written beside ``out_dir`` and renamed into place, with the permissions
+    the user's umask gives.
 
     ``records``: :func:`latent_records`; ``contexts``: token ids of every context the records refer to (by index);
     ``vocab``: token id -> text for the ids used; ``meta``: JSON-able facts about the SAE and the run (``sae``,
     ``source``, ``report``, ``explainability``)."""
     out = Path(out_dir)
+    check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -185,7 +203,9 @@ def write_browser(out_dir: str | os.PathLike, records: list[dict], contexts: lis
                 f"LITSAE.chunk({s // CHUNK},{text.replace('</', '<' + chr(92) + '/')});\n", encoding="utf-8")
         page = resources.files("lit_sae.features").joinpath("static", "index.html").read_text(encoding="utf-8")
         (tmp / "index.html").write_text(page, encoding="utf-8")
-        os.chmod(tmp, 0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / out.name)
