@@ -23,20 +23,32 @@ LIGHTNING_COMMANDS = {
 INTRO = "lit-sae: TopK sparse autoencoders (Gao et al., 2024) on PyTorch Lightning."
 
 
-def tools() -> dict[str, Callable]:
-    """The commands that are plain functions, by name, in workflow order; jsonargparse builds each one's options
-    from its signature and docstring (the first docstring line is its line in ``lit-sae --help``)."""
-    from lit_sae.commands import export
-    from lit_sae.data.harvest import run_harvest
+# The commands that are plain functions, in workflow order: name -> (module, function, its line in `lit-sae --help`,
+# which tests/test_cli_console.py keeps equal to the function's first docstring line). jsonargparse builds a
+# command's options from the function's signature and docstring; only the command that runs is imported, so
+# `lit-sae --help` loads neither torch nor Lightning.
+TOOLS = {
+    "harvest": ("lit_sae.data.harvest", "run_harvest",
+                "Harvest activations of model at hook_point over a text source into webdataset shards."),
+    "export": ("lit_sae.commands.export", "export", "Export a checkpoint's SAE (its EMA weights when EMA was on) "
+               "for SAELens (default), sparsify or OpenAI's layout."),
+    "features": ("lit_sae.features.run", "features",
+                 "Collect per-latent statistics of an SAE and write the feature browser; returns the path of "
+                 "index.html."),
+}
 
-    from lit_sae.features.run import features
 
-    return {"harvest": run_harvest, "export": export, "features": features}
+def tool(name: str) -> Callable:
+    """The function behind the command ``name`` (a key of ``TOOLS``)."""
+    from importlib import import_module
+
+    module, function, _ = TOOLS[name]
+    return getattr(import_module(module), function)
 
 
-def description(commands: dict[str, Callable]) -> str:
+def description() -> str:
     """``lit-sae --help``'s table: every command with one line, the LightningCLI ones after harvest."""
-    lines = {name: (fn.__doc__ or "").strip().splitlines()[0].replace("``", "") for name, fn in commands.items()}
+    lines = {name: line for name, (_, _, line) in TOOLS.items()}
     ordered = {k: lines[k] for k in list(lines)[:1]} | LIGHTNING_COMMANDS | {k: lines[k] for k in list(lines)[1:]}
     width = max(map(len, ordered)) + 3
     table = "\n".join(f"  {name:<{width}}{text}" for name, text in ordered.items())
@@ -44,31 +56,35 @@ def description(commands: dict[str, Callable]) -> str:
 
 
 def run_tools(argv: list[str]) -> Any:
-    """``lit-sae harvest | export | features ...`` (and ``lit-sae --help``), parsed by ``jsonargparse.CLI``."""
+    """``lit-sae harvest | export | features ...`` parsed by ``jsonargparse.CLI`` from the command's function; anything
+    else (``lit-sae``, ``lit-sae --help``, an unknown command) gets the command table."""
     import argparse
 
-    from jsonargparse import CLI, DefaultHelpFormatter
+    from jsonargparse import CLI, ArgumentParser, DefaultHelpFormatter
+
+    if argv and argv[0] in TOOLS:
+        fn = tool(argv[0])
+        return CLI(fn, args=_bare_bool_flags(argv[1:], fn), prog=f"lit-sae {argv[0]}", parser_mode="omegaconf")
 
     class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Keeps the command table of the description as written."""
 
-    commands = tools()
-    return CLI(commands, args=_bare_bool_flags(argv, commands), prog="lit-sae", description=description(commands), formatter_class=Formatter,
-               parser_mode="omegaconf")
+    parser = ArgumentParser(prog="lit-sae", usage="lit-sae COMMAND [options]", description=description(),
+                            formatter_class=Formatter)
+    parser.add_argument("command", choices=[*TOOLS, *LIGHTNING_COMMANDS], help=argparse.SUPPRESS)
+    parser.parse_args(argv[:1])  # prints the table for --help; exit 2 naming the valid commands otherwise
+    return None
 
 
-def _bare_bool_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]:
-    """``--overwrite`` alone means ``--overwrite true`` for a command's bool parameters (jsonargparse wants a value)."""
+def _bare_bool_flags(args: list[str], fn: Callable) -> list[str]:
+    """``--overwrite`` alone means ``--overwrite true`` for ``fn``'s bool parameters (jsonargparse wants a value)."""
     import inspect
 
-    if not argv or argv[0] not in commands:
-        return argv
-    flags = {f"--{name}" for name, p in inspect.signature(commands[argv[0]]).parameters.items()
-             if p.annotation in (bool, "bool")}
+    flags = {f"--{name}" for name, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
     out = []
-    for i, arg in enumerate(argv):
+    for i, arg in enumerate(args):
         out.append(arg)
-        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+        if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("-")):
             out.append("true")
     return out
 

@@ -87,3 +87,11 @@ def test_feature_recovery_logs_best_cosine_by_hand(tmp_path):
     expected = float((true @ (dec / dec.norm(dim=1, keepdim=True)).T).max(dim=1).values.mean())
     assert float(trainer.callback_metrics["val/best_cosine"]) == pytest.approx(expected, abs=1e-5)
     assert 0.3 < expected < 1.0
+
+
+def test_command_table_lines_are_the_functions_docstrings():
+    """`lit-sae --help` shows each command's line without importing it: the line must be its docstring's first."""
+    from lit_sae.cli import TOOLS, tool
+
+    for name, (_, _, line) in TOOLS.items():
+        assert (tool(name).__doc__ or "").strip().splitlines()[0].replace("``", "") == line, name
