@@ -688,12 +688,16 @@ def test_without_checkpoint(tmp: Path) -> Result:
 def resume_epoch_boundary(tmp: Path) -> Result:
     """A run stopped on the last batch of epoch 1 (step 24 of 24) and resumed under max_epochs: 2 sees exactly
     the uninterrupted run's batches and losses in epoch 2 and stops after 48 steps (issue 10 item 1; the stream's
-    position is the DataModule's own saved state)."""
+    position is the DataModule's own saved state). The stop at step 24 is a second run with max_steps 24, so the LR
+    schedule must not depend on the run's length: warm-up only (the decay's exactness across a resume is tested in
+    tests/test_data_resume.py, which copies the uninterrupted run's own checkpoint)."""
     shards = make_shards(tmp / "shards")
     epochs = "max_steps: -1\nmax_epochs: 2"
-    full = write_config(tmp / "full.yaml", shards, tmp / "full", tmp / "full.tsv", trainer=epochs)
-    part = write_config(tmp / "part.yaml", shards, tmp / "part", tmp / "part.tsv", trainer="max_steps: 24")
-    res = write_config(tmp / "res.yaml", shards, tmp / "part", tmp / "resumed.tsv", trainer=epochs)
+    warmup_only = "decay_start: null"
+    full = write_config(tmp / "full.yaml", shards, tmp / "full", tmp / "full.tsv", trainer=epochs, model=warmup_only)
+    part = write_config(tmp / "part.yaml", shards, tmp / "part", tmp / "part.tsv", trainer="max_steps: 24",
+                        model=warmup_only)
+    res = write_config(tmp / "res.yaml", shards, tmp / "part", tmp / "resumed.tsv", trainer=epochs, model=warmup_only)
     for cfg, args in ((full, ()), (part, ()), (res, ("--ckpt_path", "last"))):
         code, out = finish(fit_subprocess(cfg, *args))
         if code != 0:
@@ -719,7 +723,7 @@ def ddp_eval_uneven(tmp: Path) -> Result:
     if code != 0:
         return Result(False, f"fit/export exit {code}: {error_line(err)}")
     report_cb = ("    - class_path: lit_sae.callbacks.eval_report.EvalReport\n      init_args:\n        downstream: false\n"
-                 "        probes: false\n        ablation: false\n        progress: false\n")
+                 "        probes: false\n        ablation: false\n        explain: false\n        progress: false\n")
     seen = {}
     for world in (1, 2, 3):
         out_dir = tmp / f"report{world}"
