@@ -55,14 +55,18 @@ class ActivationDataModule(L.LightningDataModule):
         path: a shard folder, a ``manifest.json`` path, a brace pattern of shards (``dir/train-{000000..000009}.tar``:
             only the listed shards that the pattern names are used) or any URL webdataset opens
             (``https://host/shards``, ``file:``, ``gs://``, ...) whose folder holds manifest.json.
-        batch_size_tokens: tokens (activation vectors) per batch.
+        batch_size_tokens: tokens (activation vectors) per batch, per process: under DDP the global batch is this
+            times the number of processes.
         shuffle_buffer_tokens: tokens mixed by the token shuffle (windows of several blocks, so tokens of many
             contexts share a batch). Memory per worker: about 2 * d_in * this many bytes. 0 disables token shuffle.
-        num_workers: DataLoader worker processes (0: read in the main process). On 2 cores, 1 is a good default.
+        num_workers: DataLoader worker processes (0: read in the main process). A worker overlaps reading with the
+            step where cores are spare; on a 2-core machine it takes a core from the step, and 0 is faster (the
+            quickstart recipe measured it).
         seed: fixes shard order and token permutations (with the epoch).
         skip_nonfinite: skip rows with NaN/Inf (warning, counted in ``nonfinite_skipped`` and logged as
             ``data/nonfinite_skipped``) instead of raising ShardError.
-        val_tokens, test_tokens: use only the first this many tokens of the val/test split (None: all).
+        val_tokens: validate on only the first this many tokens of the val split (None: all; 0: no validation).
+        test_tokens: test on only the first this many tokens of the test split (None: all).
         shuffle: shuffle the training stream (False: manifest order, for debugging).
         manifest_path: read manifest.json from here instead of from ``path``'s folder (shards are still
             ``{path folder}/{name}``).
