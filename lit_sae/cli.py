@@ -127,7 +127,14 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         quiet_third_party()
     try:
-        if argv and argv[0] in LIGHTNING_COMMANDS:
+        if len(argv) > 1 and argv[0] == "sweep" and argv[1] in LIGHTNING_COMMANDS:
+            # `lit-sae sweep fit|validate|test --config ...`: several SAEs on one stream (lit_sae.sweep)
+            from lit_sae.sweep import SAESweepModule
+
+            if from_console:  # LightningCLI reads sys.argv itself: drop the word "sweep" there
+                sys.argv = [sys.argv[0], *argv[1:]]
+            run_lightning(None if from_console else argv[1:], model_class=SAESweepModule)
+        elif argv and argv[0] in LIGHTNING_COMMANDS:
             # From the console, LightningCLI reads sys.argv itself (passing it as well makes it warn).
             run_lightning(None if from_console else argv)
         else:
