@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD
 from lit_sae.checks import check_acts
 from lit_sae.metrics import L0, NormalizedMSE
-from lit_sae.module import PAPER_EPS, _rng_states, _set_rng_states, batch_acts, default_lr
+from lit_sae.module import PAPER_EPS, batch_acts, default_lr
+from lit_sae.resume_state import rng_states, set_rng_states
 from lit_sae.runs import export_dir
 from lit_sae.sae import TopKSAE
 
@@ -48,8 +49,8 @@ def expand_specs(saes: Optional[list[dict[str, Any]]], grid: Optional[dict[str, 
                  defaults: dict[str, Any]) -> list[dict[str, Any]]:
     """One settings dict per SAE: ``defaults`` updated by each entry of ``saes``, then by each point of the Cartesian
     product of ``grid`` (keys of ``SAE_KEYS`` and ``lr``). Every dict gets a ``name``: the entry's name (or its
-    settings) followed by its grid values, e.g. ``topk-n_latents4096``. Raises ValueError naming the key for unknown keys, an empty
-    sweep or duplicate names."""
+    settings) followed by its grid values, e.g. ``topk-n_latents4096``. Raises ValueError naming the key for unknown
+    keys, an empty grid list or duplicate names."""
     allowed = set(SAE_KEYS) | {"lr", "name"}
     base = [dict(s) for s in (saes or [{}])]
     for i, spec in enumerate(base):
@@ -212,14 +213,14 @@ class SAESweepModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = _rng_states()
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_rng = checkpoint.get("rng_states")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._resumed_rng is not None:
-            _set_rng_states(self._resumed_rng)
+            set_rng_states(self._resumed_rng)
             self._resumed_rng = None
 
     # ------------------------------------------------------------------ training
