@@ -19,6 +19,7 @@ LIGHTNING_COMMANDS = {
     "validate": "Validation metrics (val/nmse, val/l0) of a run's checkpoint.",
     "test": "Test metrics of a run's checkpoint; with callbacks/eval.yaml the full evaluation report.",
 }
+SWEEP = ("sweep", "fit | validate | test of several SAEs on one activation stream (configs/sweep.yaml).")
 
 INTRO = "lit-sae: TopK sparse autoencoders (Gao et al., 2024) on PyTorch Lightning."
 
@@ -49,7 +50,8 @@ def tool(name: str) -> Callable:
 def description() -> str:
     """``lit-sae --help``'s table: every command with one line, the LightningCLI ones after harvest."""
     lines = {name: line for name, (_, _, line) in TOOLS.items()}
-    ordered = {k: lines[k] for k in list(lines)[:1]} | LIGHTNING_COMMANDS | {k: lines[k] for k in list(lines)[1:]}
+    ordered = ({k: lines[k] for k in list(lines)[:1]} | LIGHTNING_COMMANDS | dict([SWEEP])
+               | {k: lines[k] for k in list(lines)[1:]})
     width = max(map(len, ordered)) + 3
     table = "\n".join(f"  {name:<{width}}{text}" for name, text in ordered.items())
     return f"{INTRO}\n\nCommands (`lit-sae COMMAND --help` shows the options of each):\n{table}\n"
@@ -71,7 +73,7 @@ def run_tools(argv: list[str]) -> Any:
 
     parser = ArgumentParser(prog="lit-sae", usage="lit-sae COMMAND [options]", description=description(),
                             formatter_class=Formatter)
-    parser.add_argument("command", choices=[*TOOLS, *LIGHTNING_COMMANDS], help=argparse.SUPPRESS)
+    parser.add_argument("command", choices=[*TOOLS, *LIGHTNING_COMMANDS, SWEEP[0]], help=argparse.SUPPRESS)
     parser.parse_args(argv[:1])  # prints the table for --help; exit 2 naming the valid commands otherwise
     return None
 
@@ -143,7 +145,13 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         quiet_third_party()
     try:
-        if argv and argv[0] in LIGHTNING_COMMANDS:
+        if len(argv) > 1 and argv[0] == "sweep" and argv[1] in LIGHTNING_COMMANDS:
+            # `lit-sae sweep fit|validate|test --config ...`: several SAEs on one stream (lit_sae.sweep)
+            from lit_sae.sweep import SAESweepModule
+
+            # sys.argv stays as typed: DDP re-launches it for the other ranks, which must take this branch too
+            run_lightning(argv[1:], model_class=SAESweepModule)
+        elif argv and argv[0] in LIGHTNING_COMMANDS:
             # From the console, LightningCLI reads sys.argv itself (passing it as well makes it warn).
             run_lightning(None if from_console else argv)
         else:

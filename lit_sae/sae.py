@@ -7,9 +7,9 @@
 Latents are kept sparse as (values, indices) pairs of shape (B, k); no dense (B, n_latents) code is built in
 training (the encoder's dense pre-activations exist only inside ``kernels.topk_encode``).
 
-The SAE saves and loads itself in SAELens's layout (``save_pretrained`` / ``from_pretrained``); ``relu`` and
-``jumprelu`` activations exist so that SAEs of those architectures from other libraries load and reconstruct exactly
-(inference only: lit-sae trains topk and batchtopk).
+The SAE saves and loads itself in SAELens's layout (``save_pretrained`` / ``from_pretrained``). Besides ``topk`` and
+``batchtopk`` it trains the baselines ``relu`` (+ L1), ``jumprelu`` and ``matryoshka_batchtopk``, whose objectives
+live in ``lit_sae.activations``; SAEs of those architectures from other libraries load and reconstruct exactly.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any, Literal, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from lit_sae import kernels
+from lit_sae import activations, kernels
 from lit_sae.checks import check_acts, check_code, check_mask
 from lit_sae.losses import LOCAL, BatchSum, auxk_loss, normalized_mse
 from lit_sae.median import geometric_median
 
-Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
-INFERENCE_ONLY = ("relu", "jumprelu")  # loaded from other libraries; no training recipe in lit-sae
+Activation = Literal["topk", "batchtopk", "relu", "jumprelu", "matryoshka_batchtopk"]
+THRESHOLD_CODES = ("relu", "jumprelu")  # dense ReLU-family pre-activations, packed to a code of variable L0
 Normalize = Literal["none", "scalar", "layernorm"]
 
 # As OpenAI's released v5 TopK SAEs (sparse_autoencoder/model.py, LN) and SAELens's layer_norm: the eps is added to
@@ -58,6 +58,8 @@ class SAEOutput(NamedTuple):
     """Normalised MSE of the dead latents' reconstruction of the residual; 0 when nothing is dead."""
     multik_loss: Tensor
     """Normalised MSE at k * multi_topk_factor latents; 0 when Multi-TopK is off."""
+    sparsity_loss: Optional[Tensor] = None
+    """relu: normalised L1; jumprelu: mean L0 (STE); unweighted, the loss holds it times sparsity_coef * warm-up."""
 
 
 class TopKSAE(nn.Module):
@@ -70,13 +72,23 @@ class TopKSAE(nn.Module):
         k_aux: latents used by the AuxK loss (default d_in // 2, the paper's choice).
         auxk_coef: weight of the AuxK loss (1/32 in the paper).
         multi_topk: add L(multi_topk_factor * k) / 8 to the loss (the paper's Multi-TopK, factor 4).
-        activation: ``topk`` (per token) or ``batchtopk`` (k*B over the batch, threshold at inference); ``relu``
-            and ``jumprelu`` (a per-latent ``threshold``, z = relu(pre) * (pre > threshold)) are inference-only,
-            for SAEs loaded from other libraries (k is then unused: pass n_latents).
+        activation: ``topk`` (per token), ``batchtopk`` (k*B over the batch, threshold at inference),
+            ``matryoshka_batchtopk`` (BatchTopK whose prefixes each reconstruct x), ``relu`` (+ L1) or ``jumprelu``
+            (a learned per-latent ``threshold``, z = relu(pre) * (pre > threshold), L0 penalty); for the last two k
+            is unused (pass any valid k). Objectives: ``lit_sae.activations``.
         normalize: ``none``, ``scalar`` (one factor with E||x||^2 = d_in) or ``layernorm`` (per token).
         encoder_init_norm: row norm of W_enc at init (W_enc starts as the decoder's transpose times this; the
             paper ties them at 1.0, 0.5 measured better on short runs).
         fast: use the sparse custom-autograd kernels (False: the dense reference path, for checking).
+        sparsity_coef: relu: weight of the normalised L1 ||z||_1 / ||x||_2; jumprelu: weight of the L0 (>= 0).
+        sparsity_warmup_steps: the penalty ramps linearly from 0 over this many training steps (0: none).
+        jumprelu_bandwidth: the STE's kernel width eps (Rajamanoharan et al.: 0.001).
+        jumprelu_init_threshold: every latent's threshold at init (0.001, as Gemma Scope).
+        matryoshka_prefixes: increasing prefix sizes of the dictionary for ``matryoshka_batchtopk`` (n_latents is
+            added as the last prefix).
+
+    Raises:
+        ValueError: a setting that cannot train, naming its key (unknown activation, negative penalty or threshold).
     """
 
     def __init__(
@@ -94,8 +106,15 @@ class TopKSAE(nn.Module):
         encoder_init_norm: float = ENCODER_INIT_NORM,
         threshold_momentum: float = 0.99,
         fast: bool = True,
+        sparsity_coef: float = 0.0,
+        sparsity_warmup_steps: int = 0,
+        jumprelu_bandwidth: float = activations.JUMPRELU_BANDWIDTH,
+        jumprelu_init_threshold: float = activations.JUMPRELU_INIT_THRESHOLD,
+        matryoshka_prefixes: Optional[list[int]] = None,
     ):
         super().__init__()
+        activations.check_settings(activation, sparsity_coef, sparsity_warmup_steps, jumprelu_bandwidth,
+                                   jumprelu_init_threshold, matryoshka_prefixes, n_latents)
         _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, multi_topk_factor)
         self.d_in, self.n_latents, self.k = d_in, n_latents, k
         self.k_aux = min(k_aux if k_aux is not None else d_in // 2, n_latents)
@@ -107,6 +126,10 @@ class TopKSAE(nn.Module):
         # The data-parallel seam: how the losses' batch statistics are summed over ranks in training (LOCAL: one
         # process). Set by the trainer's side (``lit_sae.parallel.data``); evaluation always uses this batch only.
         self.batch_sum: BatchSum = LOCAL
+        self.sparsity_coef, self.sparsity_warmup_steps = sparsity_coef, sparsity_warmup_steps
+        self.jumprelu_bandwidth, self.jumprelu_init_threshold = jumprelu_bandwidth, jumprelu_init_threshold
+        prefixes = list(matryoshka_prefixes or [])
+        self.matryoshka_prefixes = prefixes + ([n_latents] if prefixes and prefixes[-1] != n_latents else [])
 
         W_dec = torch.randn(n_latents, d_in)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -116,8 +139,13 @@ class TopKSAE(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d_in))
         # Estimated from data at the start of a fit; saved with the weights so a resume does not redo it.
         self.register_buffer("norm_scale", torch.ones(()))
-        # batchtopk: one learned threshold; jumprelu: one per latent; relu: 0 (unused by topk)
-        self.register_buffer("threshold", torch.zeros(n_latents) if activation == "jumprelu" else torch.zeros(()))
+        # batchtopk: one threshold (a running estimate); jumprelu: one per latent, learned; relu: 0 (unused by topk)
+        if activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((n_latents,), float(jumprelu_init_threshold)))
+        else:
+            self.register_buffer("threshold", torch.zeros(()))
+        if activation in THRESHOLD_CODES:  # training steps taken, for the penalty's warm-up (saved: exact resume)
+            self.register_buffer("sparsity_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("data_initialized", torch.zeros((), dtype=torch.bool))
         self.metadata: dict[str, Any] = {}  # where a loaded SAE came from (hook_name, model_name, ...)
 
@@ -202,16 +230,18 @@ class TopKSAE(nn.Module):
         return decode(values, indices, self.W_dec)
 
     def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor]):
-        """Returns (values, indices, multi_values, multi_indices, aux_values, aux_indices) in the SAE's space."""
+        """Returns (values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity_loss) in the SAE's
+        space (sparsity_loss: None but for relu / jumprelu)."""
         use_aux = dead_mask is not None and self.auxk_coef > 0
-        if self.activation in INFERENCE_ONLY:
-            if self.training and torch.is_grad_enabled():
-                raise ValueError(f"activation={self.activation!r} is inference-only in lit-sae (loaded from another "
-                                 "library): evaluate it in eval mode, or train activation 'topk' / 'batchtopk'")
-            return (*_threshold_code(torch.relu((x_n - self.b_pre) @ self.W_enc.T + self.b_enc),
-                                     self.threshold), None, None, None, None)
-        if self.activation == "batchtopk":
-            return self._encode_batchtopk(x_n, dead_mask if use_aux else None)
+        if self.activation in THRESHOLD_CODES:
+            pre = (x_n - self.b_pre) @ self.W_enc.T + self.b_enc
+            values, indices, sparsity = activations.threshold_encode(
+                pre, x_n, self.activation, self.threshold, self.jumprelu_bandwidth)
+            return values, indices, None, None, None, None, sparsity
+        if self.activation in ("batchtopk", "matryoshka_batchtopk"):
+            pre = (x_n - self.b_pre) @ self.W_enc.T + self.b_enc
+            return (*activations.batchtopk_encode(pre, self.k, self.threshold, self.threshold_momentum, self.training,
+                                                  dead_mask if use_aux else None, self.k_aux), None)
         encode = kernels.topk_encode if self.fast else kernels.naive_topk_encode
         out = encode(
             x_n - self.b_pre,
@@ -222,34 +252,7 @@ class TopKSAE(nn.Module):
             k_aux=self.k_aux if use_aux else 0,
             dead_mask=dead_mask if use_aux else None,
         )
-        return out.values, out.indices, out.multi_values, out.multi_indices, out.aux_values, out.aux_indices
-
-    def _encode_batchtopk(self, x_n: Tensor, dead_mask: Optional[Tensor]):
-        """BatchTopK (Bussmann et al., 2024): the k*B largest activations of the batch in training, a learned
-        threshold at inference. Rows are zero-padded to the batch's largest count. Dense reference path."""
-        pre = (x_n - self.b_pre) @ self.W_enc.T + self.b_enc
-        acts = torch.relu(pre)
-        if self.training:
-            flat = acts.flatten()
-            kept = flat.topk(min(self.k * acts.shape[0], flat.numel()), sorted=False)
-            mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, kept.indices, True).view_as(acts)
-            mask &= acts > 0
-            with torch.no_grad():
-                smallest = kept.values[kept.values > 0].min() if bool((kept.values > 0).any()) else None
-                if smallest is not None:
-                    m = self.threshold_momentum
-                    first = float(self.threshold) == 0.0
-                    self.threshold.copy_(smallest if first else m * self.threshold + (1 - m) * smallest)
-            width = max(int(mask.sum(dim=1).max()), 1)
-            values, indices = torch.where(mask, acts, torch.zeros_like(acts)).topk(width, dim=1)
-        else:
-            values, indices = _threshold_code(acts, self.threshold)
-        aux_values = aux_indices = None
-        if dead_mask is not None and bool(dead_mask.any()):
-            k_aux = min(self.k_aux, int(dead_mask.sum()))
-            aux = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=1)
-            aux_values, aux_indices = torch.relu(aux.values), aux.indices
-        return values, indices, None, None, aux_values, aux_indices
+        return out.values, out.indices, out.multi_values, out.multi_indices, out.aux_values, out.aux_indices, None
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
@@ -263,9 +266,14 @@ class TopKSAE(nn.Module):
             check_mask(dead_mask, self.n_latents)
         # fp16/bf16 data is promoted to the weights' dtype; autocast still runs the products in low precision
         x_n, state = self.normalize_input(x.to(self.W_dec.dtype))
-        values, indices, multi_values, multi_indices, aux_values, aux_indices = self._encode_n(x_n, dead_mask)
-        recon_n = (self._decode_n(values, indices) + self.b_pre).to(x_n.dtype)
+        values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(x_n, dead_mask)
         bs = self.batch_sum if self.training else LOCAL  # eval ranks may hold unequal batch counts: no collectives
+        if self.activation == "matryoshka_batchtopk" and self.training:
+            prefix_nmse, recon_n = activations.matryoshka_nmse(self._decode_n, values, indices, self.b_pre, x_n,
+                                                               self.matryoshka_prefixes)
+        else:
+            recon_n = (self._decode_n(values, indices) + self.b_pre).to(x_n.dtype)
+            prefix_nmse = None
         nmse = normalized_mse(recon_n, x_n, bs)
         zero = nmse.new_zeros(())
         multik = zero
@@ -277,9 +285,14 @@ class TopKSAE(nn.Module):
         # b_pre stays out of the auxiliary reconstruction: it explains the residual x - x_hat, not x.
         aux_recon = None if aux_values is None else self._decode_n(aux_values, aux_indices).to(x_n.dtype)
         aux = auxk_loss(aux_recon, (x_n - recon_n).detach(), bs)
-        loss = nmse + multik / 8 + self.auxk_coef * aux
+        loss = (nmse if prefix_nmse is None else prefix_nmse) + multik / 8 + self.auxk_coef * aux
+        if sparsity is not None:
+            step = int(self.sparsity_step)
+            loss = loss + self.sparsity_coef * activations.warmup_factor(step, self.sparsity_warmup_steps) * sparsity
+            if self.training and torch.is_grad_enabled():
+                self.sparsity_step += 1
         mse = (recon_n - x_n).pow(2).mean()
-        return SAEOutput(self.denormalize(recon_n, state), values, indices, loss, mse, nmse, aux, multik)
+        return SAEOutput(self.denormalize(recon_n, state), values, indices, loss, mse, nmse, aux, multik, sparsity)
 
     # ---------------------------------------------------------------- save / load (SAELens's layout)
     def config(self) -> dict[str, Any]:
@@ -287,7 +300,11 @@ class TopKSAE(nn.Module):
         return {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k, "k_aux": self.k_aux,
                 "auxk_coef": self.auxk_coef, "multi_topk": self.multi_topk,
                 "multi_topk_factor": self.multi_topk_factor, "activation": self.activation,
-                "normalize": self.normalize, "threshold_momentum": self.threshold_momentum}
+                "normalize": self.normalize, "threshold_momentum": self.threshold_momentum,
+                "sparsity_coef": self.sparsity_coef, "sparsity_warmup_steps": self.sparsity_warmup_steps,
+                "jumprelu_bandwidth": self.jumprelu_bandwidth,
+                "jumprelu_init_threshold": self.jumprelu_init_threshold,
+                "matryoshka_prefixes": self.matryoshka_prefixes or None}
 
     def save_pretrained(self, path: str | Path, metadata: Optional[dict[str, Any]] = None, *,
                         lit_sae: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
@@ -367,14 +384,6 @@ class TopKSAE(nn.Module):
         self.W_dec.grad.sub_((self.W_dec.grad * W).sum(dim=1, keepdim=True) * W)
 
 
-def _threshold_code(acts: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
-    """(values, indices) of the ReLU'd activations ``acts`` (B, n) above ``threshold`` (scalar or (n,); a negative
-    threshold acts as 0, as relu(pre) * (pre > threshold) does). Rows are zero-padded to the batch's largest count."""
-    mask = acts > threshold.clamp_min(0)
-    width = max(int(mask.sum(dim=1).max()), 1) if acts.shape[0] else 1
-    return torch.where(mask, acts, torch.zeros_like(acts)).topk(width, dim=1)
-
-
 def _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, multi_topk_factor) -> None:
     """Reject settings that cannot train, with the key's name and a fix."""
     if d_in <= 0 or n_latents <= 0:
@@ -383,8 +392,6 @@ def _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, 
         raise ValueError(f"k={k} must satisfy 0 < k <= n_latents={n_latents}: choose a k in that range")
     if k_aux is not None and k_aux <= 0:
         raise ValueError(f"k_aux={k_aux} must be positive (or null for the default d_in // 2)")
-    if activation not in ("topk", "batchtopk", *INFERENCE_ONLY):
-        raise ValueError(f"activation={activation!r}: use 'topk' or 'batchtopk'")
     if normalize not in ("none", "scalar", "layernorm"):
         raise ValueError(f"normalize={normalize!r}: use 'none', 'scalar' or 'layernorm'")
     if multi_topk and activation != "topk":

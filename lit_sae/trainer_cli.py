@@ -267,12 +267,14 @@ def _suggest_init_arg(message: str) -> str:
     return ""
 
 
-def run_lightning(args: Optional[list[str]] = None, cli_class: type[SAECLI] = SAECLI, **kwargs: Any) -> SAECLI:
+def run_lightning(args: Optional[list[str]] = None, cli_class: type[SAECLI] = SAECLI,
+                  model_class: Optional[type] = None, **kwargs: Any) -> SAECLI:
     """fit / validate / test, configured by YAML (omegaconf interpolation) and command-line overrides.
 
-    ``cli_class`` and ``kwargs`` (e.g. ``run=False``) let tests parse exactly as the command does."""
+    ``cli_class`` and ``kwargs`` (e.g. ``run=False``) let tests parse exactly as the command does; ``model_class``:
+    the LightningModule (default ``SAEModule``; ``lit-sae sweep`` passes ``lit_sae.sweep.SAESweepModule``)."""
     return cli_class(
-        SAEModule,
+        model_class or SAEModule,
         subclass_mode_data=True,
         save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},

@@ -8,7 +8,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lit_sae.cli import SAECLI, run_lightning
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "configs").glob("sweep*.yaml"))  # `lit-sae sweep fit`: SAESweepModule recipes
+RECIPES = sorted(set((ROOT / "configs").glob("*.yaml")) - set(SWEEPS))
 PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
 HARVESTS = sorted((ROOT / "configs" / "harvest").glob("*.yaml"))
 
@@ -20,9 +21,9 @@ class ParseOnly(SAECLI):
         pass
 
 
-def parse(*configs: Path):
+def parse(*configs: Path, **kwargs):
     args = [a for c in configs for a in ("--config", str(c))]
-    return run_lightning(args, cli_class=ParseOnly, run=False).config
+    return run_lightning(args, cli_class=ParseOnly, run=False, **kwargs).config
 
 
 def test_there_are_recipes_and_presets():
@@ -35,6 +36,16 @@ def test_recipe_parses(path):
     cfg = parse(path)
     assert cfg.model.k > 0 and cfg.model.n_latents >= cfg.model.k
     assert cfg.data.class_path.startswith("lit_sae.")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_recipe_parses_and_expands(path):
+    from lit_sae.sweep import SAESweepModule, expand_specs
+
+    cfg = parse(path, model_class=SAESweepModule)
+    specs = expand_specs(cfg.model.saes, cfg.model.grid, {"n_latents": 16384, "k": 32, **(cfg.model.defaults or {})})
+    assert len(specs) >= 2 and cfg.data.class_path.startswith("lit_sae.")
+    SAESweepModule(cfg.data.init_args.d_in, saes=cfg.model.saes, grid=cfg.model.grid, defaults=cfg.model.defaults)
 
 
 def test_paper_recipe_has_the_papers_numbers():

@@ -33,7 +33,7 @@ def fold_for_export(kwargs: dict[str, Any], state: dict[str, Tensor]) -> tuple[d
     W_dec = state["W_dec"].detach().double().cpu().clone()
     b_pre = state["b_pre"].detach().double().cpu() / s
     threshold: Optional[Tensor] = None
-    if kwargs.get("activation") in ("batchtopk", "jumprelu"):
+    if kwargs.get("activation") in ("batchtopk", "matryoshka_batchtopk", "jumprelu"):
         threshold = state["threshold"].detach().double().cpu().expand(W_dec.shape[0]).clone() / s
     norms = W_dec.norm(dim=1)
     if bool((norms == 0).any()):

@@ -56,7 +56,8 @@ def to_saelens(kwargs: dict[str, Any], state: dict[str, Tensor], metadata: Optio
     """
     w, info = fold_for_export(kwargs, state)
     activation = kwargs.get("activation", "topk")
-    arch = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}.get(activation)
+    arch = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu", "jumprelu": "jumprelu",
+            "relu": "standard"}.get(activation)
     if arch is None:
         raise ValueError(f"activation={activation!r} has no SAELens architecture")
     tensors = {"W_enc": w["W_enc"].T, "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_pre"]}

@@ -1,0 +1,135 @@
+"""Several SAEs on one stream (lit_sae/sweep.py): each SAE trains exactly as it would alone, a kill -9 resumes every
+SAE exactly, a sweep that does not fit is refused before training, the test table and per-SAE exports."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_sae.data.datamodule import ActivationDataModule
+from lit_sae.sae import TopKSAE
+from lit_sae.sweep import SAESweepModule, expand_specs
+from scripts import faults
+
+ROOT = Path(__file__).resolve().parents[1]
+SAES = [{"name": "a", "activation": "topk"},
+        {"name": "b", "activation": "relu", "sparsity_coef": 0.1, "sparsity_warmup_steps": 4, "lr": 3e-3}]
+DEFAULTS = {"n_latents": 32, "k": 4, "lr": 1e-3}
+
+
+def trainer(root, steps, **kw):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root), **kw)
+
+
+def data(shards):
+    return ActivationDataModule(str(shards), batch_size_tokens=128, shuffle_buffer_tokens=512, num_workers=0)
+
+
+def test_grid_expands_every_entry_with_names_and_rejects_bad_keys():
+    specs = expand_specs([{"name": "t"}, {"activation": "relu"}], {"k": [8, 16], "lr": [1e-3]}, {"n_latents": 64})
+    assert [s["name"] for s in specs] == ["t-k8-lr0_001", "t-k16-lr0_001", "activationrelu-k8-lr0_001",
+                                          "activationrelu-k16-lr0_001"]  # "." is not a module name
+    assert all(s["n_latents"] == 64 for s in specs) and specs[3]["activation"] == "relu"
+    with pytest.raises(ValueError, match=r"model.grid: unknown key\(s\) \['kk'\]"):
+        expand_specs(None, {"kk": [1]}, {})
+    with pytest.raises(ValueError, match="model.saes: duplicate"):
+        expand_specs([{"name": "x"}, {"name": "x"}], None, {})
+    with pytest.raises(ValueError, match=r"model.saes\[b\].activation='gated'"):
+        SAESweepModule(16, saes=[{"name": "b", "activation": "gated"}], defaults=DEFAULTS)
+
+
+def test_each_sae_of_a_sweep_trains_exactly_as_alone(tmp_path):
+    """One pass, two SAEs (TopK and ReLU + L1 with its own lr) == each SAE trained alone from the same init on the
+    same batches: independent gradients, optimizer states, schedules and dead-latent counters."""
+    shards = faults.make_shards(tmp_path / "shards")
+    L.seed_everything(0)
+    both = SAESweepModule(16, saes=SAES, defaults=DEFAULTS, dead_after_tokens=256, init_tokens=256)
+    init = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in both.members.items()}
+    trainer(tmp_path / "both", 6, enable_checkpointing=False).fit(both, data(shards))
+    for i, name in enumerate(("a", "b")):
+        alone = SAESweepModule(16, saes=[SAES[i]], defaults=DEFAULTS, dead_after_tokens=256, init_tokens=256)
+        alone.members[name].load_state_dict(init[name])
+        trainer(tmp_path / name, 6, enable_checkpointing=False).fit(alone, data(shards))
+        got, want = both.members[name].state_dict(), alone.members[name].state_dict()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=f"{name}.{key}")
+    assert int(both.members["b"].sae.sparsity_step) == 6
+    assert {p.name for p in (tmp_path / "both" / "sae").iterdir()} == {"a", "b"}
+    exported = TopKSAE.from_pretrained(tmp_path / "both" / "sae" / "b")
+    assert exported.activation == "relu"
+
+
+def test_a_sweep_that_does_not_fit_is_refused_before_training(tmp_path):
+    shards = faults.make_shards(tmp_path / "shards")
+    model = SAESweepModule(16, saes=SAES, defaults=DEFAULTS, memory_budget_gib=1e-6)
+    need = sum(model.memory_estimate(128).values())
+    assert need == 2 * (16 * (2 * 32 * 16 + 32 + 16 + 32) + 3 * 4 * 128 * 32)  # by hand: params x 16 B + codes
+    with pytest.raises(ValueError, match=r"model.saes: the 2 SAEs need about .* GiB .*memory_budget_gib"):
+        trainer(tmp_path / "run", 2).fit(model, data(shards))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "sae").exists()
+
+
+SCRIPT = """
+import os, sys, torch, lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lit_sae.data.datamodule import ActivationDataModule
+from lit_sae.sweep import SAESweepModule
+shards, root, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+class Kill(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == kill_at:
+            os.kill(os.getpid(), 9)
+L.seed_everything(0)
+model = SAESweepModule(16, saes=%r, defaults=%r, dead_after_tokens=256, init_tokens=256)
+dm = ActivationDataModule(shards, batch_size_tokens=128, shuffle_buffer_tokens=512, num_workers=0)
+ckpt = ModelCheckpoint(dirpath=root + "/checkpoints", every_n_train_steps=2, save_last=True, save_top_k=0)
+trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=0,
+                    enable_model_summary=False, default_root_dir=root, callbacks=[ckpt] + ([Kill()] if kill_at else []))
+trainer.fit(model, dm, ckpt_path="last" if resume else None)
+torch.save(model.state_dict(), root + "/final.pt")
+""" % (SAES, DEFAULTS)
+
+
+def test_kill_9_resumes_every_sae_of_a_sweep_exactly(tmp_path):
+    shards = faults.make_shards(tmp_path / "shards")
+    (tmp_path / "run.py").write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(root, kill_at, resume):
+        return subprocess.run([sys.executable, str(tmp_path / "run.py"), str(shards), str(root), str(kill_at),
+                               "1" if resume else "0"], env=env, capture_output=True, text=True, timeout=600)
+
+    killed = run(tmp_path / "k", 5, False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "k" / "checkpoints" / "last.ckpt").exists() and not (tmp_path / "k" / "final.pt").exists()
+    resumed = run(tmp_path / "k", 0, True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = run(tmp_path / "s", 0, False)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    got, want = torch.load(tmp_path / "k" / "final.pt"), torch.load(tmp_path / "s" / "final.pt")
+    assert any(k.startswith("members.b.") for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+def test_sweep_test_writes_one_table(tmp_path):
+    shards = faults.make_shards(tmp_path / "shards", n_test=256)
+    L.seed_everything(0)
+    model = SAESweepModule(16, saes=SAES, defaults=DEFAULTS, dead_after_tokens=256, init_tokens=256)
+    t = trainer(tmp_path, 3, enable_checkpointing=False)
+    dm = data(shards)
+    t.fit(model, dm)
+    results = t.test(model, dm, verbose=False)[0]
+    rows = json.loads((tmp_path / "sweep_test.json").read_text())
+    assert [r["name"] for r in rows] == ["a", "b"]
+    for r in rows:
+        assert r["nmse"] == pytest.approx(results[f"test/{r['name']}/nmse"], rel=1e-6)
+        assert r["l0"] == pytest.approx(results[f"test/{r['name']}/l0"], rel=1e-6)
+    assert rows[0]["l0"] == pytest.approx(4.0)  # TopK: exactly k on every token
+    assert "| b | relu | 32 | 4 | 0.003 |" in (tmp_path / "sweep_test.md").read_text()
