@@ -198,6 +198,12 @@ class TopKSAE(nn.Module):
         decode = kernels.sparse_decode if self.fast else kernels.naive_sparse_decode
         return decode(values, indices, self.W_dec)
 
+    def _decode_sets_n(self, codes: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """``[_decode_n(v, i) for v, i in codes]``; the fast path shares one backward among them."""
+        if self.fast:
+            return kernels.sparse_decode_sets(codes, self.W_dec)
+        return [kernels.naive_sparse_decode(v, i, self.W_dec) for v, i in codes]
+
     def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor]):
         """Returns (values, indices, multi_values, multi_indices, aux_values, aux_indices) in the SAE's space."""
         use_aux = dead_mask is not None and self.auxk_coef > 0
@@ -261,17 +267,22 @@ class TopKSAE(nn.Module):
         # fp16/bf16 data is promoted to the weights' dtype; autocast still runs the products in low precision
         x_n, state = self.normalize_input(x.to(self.W_dec.dtype))
         values, indices, multi_values, multi_indices, aux_values, aux_indices = self._encode_n(x_n, dead_mask)
-        recon_n = (self._decode_n(values, indices) + self.b_pre).to(x_n.dtype)
+        # Every code is decoded in one call (one W_dec gradient for all in the fast path): the k-code; Multi-TopK's
+        # extra 3k (the first k of the top-4k are the top-k: only the others are decoded and added); AuxK's code.
+        codes = [(values, indices)]
+        if multi_values is not None:
+            codes.append((multi_values[:, self.k:].contiguous(), multi_indices[:, self.k:].contiguous()))
+        if aux_values is not None:
+            codes.append((aux_values, aux_indices))
+        decoded = self._decode_sets_n(codes)
+        recon_n = (decoded[0] + self.b_pre).to(x_n.dtype)
         nmse = normalized_mse(recon_n, x_n)
         zero = nmse.new_zeros(())
         multik = zero
         if multi_values is not None:
-            # The first k of the top-4k are the top-k: decode only the other 3k and add them to the k-reconstruction.
-            k = self.k
-            extra = self._decode_n(multi_values[:, k:].contiguous(), multi_indices[:, k:].contiguous())
-            multik = normalized_mse(recon_n + extra.to(x_n.dtype), x_n)
+            multik = normalized_mse(recon_n + decoded[1].to(x_n.dtype), x_n)
         # b_pre stays out of the auxiliary reconstruction: it explains the residual x - x_hat, not x.
-        aux_recon = None if aux_values is None else self._decode_n(aux_values, aux_indices).to(x_n.dtype)
+        aux_recon = None if aux_values is None else decoded[-1].to(x_n.dtype)
         aux = auxk_loss(aux_recon, (x_n - recon_n).detach())
         loss = nmse + multik / 8 + self.auxk_coef * aux
         mse = (recon_n - x_n).pow(2).mean()
@@ -359,8 +370,9 @@ class TopKSAE(nn.Module):
         Assumes unit-norm rows, which init and ``normalize_decoder_`` after every step guarantee."""
         if self.W_dec.grad is None:
             return
-        W = self.W_dec.detach()
-        self.W_dec.grad.sub_((self.W_dec.grad * W).sum(dim=1, keepdim=True) * W)
+        W, g = self.W_dec.detach(), self.W_dec.grad
+        # Row dot products as one batched product and an in-place update: no (n_latents, d_in) temporary.
+        g.addcmul_(torch.einsum("nd,nd->n", g, W.to(g.dtype)).unsqueeze(1), W.to(g.dtype), value=-1)
 
 
 def _threshold_code(acts: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,8 +19,8 @@ Regimes (``--plan regime:n_latents:k ...``; the default is every regime of the s
     auxk    AuxK's worst case: half the latents (every other one) dead at every step, k_aux = d_in / 2
     multi   Multi-TopK (top-4k decoded too, the paper's L(4k) / 8 term)
 
-Peak memory of the fast step above weights + Adam state (all fp32, 4 bytes): the gradients of W_enc and W_dec and
-one (n, d) temporary of the decoder-gradient projection, 3 * n * d * 4, plus one pre-activation chunk
+Peak memory of the fast step above weights + Adam state (all fp32, 4 bytes): the gradients of W_enc and W_dec,
+2 * n * d * 4, plus one pre-activation chunk
 min(B, rows_per_chunk) * n * 4 <= ``kernels.MAX_PREACT_BYTES``, plus terms in B * (d + k + k_aux) only. The table
 prints that n-dependent part (``n-part MiB``) and what is left (``rest MiB``): the rest must not grow with n.
 
@@ -89,12 +89,11 @@ ISSUE_PLAN = ("steady:16384:32", "auxk:16384:32", "steady:16384:128", "multi:163
 
 def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4) -> int:
     """The part of the fast step's peak (above weights and Adam state) that grows with n: fp32 grads of W_enc and
-    W_dec, one fp32 (n, d) temporary, and one pre-activation chunk of ``elem``-byte elements (at most
-    ``kernels.MAX_PREACT_BYTES``)."""
+    W_dec and one pre-activation chunk of ``elem``-byte elements (at most ``kernels.MAX_PREACT_BYTES``)."""
     from lit_sae import kernels
 
     rows = max(1, kernels.MAX_PREACT_BYTES // (n * elem))
-    return 3 * n * d * 4 + min(B, rows) * n * elem
+    return 2 * n * d * 4 + min(B, rows) * n * elem
 
 
 def worker(args) -> dict:
