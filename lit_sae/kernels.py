@@ -13,7 +13,8 @@ The only dense work a TopK SAE needs in training is the encoder's product ``x_c 
 - computes the encoder's backward (grads of x_c, W_enc, b_enc) from the selected (index, grad) pairs only, with
   ``embedding_bag`` (a gather-and-sum forward whose weight-gradient is the scatter-add we need);
 - decodes with ``embedding_bag`` (gather-and-sum), whose backward touches only the selected rows of W_dec and
-  computes the values' gradient as row dot products.
+  computes the values' gradient as row dot products; ``sparse_decode_sets`` decodes several codes (the k-code,
+  Multi-TopK's extra code, AuxK's code) with one backward, so W_dec gets one gradient and one scatter.
 
 Selection order is defined exactly, so that the fast and the reference path agree even with ties: values in
 descending order, ties broken by the lower latent index first (what a stable descending sort gives). Rows whose
