@@ -6,8 +6,8 @@ decoder renormalisation), tokens/s, the step's peak memory above what the model 
 time of one bare (B x d_in) x (d_in x n) matmul measured in the same process, and the ratio step / matmul.
 
 Each configuration runs in its own subprocess so that peak memory is that configuration's alone: on CPU the peak
-resident set (``ru_maxrss``) minus the resident set just before the first step; on CUDA
-``torch.cuda.max_memory_allocated`` minus the memory allocated before it.
+resident set of the timed steps (VmHWM, reset after the warm-up step, which allocates Adam's state) minus the
+resident set before them; on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before them.
 
     .venv/bin/python scripts/benchmark.py            # the regimes below, d_in 768, batch 4096, fast path
     .venv/bin/python scripts/benchmark.py --paths naive fast --plan steady:16384:32   # one row, both paths
@@ -19,10 +19,10 @@ Regimes (``--plan regime:n_latents:k ...``; the default is every regime of the s
     auxk    AuxK's worst case: half the latents (every other one) dead at every step, k_aux = d_in / 2
     multi   Multi-TopK (top-4k decoded too, the paper's L(4k) / 8 term)
 
-Peak memory of the fast step above weights + Adam state (all fp32, 4 bytes): the gradients of W_enc and W_dec,
-2 * n * d * 4, plus one pre-activation chunk
-min(B, rows_per_chunk) * n * 4 <= ``kernels.MAX_PREACT_BYTES``, plus terms in B * (d + k + k_aux) only. The table
-prints that n-dependent part (``n-part MiB``) and what is left (``rest MiB``): the rest must not grow with n.
+Peak memory of the fast step above weights + Adam state (all fp32, 4 bytes): the larger of one pre-activation chunk
+min(B, rows_per_chunk) * n * 4 <= ``kernels.MAX_PREACT_BYTES`` (forward; freed before the backward) and the gradients
+of W_enc and W_dec, 2 * n * d * 4 (backward), plus terms in B * (d + k + k_aux) only. The table prints that
+n-dependent part (``n-part MiB``) and what is left (``rest MiB``): the rest must not grow with n.
 
 ``--fit`` writes synthetic fp16 shards, runs ``Trainer.fit`` (SAEModule + ActivationDataModule, its default single
 loader worker) for ``--fit-steps`` steps, and compares its tokens/s (timed after a warm-up) with the bare step rate
@@ -58,6 +58,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _reset_peak_rss() -> None:
+    """Give freed heap memory back to the system and restart the kernel's peak-RSS counter (Linux; no-op elsewhere),
+    so that the peak read later is this step's, not the warm-up's or memory the allocator kept."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set since the last ``_reset_peak_rss`` (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _rss_bytes() -> int:
     """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
     try:
@@ -88,12 +113,13 @@ ISSUE_PLAN = ("steady:16384:32", "auxk:16384:32", "steady:16384:128", "multi:163
 
 
 def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4) -> int:
-    """The part of the fast step's peak (above weights and Adam state) that grows with n: fp32 grads of W_enc and
-    W_dec and one pre-activation chunk of ``elem``-byte elements (at most ``kernels.MAX_PREACT_BYTES``)."""
+    """The part of the fast step's peak (above weights and Adam state) that grows with n: the larger of one
+    pre-activation chunk of ``elem``-byte elements (at most ``kernels.MAX_PREACT_BYTES``, alive in the forward only)
+    and the fp32 gradients of W_enc and W_dec (the backward)."""
     from lit_sae import kernels
 
     rows = max(1, kernels.MAX_PREACT_BYTES // (n * elem))
-    return 2 * n * d * 4 + min(B, rows) * n * elem
+    return max(2 * n * d * 4, min(B, rows) * n * elem)
 
 
 def worker(args) -> dict:
@@ -137,6 +163,7 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         base = _rss_bytes()
     times, cpu_times = [], []
     for _ in range(args.steps):
@@ -148,7 +175,7 @@ def worker(args) -> dict:
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     step_s = statistics.median(times)
     n_part = n_dependent_bytes(B, d, n, torch.finfo(dtype).bits // 8)
     return {
