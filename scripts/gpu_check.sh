@@ -8,7 +8,8 @@
 #   3. runs scripts/benchmark.py in bf16 autocast at n_latents 2^15..2^20 with batch 131,072 tokens (steady k = 32),
 #      plus AuxK's worst case and Multi-TopK at n 2^16: tokens/s, peak memory, ratio to one bf16 encoder matmul.
 # Budget: about 5 minutes on one H100/H200-class GPU. Results go to $OUT (or ./gpu_check_out): log, bench JSON.
-# Usage: scripts/gpu_check.sh [--dry-run]
+# Usage: scripts/gpu_wheels.sh  (here, once: fills the ignored .gpu_wheels/, ~1.4 MB; carry it to the GPU machine)
+#        scripts/gpu_check.sh [--dry-run]      (there: bash scripts/gpu_check.sh, from any directory)
 #   --dry-run  everything short of CUDA: install, import, the benchmark's plan; exits before tests and timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$a' (use --dry-run or --help)" >&2; exit 2 ;;
   esac
 done
