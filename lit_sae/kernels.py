@@ -13,7 +13,8 @@ The only dense work a TopK SAE needs in training is the encoder's product ``x_c 
 - computes the encoder's backward (grads of x_c, W_enc, b_enc) from the selected (index, grad) pairs only, with
   ``embedding_bag`` (a gather-and-sum forward whose weight-gradient is the scatter-add we need);
 - decodes with ``embedding_bag`` (gather-and-sum), whose backward touches only the selected rows of W_dec and
-  computes the values' gradient as row dot products.
+  computes the values' gradient as row dot products; ``sparse_decode_sets`` decodes several codes (the k-code,
+  Multi-TopK's extra code, AuxK's code) with one backward, so W_dec gets one gradient and one scatter.
 
 Selection order is defined exactly, so that the fast and the reference path agree even with ties: values in
 descending order, ties broken by the lower latent index first (what a stable descending sort gives). Rows whose
@@ -125,13 +126,16 @@ def _scatter_rows(idx: Tensor, g: Tensor, X: Tensor, n: int) -> Tensor:
     takes the comparison-sort path, which degrades gracefully.
     """
     m = idx.shape[1]
-    flat = idx.reshape(-1)
+    return _scatter_pairs(idx.reshape(-1), g.reshape(-1), lambda pos: torch.div(pos, m, rounding_mode="floor"), X, n)
+
+
+def _scatter_pairs(flat: Tensor, g: Tensor, row_of, X: Tensor, n: int) -> Tensor:
+    """(n, d): out[i] = sum over positions p with flat[p] == i of g[p] * X[row_of(p)] (``row_of`` maps positions,
+    an int64 tensor, to rows of X). The shared body of ``_scatter_rows`` and the multi-set decoder's backward."""
     order = flat.sort(descending=True).indices.flip(0)  # ascending latent index; order within a latent is free
-    offsets = torch.zeros(n, dtype=torch.long, device=idx.device)
+    offsets = torch.zeros(n, dtype=torch.long, device=flat.device)
     torch.cumsum(torch.bincount(flat, minlength=n)[:-1], 0, out=offsets[1:])
-    return F.embedding_bag(
-        torch.div(order, m, rounding_mode="floor"), X, offsets, per_sample_weights=g.reshape(-1)[order], mode="sum"
-    )
+    return F.embedding_bag(row_of(order), X, offsets, per_sample_weights=g[order], mode="sum")
 
 
 def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
@@ -295,6 +299,67 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
         return values.sum(dim=1, keepdim=True).expand(-1, W_dec.shape[1]).contiguous()
     with torch.autocast(values.device.type, enabled=False):
         return _SparseDecode.apply(values, indices, W_dec)
+
+
+class _SparseDecodeSets(torch.autograd.Function):
+    """Several gather-and-sum decodes with one W_dec: one scatter (one sort, one (n, d) gradient) in the backward."""
+
+    @staticmethod
+    def forward(ctx, W_dec, *flat):
+        vals, idxs = flat[0::2], flat[1::2]
+        ctx.save_for_backward(W_dec, *flat)
+        return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") for v, i in zip(vals, idxs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        W_dec, *flat = ctx.saved_tensors
+        vals, idxs = flat[0::2], flat[1::2]
+        B, d = vals[0].shape[0], W_dec.shape[1]
+        grads = [torch.zeros(B, d, dtype=W_dec.dtype, device=W_dec.device) if g is None else g.contiguous()
+                 for g in grads]
+        d_vals = [_gather_dot(i, W_dec, g) if ctx.needs_input_grad[1 + 2 * s] else None
+                  for s, (i, g) in enumerate(zip(idxs, grads))]
+        d_W = None
+        if ctx.needs_input_grad[0]:
+            # Position p of the concatenated (B, m_0 + m_1 + ...) pairs belongs to set s(p) and token b(p); its
+            # gradient rows are rows B * s + b of the stacked output gradients.
+            widths = [i.shape[1] for i in idxs]
+            m = sum(widths)
+            set_of_col = torch.repeat_interleave(torch.arange(len(widths), device=W_dec.device),
+                                                 torch.tensor(widths, device=W_dec.device))
+            cat_i = torch.cat(idxs, dim=1).reshape(-1)
+            cat_v = torch.cat(vals, dim=1).reshape(-1)
+
+            def row_of(pos):
+                return set_of_col[pos % m] * B + torch.div(pos, m, rounding_mode="floor")
+
+            d_W = _scatter_pairs(cat_i, cat_v, row_of, torch.cat(grads, dim=0), W_dec.shape[0])
+        out = [d_W]
+        for dv in d_vals:
+            out += [dv, None]
+        return tuple(out)
+
+
+def sparse_decode_sets(codes: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Tensor]:
+    """``[sparse_decode(v, i, W_dec) for v, i in codes]`` with one backward for all: a single sort and a single
+    (n, d) gradient of W_dec instead of one per set (the k-code, Multi-TopK's extra code and AuxK's code share it).
+
+    codes: (values (B, m_s), indices (B, m_s) int64) per set, the same B; m_s may differ and be 0. Returns (B, d).
+    """
+    if not codes:
+        return []
+    codes = [(v.to(W_dec.dtype) if v.dtype != W_dec.dtype else v, i) for v, i in codes]
+    live = [s for s, (_, i) in enumerate(codes) if i.shape[1]]
+    out: list[Optional[Tensor]] = [None] * len(codes)
+    if live:
+        with torch.autocast(W_dec.device.type, enabled=False):
+            flat = [t for s in live for t in codes[s]]
+            for s, y in zip(live, _SparseDecodeSets.apply(W_dec, *flat)):
+                out[s] = y
+    for s, (v, i) in enumerate(codes):
+        if out[s] is None:
+            out[s] = sparse_decode(v, i, W_dec)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- dense reference

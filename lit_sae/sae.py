@@ -229,6 +229,12 @@ class TopKSAE(nn.Module):
         decode = kernels.sparse_decode if self.fast else kernels.naive_sparse_decode
         return decode(values, indices, self.W_dec)
 
+    def _decode_sets_n(self, codes: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """``[_decode_n(v, i) for v, i in codes]``; the fast path shares one backward among them."""
+        if self.fast:
+            return kernels.sparse_decode_sets(codes, self.W_dec)
+        return [kernels.naive_sparse_decode(v, i, self.W_dec) for v, i in codes]
+
     def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor]):
         """Returns (values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity_loss) in the SAE's
         space (sparsity_loss: None but for relu / jumprelu)."""
@@ -268,22 +274,30 @@ class TopKSAE(nn.Module):
         x_n, state = self.normalize_input(x.to(self.W_dec.dtype))
         values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(x_n, dead_mask)
         bs = self.batch_sum if self.training else LOCAL  # eval ranks may hold unequal batch counts: no collectives
-        if self.activation == "matryoshka_batchtopk" and self.training:
+        matryoshka = self.activation == "matryoshka_batchtopk" and self.training
+        # Every code is decoded in one call (one W_dec gradient for all in the fast path): the k-code (matryoshka
+        # decodes its prefixes itself); Multi-TopK's extra 3k (the first k of the top-4k are the top-k: only the
+        # others are decoded and added); AuxK's code.
+        codes = [] if matryoshka else [(values, indices)]
+        if multi_values is not None:
+            codes.append((multi_values[:, self.k:].contiguous(), multi_indices[:, self.k:].contiguous()))
+        if aux_values is not None:
+            codes.append((aux_values, aux_indices))
+        decoded = self._decode_sets_n(codes) if codes else []
+        if matryoshka:
             prefix_nmse, recon_n = activations.matryoshka_nmse(self._decode_n, values, indices, self.b_pre, x_n,
                                                                self.matryoshka_prefixes)
+            decoded.insert(0, None)
         else:
-            recon_n = (self._decode_n(values, indices) + self.b_pre).to(x_n.dtype)
+            recon_n = (decoded[0] + self.b_pre).to(x_n.dtype)
             prefix_nmse = None
         nmse = normalized_mse(recon_n, x_n, bs)
         zero = nmse.new_zeros(())
         multik = zero
         if multi_values is not None:
-            # The first k of the top-4k are the top-k: decode only the other 3k and add them to the k-reconstruction.
-            k = self.k
-            extra = self._decode_n(multi_values[:, k:].contiguous(), multi_indices[:, k:].contiguous())
-            multik = normalized_mse(recon_n + extra.to(x_n.dtype), x_n, bs)
+            multik = normalized_mse(recon_n + decoded[1].to(x_n.dtype), x_n, bs)
         # b_pre stays out of the auxiliary reconstruction: it explains the residual x - x_hat, not x.
-        aux_recon = None if aux_values is None else self._decode_n(aux_values, aux_indices).to(x_n.dtype)
+        aux_recon = None if aux_values is None else decoded[-1].to(x_n.dtype)
         aux = auxk_loss(aux_recon, (x_n - recon_n).detach(), bs)
         loss = (nmse if prefix_nmse is None else prefix_nmse) + multik / 8 + self.auxk_coef * aux
         if sparsity is not None:
@@ -380,8 +394,9 @@ class TopKSAE(nn.Module):
         Assumes unit-norm rows, which init and ``normalize_decoder_`` after every step guarantee."""
         if self.W_dec.grad is None:
             return
-        W = self.W_dec.detach()
-        self.W_dec.grad.sub_((self.W_dec.grad * W).sum(dim=1, keepdim=True) * W)
+        W, g = self.W_dec.detach(), self.W_dec.grad
+        # Row dot products as one batched product and an in-place update: no (n_latents, d_in) temporary.
+        g.addcmul_(torch.einsum("nd,nd->n", g, W.to(g.dtype)).unsqueeze(1), W.to(g.dtype), value=-1)
 
 
 def _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, multi_topk_factor) -> None:

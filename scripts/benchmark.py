@@ -1,17 +1,28 @@
 """Training-step speed and memory of lit-sae's fast TopK path against the dense reference path.
 
-One table: for each (n_latents, k) and each path (naive = dense reference, fast = lit_sae.kernels), the time of a
-full training step as ``SAEModule`` runs it (TopKSAE forward + backward, decoder gradient projection, fused Adam,
+One table: for each configuration (regime, n_latents, k) and each path (naive = dense reference, fast =
+lit_sae.kernels), the time of a full training step as ``SAEModule`` runs it (TopKSAE forward + backward, decoder gradient projection, fused Adam,
 decoder renormalisation), tokens/s, the step's peak memory above what the model and optimizer already hold, the
 time of one bare (B x d_in) x (d_in x n) matmul measured in the same process, and the ratio step / matmul.
 
 Each configuration runs in its own subprocess so that peak memory is that configuration's alone: on CPU the peak
-resident set (``ru_maxrss``) minus the resident set just before the first step; on CUDA
-``torch.cuda.max_memory_allocated`` minus the memory allocated before it.
+resident set of the timed steps (VmHWM, reset after the warm-up step, which allocates Adam's state) minus the
+resident set before them; on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before them.
 
-    .venv/bin/python scripts/benchmark.py            # d_in 768, n in {16384, 65536}, k in {32, 128}, batch 4096
+    .venv/bin/python scripts/benchmark.py            # the regimes below, d_in 768, batch 4096, fast path
+    .venv/bin/python scripts/benchmark.py --paths naive fast --plan steady:16384:32   # one row, both paths
     .venv/bin/python scripts/benchmark.py --quick    # small and fast: a smoke test of the script itself
     .venv/bin/python scripts/benchmark.py --fit      # also: Lightning fit on synthetic shards vs the bare step
+
+Regimes (``--plan regime:n_latents:k ...``; the default is every regime of the speed targets):
+    steady  nothing dead, AuxK off (the common step)
+    auxk    AuxK's worst case: half the latents (every other one) dead at every step, k_aux = d_in / 2
+    multi   Multi-TopK (top-4k decoded too, the paper's L(4k) / 8 term)
+
+Peak memory of the fast step above weights + Adam state (all fp32, 4 bytes): the larger of one pre-activation chunk
+min(B, rows_per_chunk) * n * 4 <= ``kernels.MAX_PREACT_BYTES`` (forward; freed before the backward) and the gradients
+of W_enc and W_dec, 2 * n * d * 4 (backward), plus terms in B * (d + k + k_aux) only. The table prints that
+n-dependent part (``n-part MiB``) and what is left (``rest MiB``): the rest must not grow with n.
 
 ``--fit`` writes synthetic fp16 shards, runs ``Trainer.fit`` (SAEModule + ActivationDataModule, its default single
 loader worker) for ``--fit-steps`` steps, and compares its tokens/s (timed after a warm-up) with the bare step rate
@@ -47,6 +58,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _reset_peak_rss() -> None:
+    """Give freed heap memory back to the system and restart the kernel's peak-RSS counter (Linux; no-op elsewhere),
+    so that the peak read later is this step's, not the warm-up's or memory the allocator kept."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set since the last ``_reset_peak_rss`` (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _rss_bytes() -> int:
     """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
     try:
@@ -69,6 +105,23 @@ def _time(fn, device: str, repeats: int, clock=time.perf_counter) -> list[float]
     return out
 
 
+REGIMES = ("steady", "auxk", "multi")
+# The configurations of the speed targets (regime, n_latents, k): steady state, AuxK's worst case, k = 128,
+# Multi-TopK, and wide dictionaries.
+ISSUE_PLAN = ("steady:16384:32", "auxk:16384:32", "steady:16384:128", "multi:16384:32", "steady:65536:32",
+              "steady:262144:32")
+
+
+def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4) -> int:
+    """The part of the fast step's peak (above weights and Adam state) that grows with n: the larger of one
+    pre-activation chunk of ``elem``-byte elements (at most ``kernels.MAX_PREACT_BYTES``, alive in the forward only)
+    and the fp32 gradients of W_enc and W_dec (the backward)."""
+    from lit_sae import kernels
+
+    rows = max(1, kernels.MAX_PREACT_BYTES // (n * elem))
+    return max(2 * n * d * 4, min(B, rows) * n * elem)
+
+
 def worker(args) -> dict:
     """Time one configuration in this process; returns the row as a dict."""
     from lit_sae.sae import TopKSAE
@@ -86,10 +139,12 @@ def worker(args) -> dict:
     mm_cpu = statistics.median(_time(lambda: torch.mm(a, w), dev, max(3, args.steps), time.process_time))
     del a, w
 
-    sae = TopKSAE(d, n, k, fast=args.path == "fast").to(dev)
+    sae = TopKSAE(d, n, k, k_aux=d // 2, multi_topk=args.regime == "multi", fast=args.path == "fast").to(dev)
     fused = dev in ("cpu", "cuda")
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=PAPER_EPS, fused=fused)
     dead_mask = torch.zeros(n, dtype=torch.bool, device=dev)  # steady state: nothing dead, AuxK off
+    if args.regime == "auxk":
+        dead_mask[::2] = True  # worst case: half the latents dead at every step, each row picks k_aux of them
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
@@ -108,6 +163,7 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         base = _rss_bytes()
     times, cpu_times = [], []
     for _ in range(args.steps):
@@ -119,9 +175,11 @@ def worker(args) -> dict:
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     step_s = statistics.median(times)
+    n_part = n_dependent_bytes(B, d, n, torch.finfo(dtype).bits // 8)
     return {
+        "regime": args.regime,
         "n_latents": n,
         "k": k,
         "path": args.path,
@@ -130,6 +188,8 @@ def worker(args) -> dict:
         "step_ms": step_s * 1e3,
         "tokens_per_s": B / step_s,
         "peak_mib": max(peak, 0) / 2**20,
+        "n_part_mib": n_part / 2**20,
+        "rest_mib": (max(peak, 0) - n_part) / 2**20,
         "matmul_ms": mm * 1e3,
         "step_over_matmul": step_s / mm,
         "cpu_step_over_matmul": statistics.median(cpu_times) / mm_cpu,
@@ -210,10 +270,10 @@ def fit_worker(args) -> dict:
             "data_path_cost": fit_s / bare_s - 1}
 
 
-def _run_config(args, n: int, k: int, path: str, fit: bool = False) -> dict:
+def _run_config(args, n: int, k: int, path: str, fit: bool = False, regime: str = "steady") -> dict:
     """One configuration in a fresh subprocess (its own peak memory)."""
     cmd = [
-        sys.executable, __file__, "--worker", "--device", args.device, "--batch", str(args.batch),
+        sys.executable, __file__, "--worker", "--regime", regime, "--device", args.device, "--batch", str(args.batch),
         "--d-in", str(args.d_in), "--n-latents", str(n), "--k", str(k), "--path", path, "--steps", str(args.steps),
         "--fit-steps", str(args.fit_steps), "--fit-warmup", str(args.fit_warmup), "--fit-workers", str(args.fit_workers),
     ] + (["--fit"] if fit else [])  # fmt: skip
@@ -225,20 +285,20 @@ def _run_config(args, n: int, k: int, path: str, fit: bool = False) -> dict:
 
 def format_table(rows: list[dict], batch: int, d_in: int) -> str:
     """Markdown table of the rows, with the fast path's speed-up over the naive one."""
-    naive = {(r["n_latents"], r["k"]): r["step_ms"] for r in rows if r["path"] == "naive"}
+    naive = {(r["regime"], r["n_latents"], r["k"]): r["step_ms"] for r in rows if r["path"] == "naive"}
     head = (
         f"batch {batch} tokens, d_in {d_in}, device {rows[0]['device']}, {rows[0]['dtype']}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
-        "| n_latents | k | path | step ms | tokens/s | step peak MiB | matmul ms | step/matmul | fast speed-up "
-        "| CPU-time step/matmul |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| regime | n_latents | k | path | step ms | tokens/s | step peak MiB | n-part MiB | rest MiB | matmul ms "
+        "| step/matmul | fast speed-up | CPU-time step/matmul |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
-        ref = naive.get((r["n_latents"], r["k"]))
+        ref = naive.get((r["regime"], r["n_latents"], r["k"]))
         speedup = f"{ref / r['step_ms']:.2f}x" if r["path"] == "fast" and ref else ""
         lines.append(
-            f"| {r['n_latents']} | {r['k']} | {r['path']} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['peak_mib']:.0f} | {r['matmul_ms']:.0f} | {r['step_over_matmul']:.2f} | {speedup} | "
+            f"| {r['regime']} | {r['n_latents']} | {r['k']} | {r['path']} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['peak_mib']:.0f} | {r['n_part_mib']:.0f} | {r['rest_mib']:.0f} | {r['matmul_ms']:.0f} | {r['step_over_matmul']:.2f} | {speedup} | "
             f"{r['cpu_step_over_matmul']:.2f} |"
         )
     return "\n".join(lines)
@@ -250,9 +310,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=4096, help="tokens per step")
     p.add_argument("--d-in", type=int, default=768)
-    p.add_argument("--n-latents", type=int, nargs="+", default=[16384, 65536])
-    p.add_argument("--k", type=int, nargs="+", default=[32, 128])
-    p.add_argument("--paths", nargs="+", default=["naive", "fast"], choices=["naive", "fast"])
+    p.add_argument("--plan", nargs="+", default=list(ISSUE_PLAN), metavar="REGIME:N:K",
+                   help=f"configurations to time, regime one of {REGIMES} (default: the speed targets' set)")
+    p.add_argument("--n-latents", type=int, nargs="+", default=[16384], help="n_latents of the --fit comparison")
+    p.add_argument("--k", type=int, nargs="+", default=[32], help="k of the --fit comparison")
+    p.add_argument("--paths", nargs="+", default=["fast"], choices=["naive", "fast"],
+                   help="naive (dense reference) too: slow, and its (B, n) tensors need ~5 GiB at n = 262144")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
     p.add_argument("--fit", action="store_true", help="also fit on synthetic shards (first n_latents and k)")
@@ -260,23 +323,36 @@ def main(argv=None) -> int:
     p.add_argument("--fit-steps", type=int, default=200, help="timed fit steps")
     p.add_argument("--fit-warmup", type=int, default=5, help="untimed fit steps first (b_pre init, loader start)")
     p.add_argument("--fit-workers", type=int, default=1, help="DataLoader workers in the fit (0: read in-process)")
+    p.add_argument("--list", action="store_true", help="print the configurations that would run, then exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=["naive", "fast"], help=argparse.SUPPRESS)
+    p.add_argument("--regime", choices=REGIMES, default="steady", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    plan = []
+    for item in args.plan:
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in REGIMES or not (parts[1].isdigit() and parts[2].isdigit()):
+            p.error(f"--plan {item!r}: expected REGIME:N_LATENTS:K with REGIME one of {REGIMES}, e.g. auxk:16384:32")
+        plan.append((parts[0], int(parts[1]), int(parts[2])))
     if args.worker:
         args.n_latents, args.k = args.n_latents[0], args.k[0]
         print(json.dumps(fit_worker(args) if args.fit else worker(args)))
         return 0
     if args.quick:
         args.n_latents, args.k, args.batch, args.steps = [4096], [32], 1024, 2
+        plan = [(r, 4096, 32) for r in REGIMES]
         args.fit_steps = min(args.fit_steps, 20)
+    if args.list:
+        for regime, n, k in plan:
+            mib = n_dependent_bytes(args.batch, args.d_in, n, 2 if args.device == "cuda" else 4) / 2**20
+            print(f"{regime} n_latents={n} k={k} batch={args.batch} paths={args.paths} n-part {mib:,.0f} MiB")
+        return 0
     rows = []
     if not args.fit_only:
-        for n in args.n_latents:
-            for k in args.k:
-                for path in args.paths:
-                    rows.append(_run_config(args, n, k, path))
-                    print(f"done n={n} k={k} {path}: {rows[-1]['step_ms']:.0f} ms", file=sys.stderr, flush=True)
+        for regime, n, k in plan:
+            for path in args.paths:
+                rows.append(_run_config(args, n, k, path, regime=regime))
+                print(f"done {regime} n={n} k={k} {path}: {rows[-1]['step_ms']:.0f} ms", file=sys.stderr, flush=True)
         print(format_table(rows, args.batch, args.d_in))
     if args.fit or args.fit_only:
         fit = _run_config(args, args.n_latents[0], args.k[0], "fast", fit=True)

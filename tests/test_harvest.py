@@ -362,3 +362,52 @@ def test_embedded_default_short_harvest(tmp_path):
     assert manifest["d_in"] == 576 and manifest["source"]["kind"] == "stdlib"
     assert 100 < manifest["exclusions"]["norm_median"] < 1000  # measured: about 236
     assert manifest["tokens"] + manifest["exclusions"]["dropped_norm"] == 8 * 63
+
+
+def test_shard_writing_overlaps_the_forward(tiny_gpt2, corpus, tmp_path, monkeypatch, reference):
+    """A slow writer does not stall the LM: while the first rows are being written, the next forward has started
+    (the fake writer waits for it; without overlap it would wait in vain). The shards equal the sequential ones."""
+    import threading
+
+    from lit_sae.data.writer import ShardWriter
+
+    ref_out, ref_manifest = reference
+    forwards = {"n": 0}
+    started = threading.Condition()
+    real = harvest_mod.truncated_forward
+    overlapped = []
+
+    def counting(*a, **kw):
+        with started:
+            forwards["n"] += 1
+            started.notify_all()
+        return real(*a, **kw)
+
+    class SlowWriter(ShardWriter):
+        def add(self, *a, **kw):
+            if not overlapped:  # the first rows: wait until a later forward begins
+                with started:
+                    seen = forwards["n"]
+                    overlapped.append(started.wait_for(lambda: forwards["n"] > seen, timeout=30))
+            super().add(*a, **kw)
+
+    monkeypatch.setattr(harvest_mod, "truncated_forward", counting)
+    monkeypatch.setattr(harvest_mod, "ShardWriter", SlowWriter)
+    out = tmp_path / "o"
+    manifest = run_harvest(**_args(tiny_gpt2, corpus, out, norm_filter_multiple=1.1))
+    assert overlapped == [True]
+    assert _strip(manifest) == _strip(ref_manifest)
+    assert _shard_bytes(out) == _shard_bytes(ref_out)
+
+
+def test_writer_error_stops_the_harvest(tiny_gpt2, corpus, tmp_path, monkeypatch):
+    from lit_sae.data.writer import ShardWriter
+
+    class FailingWriter(ShardWriter):
+        def add(self, *a, **kw):
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(harvest_mod, "ShardWriter", FailingWriter)
+    with pytest.raises(OSError, match="No space left"):
+        run_harvest(**_args(tiny_gpt2, corpus, tmp_path / "f"))
+    assert not list((tmp_path / "f").glob("*.tar"))

@@ -145,6 +145,36 @@ def test_decode_matches_reference_with_repeated_indices(device):
         _close(a, r, name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("widths,used", [((12, 36, 7), (True, True, True)), ((5, 0, 9), (True, True, False))])
+def test_decode_sets_match_separate_reference_decodes(device, widths, used):
+    """One backward for several codes (k, Multi-TopK's extra, AuxK) equals the dense reference of each, float64;
+    an output left out of the loss (None gradient) and an empty set are handled."""
+    g = torch.Generator().manual_seed(1)
+    B, n, d = 30, 40, 16
+    W = torch.randn(n, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    codes = []
+    for m in widths:
+        v = torch.randn(B, m, generator=g, dtype=torch.float64).to(device).requires_grad_()
+        i = torch.randint(0, n, (B, m), generator=g).to(device)
+        codes.append((v, i))
+    gouts = [torch.randn(B, d, generator=g, dtype=torch.float64).to(device) for _ in widths]
+    inputs = [W] + [v for v, _ in codes]
+    res = []
+    for fast in (True, False):
+        outs = (kernels.sparse_decode_sets(codes, W) if fast
+                else [kernels.naive_sparse_decode(v, i, W) for v, i in codes])
+        loss = sum((o * go).sum() for o, go, u in zip(outs, gouts, used) if u)
+        res.append((*outs, *torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)))
+    names = [f"x_hat {s}" for s in range(len(widths))] + ["grad W_dec"]
+    names += [f"grad values {s}" for s in range(len(widths))]
+    for name, a, r in zip(names, *res):
+        if a.numel() == 0:  # the empty set: nothing to compare but the shape
+            assert a.shape == r.shape, name
+        else:
+            _close(a, r, name)
+
+
 class _ShapeLog(TorchDispatchMode):
     """Records the shape of every tensor an op produces (to prove no dense (B, n) tensor is built)."""
 

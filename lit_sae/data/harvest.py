@@ -37,6 +37,7 @@ from lit_sae.data.format import MANIFEST_NAME, ShardError
 from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_hook, truncated_forward
 from lit_sae.data.manifest import Exclusions, LMInfo, Manifest, ShardInfo, SourceInfo, SplitInfo, write_manifest_atomic
 from lit_sae.hub import check_model_available
+from lit_sae.data.overlap import BackgroundWorker, Prefetch
 from lit_sae.data.text import ContentHash, open_source
 from lit_sae.data.writer import ShardWriter
 
@@ -356,13 +357,10 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
     storage = {"float16": torch.float16, "bfloat16": torch.bfloat16}[config["dtype"]]
     device = next(lm.parameters()).device
     bar.set_postfix_str(split)
-    for ctx, ids in batches:
+
+    def store(ctx, ids, acts) -> None:
+        """The CPU side of one batch (filters, counters, shard writes): runs in the writer thread, in batch order."""
         n_pos = len(ctx) * kept_per_context
-        if int(ctx[-1]) * L + L - 1 <= prog.last_key:  # already in complete shards: no need to run the model
-            bar.update(n_pos)
-            continue
-        acts = truncated_forward(lm, torch.from_numpy(ids).to(device), config["hook_point"])
-        acts = acts[:, first:].reshape(n_pos, -1).float().cpu()
         keys = (ctx[:, None] * L + positions[None, :]).reshape(-1)
         fresh = keys > prog.last_key  # rows of the batch straddling the resume point that are already stored
         finite = torch.isfinite(acts.to(storage)).all(dim=1).numpy()
@@ -397,6 +395,18 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
             log.warning("%s: %d rows are not finite in %s and were dropped", split, len(drop_nonfinite_keys),
                         config["dtype"])
         bar.update(n_pos)
+
+    # Tokenizing (a thread reading ahead) and storing (a thread behind) overlap the forward passes, so that on a GPU
+    # the LM is the bottleneck. Batches are stored in order; the skip test below reads prog.last_key, which the writer
+    # thread has only moved up to batches before this one, so it decides as a sequential loop would.
+    with Prefetch(batches, depth=2) as ahead, BackgroundWorker(depth=2) as behind:
+        for ctx, ids in ahead:
+            if int(ctx[-1]) * L + L - 1 <= prog.last_key:  # already in complete shards: no need to run the model
+                bar.update(len(ctx) * kept_per_context)
+                continue
+            acts = truncated_forward(lm, torch.from_numpy(ids).to(device), config["hook_point"])
+            acts = acts[:, first:].reshape(len(ctx) * kept_per_context, -1).float().cpu()
+            behind.submit(store, ctx, ids, acts)
     writer.close()
     prog.done = True
     manifest.resume[split] = prog.as_dict()
