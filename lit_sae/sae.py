@@ -269,7 +269,7 @@ class TopKSAE(nn.Module):
                 checked before anything (e.g. the batchtopk threshold) is updated."""
         check_acts(x, self.d_in)
         if dead_mask is not None:
-            check_mask(dead_mask, self.n_latents)
+            check_mask(dead_mask, self.W_enc.shape[0])  # the latents this module holds (a shard's, when sharded)
         # fp16/bf16 data is promoted to the weights' dtype; autocast still runs the products in low precision
         x_n, state = self.normalize_input(x.to(self.W_dec.dtype))
         values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(x_n, dead_mask)

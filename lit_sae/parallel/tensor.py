@@ -204,7 +204,7 @@ class ShardedTopKSAE(TopKSAE):
                                                      self.n_latents, self.tp_group)
         multi = (vals, idx) if k_multi else (None, None)
         aux = (av, ai) if dead_idx is not None else (None, None)
-        return vals[:, :self.k], idx[:, :self.k], *multi, *aux
+        return vals[:, :self.k], idx[:, :self.k], *multi, *aux, None  # None: no sparsity penalty (TopK)
 
     def _decode_n(self, values: Tensor, indices: Tensor) -> Tensor:
         """sum_j values[:, j] W_dec[indices[:, j]] over all shards: this shard's pairs, then one all-reduce."""
@@ -212,6 +212,11 @@ class ShardedTopKSAE(TopKSAE):
         local = torch.where(owned, indices - self.offset, 0)
         part = kernels.sparse_decode(values * owned, local, self.W_dec)
         return sum_over_shards(part, self.tp_group)
+
+    def _decode_sets_n(self, codes: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """Each code through this class's sharded ``_decode_n`` (the unsharded fused decode would read W_dec rows
+        this shard does not hold)."""
+        return [self._decode_n(v, i) for v, i in codes]
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """This shard's dense pre-activations (B, n_latents / T) (analysis only)."""
