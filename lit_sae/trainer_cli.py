@@ -30,9 +30,9 @@ from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.callbacks.interrupt import SaveOnInterrupt
 from lit_sae.callbacks.progress import QuietProgressBar
 from lit_sae.checkpoint_io import use_atomic_checkpoints
+from lit_sae.cli import ConfigError
 from lit_sae.data import datamodule as _datamodule  # noqa: F401  known subclasses of --data (named in --help)
 from lit_sae.data import synthetic as _synthetic  # noqa: F401
-from lit_sae.cli import ConfigError
 from lit_sae.module import SAEModule
 from lit_sae.runs import checkpoint_dir, resolve_ckpt_path
 

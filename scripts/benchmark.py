@@ -137,7 +137,7 @@ def worker(args) -> dict:
     mm = statistics.median(_time(lambda: torch.mm(a, w), dev, max(3, args.steps)))
     # Process CPU time as well: on a shared machine wall time swings with the other jobs, CPU time much less.
     mm_cpu = statistics.median(_time(lambda: torch.mm(a, w), dev, max(3, args.steps), time.process_time))
-    del a, w
+    a = w = None  # free the operands before the step is timed
 
     sae = TopKSAE(d, n, k, k_aux=d // 2, multi_topk=args.regime == "multi", fast=args.path == "fast").to(dev)
     fused = dev in ("cpu", "cuda")

@@ -20,7 +20,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys

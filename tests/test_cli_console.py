@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.faults import cli, error_line
+from scripts.faults import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 LIT_SAE = str(Path(sys.executable).with_name("lit-sae"))
@@ -69,7 +69,6 @@ def test_console_is_quiet_and_names_a_substituted_precision(tmp_path):
 
 def test_feature_recovery_logs_best_cosine_by_hand(tmp_path):
     import lightning as L
-    import torch
 
     from lit_sae.callbacks.recovery import FeatureRecovery
     from lit_sae.data.synthetic import SyntheticDataModule

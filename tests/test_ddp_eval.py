@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from test_eval_report import harvested  # noqa: F401  (the tiny LM + harvested shards fixture)
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")

@@ -1,8 +1,8 @@
 """End to end: tiny LM + tokenizer saved locally -> harvest -> fit a few steps -> trainer.test with EvalReport."""
 
 import json
-import re
 import math
+import re
 import sysconfig
 from pathlib import Path
 

@@ -36,8 +36,8 @@ def tiny(request, tmp_path_factory):
 
 
 def test_load_lm_from_folder(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     folder = _save_tiny("llama", tmp_path)
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))

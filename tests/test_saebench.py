@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from lit_sae.eval.saebench import (CoreMetrics, downstream_groups, max_cosine_sims, misc_metrics,
-                                   saebench_core_section)
+from lit_sae.eval.saebench import CoreMetrics, downstream_groups, max_cosine_sims, misc_metrics, saebench_core_section
 
 
 def _batches(seed=0, n_lat=20, d=6, k=3):

@@ -54,7 +54,6 @@ def _worker(rank, world, dp, tp, port, ckdir):
     from torch.distributed.device_mesh import init_device_mesh
 
     from lit_sae.parallel.checkpoint import gather_full, load_sharded, save_sharded
-
     from lit_sae.parallel.data import GroupSum
     from lit_sae.parallel.tensor import ShardedTopKSAE, average_gradients_, update_dead_counts_
 

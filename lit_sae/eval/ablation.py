@@ -103,7 +103,7 @@ def ablation_sparsity(
     if latents is None:
         chosen = fired[torch.randperm(len(fired), generator=g)[:n_latents]].tolist()
     else:
-        chosen = [int(l) for l in latents]
+        chosen = [int(i) for i in latents]
     ref_full = acts.clone()
     ref_full[mask] = x_hat
     results = []

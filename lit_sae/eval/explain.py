@@ -72,7 +72,6 @@ def _positions(codes: CodeBatch, mask: Tensor, max_len: int):
     before, entries (latent, position index, value))."""
     valid = codes.valid & mask[:, None]
     c, t = torch.nonzero(valid, as_tuple=True)
-    T = codes.tokens.shape[1]
     offs = torch.arange(max_len)
     src = t[:, None] - offs
     prev = torch.where(src >= 0, codes.tokens[c[:, None], src.clamp_min(0)], torch.full_like(src, PAD))

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from lit_sae.formats.common import as_float, fold_for_export, need, read_json
+from lit_sae.formats.common import as_float, fold_for_export, need
 
 CONFIG, WEIGHTS = "cfg.json", "sae.safetensors"
 _TO_MODULE = {"hook_resid_post": "", "hook_mlp_out": ".mlp", "hook_attn_out": ".self_attn"}
