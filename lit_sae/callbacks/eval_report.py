@@ -92,7 +92,8 @@ class EvalReport(L.Callback):
         progress: bool = True,
     ):
         self.out_dir = out_dir
-        self.downstream, self.n_contexts, self.probes, self.probe_contexts = downstream, n_contexts, probes, probe_contexts
+        self.downstream, self.n_contexts = downstream, n_contexts
+        self.probes, self.probe_contexts = probes, probe_contexts
         self.ablation, self.n_ablation_latents = ablation, n_ablation_latents
         self.ablation_contexts_per_latent, self.batch_size = ablation_contexts_per_latent, batch_size
         self.explain, self.explain_contexts = explain, explain_contexts
@@ -153,8 +154,9 @@ class EvalReport(L.Callback):
         from lit_sae.eval.report import write_report
 
         out_dir = self.out_dir or trainer.default_root_dir or "."
-        pending = [name for name, on in (("downstream", self.downstream), ("ablation", self.ablation),
-                                         ("probes", self.probes), ("explainability", self.explain)) if on and manifest is not None]
+        sections = (("downstream", self.downstream), ("ablation", self.ablation), ("probes", self.probes),
+                    ("explainability", self.explain))
+        pending = [name for name, on in sections if on and manifest is not None]
         self._write_partial(out_dir, report, pending)  # reconstruction first: kept if the rest is interrupted
         if manifest is None:
             log.warning("the datamodule has no `manifest`: downstream loss, probes and ablation are skipped")
@@ -251,7 +253,8 @@ class DownstreamDuringFit(L.Callback):
                  lm_device: Optional[str] = None):
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps={every_n_steps} must be positive")
-        self.every_n_steps, self.n_contexts, self.batch_size, self.lm_device = every_n_steps, n_contexts, batch_size, lm_device
+        self.every_n_steps, self.n_contexts = every_n_steps, n_contexts
+        self.batch_size, self.lm_device = batch_size, lm_device
         self._lm = None
         self._ids = None
         self._settings = None
@@ -283,6 +286,7 @@ class DownstreamDuringFit(L.Callback):
                                   ablations=("zero",), progress=False)
         finally:
             sae.train(was_training)
-        metrics = {"val/delta_ce": out["delta_ce"], "val/kl": out["kl_sae"], "val/frac_recovered": out["frac_recovered"]}
+        metrics = {"val/delta_ce": out["delta_ce"], "val/kl": out["kl_sae"],
+                   "val/frac_recovered": out["frac_recovered"]}
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=step)

@@ -15,7 +15,8 @@ from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD
 
 class FeatureHistograms(L.Callback):
     """Every ``every_n_steps``: log10 feature density over the window since the last log, and W_enc / W_dec row
-    norms, summed over all ranks. Latents that never fired in the window are shown at log10(1 / tokens in window) - 1."""
+    norms, summed over all ranks. Latents that never fired in the window are shown at
+    log10(1 / tokens in window) - 1."""
 
     def __init__(self, every_n_steps: int = 500):
         if every_n_steps <= 0:

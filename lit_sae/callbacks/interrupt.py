@@ -37,9 +37,9 @@ class SaveOnInterrupt(L.Callback):
 
     The handlers are installed in ``setup``, before Lightning's: Lightning then leaves the requeue signal of
     ``SLURMEnvironment(auto_requeue=True)`` (``requeue_signal``, SIGUSR1 by default) to this callback, and SIGTERM
-    is taken back from Lightning's notifier at ``on_train_start`` (see there). At the step boundary this callback then runs Lightning's own SLURM routine, which
-    writes ``hpc_ckpt_N.ckpt`` into the run's root and requeues the job; the requeued job runs the same command line
-    and continues from it (``lit_sae.runs.resolve_ckpt_path``).
+    is taken back from Lightning's notifier at ``on_train_start`` (see there). At the step boundary this callback
+    then runs Lightning's own SLURM routine, which writes ``hpc_ckpt_N.ckpt`` into the run's root and requeues the
+    job; the requeued job runs the same command line and continues from it (``lit_sae.runs.resolve_ckpt_path``).
     """
 
     def __init__(self) -> None:

@@ -19,9 +19,10 @@ from lit_sae.data.stream import ActivationStream, Dest
 class Ring:
     """Preallocated shared-memory batch slots, ``slots`` per worker.
 
-    Slots are allocated once per pass; a worker writes batch j into its slot j % slots and sends only the slot number; the main process
-    copies the rows out before it asks for the next batch. The DataLoader keeps at most prefetch_factor * workers
-    batches in flight, so ``slots = prefetch_factor * workers + 2`` per worker are never overwritten while in use.
+    Slots are allocated once per pass; a worker writes batch j into its slot j % slots and sends only the slot
+    number; the main process copies the rows out before it asks for the next batch. The DataLoader keeps at most
+    prefetch_factor * workers batches in flight, so ``slots = prefetch_factor * workers + 2`` per worker are never
+    overwritten while in use.
     """
 
     def __init__(self, workers: int, slots: int, b: int, d: int, dtype: str):

@@ -158,7 +158,8 @@ def _ce(s: Tensor, y: Tensor) -> Tensor:
     return (torch.nn.functional.softplus(s) - y[:, None] * s).mean(0)
 
 
-def fit_1d_logistic(z: Tensor, y: Tensor, *, l2: float = 1e-4, iters: int = 50) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fit_1d_logistic(z: Tensor, y: Tensor, *, l2: float = 1e-4,
+                    iters: int = 50) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fit p(y) = sigmoid(w * (z - mu) / sd + b) independently for every column of z (N, C); y (N,) in {0, 1}.
 
     Newton's method on the two parameters of each column with step halving (float64); ``l2`` is a small ridge

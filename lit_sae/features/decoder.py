@@ -49,7 +49,8 @@ def logit_effects(W_dec: Tensor, W_U: Tensor, g: Tensor | None = None, n: int = 
     """
     L = W_dec.shape[0]
     n = min(n, W_U.shape[0])
-    out = [torch.empty(L, n), torch.empty(L, n, dtype=torch.long), torch.empty(L, n), torch.empty(L, n, dtype=torch.long)]
+    out = [torch.empty(L, n), torch.empty(L, n, dtype=torch.long),
+           torch.empty(L, n), torch.empty(L, n, dtype=torch.long)]
     W_U = W_U.float()
     for s in range(0, L, chunk):
         rows = W_dec[s:s + chunk].float().to(W_U.device)

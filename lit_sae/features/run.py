@@ -200,7 +200,8 @@ def features(
     where = str(Path(source) / "manifest.json") if Path(source).is_dir() else str(source)
     if int(man["d_in"]) != sae.d_in:
         raise ValueError(f"{ckpt_path}: the SAE's d_in={sae.d_in} differs from d_in={man['d_in']} of the hook point "
-                         f"{man['hook_point']} in {where}; pass the manifest of the activations this SAE was trained on")
+                         f"{man['hook_point']} in {where}; pass the manifest of the activations this SAE was "
+                         "trained on")
     if info["hook_point"] and info["hook_point"] != man["hook_point"]:
         raise ValueError(f"{ckpt_path}: the SAE was trained at {info['hook_point']} but {where} harvested "
                          f"{man['hook_point']}; pass the matching manifest")

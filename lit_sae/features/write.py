@@ -129,7 +129,8 @@ def _summary(records: list[dict], contexts, vocab, stats: FeatureStats, meta: di
     hist = torch.histc(live.log10().float(), bins=32, min=float(edges[0]), max=0.0) if live.numel() else torch.zeros(32)
     return {
         "format": FORMAT, **meta, "n_tokens": stats.n_tokens, "n_dead": int((stats.count == 0).sum()),
-        "density_histogram": {"log10_edges": [_r(e) for e in edges.tolist()], "counts": [int(c) for c in hist.tolist()]},
+        "density_histogram": {"log10_edges": [_r(e) for e in edges.tolist()],
+                              "counts": [int(c) for c in hist.tolist()]},
         "chunk": CHUNK,
         "latents": {
             "id": [r["id"] for r in records], "count": [r["count"] for r in records],

@@ -1,4 +1,5 @@
-"""SAELens's layout: ``cfg.json`` + ``sae_weights.safetensors`` (``SAE.save_model`` writes it, ``load_from_disk`` reads).
+"""SAELens's layout: ``cfg.json`` + ``sae_weights.safetensors`` (``SAE.save_model`` writes it, ``load_from_disk``
+reads it).
 
 SAELens (jbloomAus/SAELens, ``sae_lens/saes/*.py``) computes, for input-space x (d_in):
 
