@@ -1,4 +1,4 @@
-"""Fail fast and in one line when a model is neither on this machine nor reachable (issue 15).
+"""Fail fast and in one line when a model is neither on this machine nor reachable.
 
 transformers would otherwise spend half a minute in network retries and print two tracebacks, or answer a local path
 that does not exist with "Repo id must be in the form ...". Called before anything is written.

@@ -4,7 +4,7 @@
 
 Runs the real command in a child process (so the peak resident memory is that command's own, LM included) and
 prints wall time, peak RSS and the collector state estimate for this SAE and for n_latents = 1M. The budget in
-issue 9: at most 3 minutes on 2 CPU cores for the demo SAE (4,096 latents, the test split).
+Target: at most 3 minutes on 2 CPU cores for the demo SAE (4,096 latents, the test split).
 """
 
 from __future__ import annotations

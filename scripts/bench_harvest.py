@@ -1,4 +1,4 @@
-"""Harvest throughput against the bare truncated model forward on the same batches (issue 3: target >= 90%).
+"""Harvest throughput against the bare truncated model forward on the same batches (target >= 90%).
 
     .venv/bin/python scripts/bench_harvest.py                       # embedded default, 8 batches of 64 x 64 tokens
     .venv/bin/python scripts/bench_harvest.py --batches 4 --repeats 1

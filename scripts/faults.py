@@ -1,4 +1,4 @@
-"""Fault report: run every crash / bad-input scenario of issue 6 and print one table.
+"""Fault report: run every crash / bad-input scenario and print one table.
 
     .venv/bin/python -m scripts.faults            # all scenarios (about 2-4 minutes on 2 busy cores)
     .venv/bin/python -m scripts.faults -k resume  # only scenarios whose name contains "resume"
@@ -345,12 +345,12 @@ def _interrupt(tmp: Path, signum: int, after_steps: int = 13, env: Optional[dict
 
 
 def interrupt_sigint(tmp: Path) -> Result:
-    """Ctrl-C in the middle of a fit (issue 15)."""
+    """Ctrl-C in the middle of a fit."""
     return _interrupt(tmp, signal.SIGINT)
 
 
 def interrupt_sigterm(tmp: Path) -> Result:
-    """A scheduler's SIGTERM (preemption, `scancel`, `kill`) in the middle of a fit (issue 15)."""
+    """A scheduler's SIGTERM (preemption, `scancel`, `kill`) in the middle of a fit."""
     return _interrupt(tmp, signal.SIGTERM)
 
 
@@ -585,7 +585,7 @@ def unknown_hook_point(tmp: Path) -> Result:
         return Result(False, "accepted blocks.7 of a 2-layer model")
     except ValueError as exn:
         msg = str(exn)
-    one_line = "\n" not in msg and len(msg) < 300  # the pattern and examples, not every name (issue 15)
+    one_line = "\n" not in msg and len(msg) < 300  # the pattern and examples, not every name
     return Result("blocks.7.hook_resid_post" in msg and "blocks.1.hook_mlp_out" in msg and one_line, msg[:200])
 
 
@@ -640,7 +640,7 @@ def changed_lr_on_resume(tmp: Path) -> Result:
     return Result(code == 0 and abs(lr - 5e-4) < 1e-12, f"exit {code}; optimizer lr after resume: {lr}")
 
 
-# ------------------------------------------------------------------------------------- run folders (issue 10)
+# ------------------------------------------------------------------------------------- run folders
 def run_root_isolation(tmp: Path) -> Result:
     """Two fits of one recipe that differ only in --trainer.default_root_dir share no file; nothing lands outside
     the two roots; a third, fresh fit into a used root stops (exit 2) offering --ckpt_path last or a new root."""
@@ -686,7 +686,7 @@ def test_without_checkpoint(tmp: Path) -> Result:
 
 def resume_epoch_boundary(tmp: Path) -> Result:
     """A run stopped on the last batch of epoch 1 (step 24 of 24) and resumed under max_epochs: 2 sees exactly
-    the uninterrupted run's batches and losses in epoch 2 and stops after 48 steps (issue 10 item 1; the stream's
+    the uninterrupted run's batches and losses in epoch 2 and stops after 48 steps (the stream's
     position is the DataModule's own saved state). The stop at step 24 is a second run with max_steps 24, so the LR
     schedule must not depend on the run's length: warm-up only (the decay's exactness across a resume is tested in
     tests/test_data_resume.py, which copies the uninterrupted run's own checkpoint)."""
@@ -710,7 +710,7 @@ def resume_epoch_boundary(tmp: Path) -> Result:
 
 def ddp_eval_uneven(tmp: Path) -> Result:
     """`lit-sae test` of one checkpoint on 1, 2 and 3 CPU processes: every test token evaluated exactly once, so
-    test NMSE agrees to 1e-10 and the report's token count is the split's (issue 10 item 4)."""
+    test NMSE agrees to 1e-10 and the report's token count is the split's."""
     import json
 
     n_test = 2 * BATCH + 17  # not a multiple of 2 or 3 processes' batches
@@ -741,7 +741,7 @@ def ddp_eval_uneven(tmp: Path) -> Result:
     return Result(ok, f"test nmse spread over 1/2/3 processes {spread:.1e}; tokens {counts} (split: {n_test})")
 
 
-# ---------------------------------------------------------------------------------------- offline (issue 15)
+# ---------------------------------------------------------------------------------------- offline
 def offline_model(tmp: Path) -> Result:
     """`lit-sae harvest` with a model that is neither a local folder nor cached, on a machine without the hub:
     exit 2 with one line naming where it looked, and no output folder created."""

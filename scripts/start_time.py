@@ -1,4 +1,4 @@
-"""Start time of the ``lit-sae`` command (issue 15): ``--help`` and a fit that fails on a mistyped key.
+"""Start time of the ``lit-sae`` command: ``--help`` and a fit that fails on a mistyped key.
 
     .venv/bin/python scripts/start_time.py [--repeat 3]
 

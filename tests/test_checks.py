@@ -1,4 +1,4 @@
-"""Issue 10, shapes and dtypes: every public entry point rejects a wrong tensor with a message naming the expected
+"""Shapes and dtypes: every public entry point rejects a wrong tensor with a message naming the expected
 shape, before any state (buffers, thresholds, counters, metric sums) changes."""
 
 import pytest

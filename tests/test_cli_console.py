@@ -1,4 +1,4 @@
-"""Issue 15 and issue 11 item 6 through the real console script: every command in ``lit-sae --help``, lit-sae's own
+"""Through the real console script: every command in ``lit-sae --help``, lit-sae's own
 options first in ``fit --help``, one-line errors (exit 2) for every kind of misconfiguration, a quiet console."""
 
 import subprocess

@@ -1,4 +1,4 @@
-"""The run folder through the real ``lit-sae`` entry point (issue 10 items 2-3, issue 15): two roots never share a
+"""The run folder through the real ``lit-sae`` entry point: two roots never share a
 file, a used root is not overwritten by a fresh fit, ``--ckpt_path last`` looks only in the run's root, and
 evaluation never reports untrained weights unless asked to."""
 

@@ -1,4 +1,4 @@
-"""Issue 11 item 5: the dead-latent counters are module state (a checkpointed buffer); ``DeadLatentTracker`` is a
+"""The dead-latent counters are module state (a checkpointed buffer); ``DeadLatentTracker`` is a
 view of them for scripts; checkpoints written when the callback held them still load. Also why ``ema.py`` stays
 instead of Lightning's ``EMAWeightAveraging``."""
 

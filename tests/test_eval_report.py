@@ -116,7 +116,7 @@ def test_downstream_during_fit_logs_delta_ce(harvested, tmp_path):
 
 def test_report_is_written_section_by_section_and_an_interruption_keeps_the_finished_ones(harvested, tmp_path,
                                                                                           monkeypatch):
-    """Issue 15: reconstruction first, then each section as it finishes, with its wall time; a stop in the middle
+    """Reconstruction first, then each section as it finishes, with its wall time; a stop in the middle
     leaves a report (marked incomplete) holding every finished section."""
     import lit_sae.eval.report as report_mod
     from lit_sae.data.datamodule import ActivationDataModule

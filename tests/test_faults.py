@@ -1,5 +1,5 @@
 """Bad input reaches the user of ``lit-sae fit`` as one clear line (exit status 2) naming the file or key and the
-fix, and leaves no checkpoint a later run would accept (issue 6). Scenarios: scripts/faults.py.
+fix, and leaves no checkpoint a later run would accept. Scenarios: scripts/faults.py.
 
 The data-level checks behind several of these have their own unit tests (tests/test_datamodule.py: missing/empty
 folder, truncated tar, wrong shape/dtype, NaN/Inf, skip_nonfinite; tests/test_sae.py: k; tests/test_lm.py: unknown

@@ -1,4 +1,4 @@
-"""Issue 15: SIGINT, SIGTERM and SLURM's requeue signal, sent to a real ``lit-sae fit`` process (its whole process
+"""SIGINT, SIGTERM and SLURM's requeue signal, sent to a real ``lit-sae fit`` process (its whole process
 group, DataLoader worker included), write a resumable checkpoint at the step they interrupt, exit with 128 + the
 signal, and the resumed run repeats the uninterrupted run's batches and losses bit for bit. Scenarios:
 scripts/faults.py."""

@@ -1,4 +1,4 @@
-"""Exact resume after kill -9, atomic last.ckpt, divergence guard, incompatible checkpoints (issue 6).
+"""Exact resume after kill -9, atomic last.ckpt, divergence guard, incompatible checkpoints.
 
 The scenarios live in scripts/faults.py (which prints them as a table); here each one must pass.
 """

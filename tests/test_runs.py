@@ -1,4 +1,4 @@
-"""One folder per run (issue 10 items 2-3, issue 15): which checkpoint each command uses, refused when it would
+"""One folder per run: which checkpoint each command uses, refused when it would
 silently use the wrong weights. Unit tests of lit_sae.runs; the CLI paths are in tests/test_cli_runs.py."""
 
 import pytest

@@ -185,7 +185,7 @@ def run_harvest(
 
     _validate(config)
     if model != EMBEDDED_MODEL:
-        check_model_available(model)  # before anything is created (issue 15)
+        check_model_available(model)  # before anything is created
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _existing_manifest(out, config, overwrite)

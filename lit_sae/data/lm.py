@@ -87,7 +87,7 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
     else:
         from lit_sae.hub import check_model_available
 
-        check_model_available(name_or_path)  # one line at once, not retries and tracebacks (issue 15)
+        check_model_available(name_or_path)  # one line at once, not retries and tracebacks
         load_path = name_or_path
     sha = None
     if gguf_file is not None:
@@ -228,7 +228,7 @@ def _unknown_hook(model: nn.Module, hook_point: str) -> ValueError:
     close = difflib.get_close_matches(hook_point, hook_points(model), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     examples = ", ".join(f"blocks.{n - 1}.{kind}" for kind in HOOK_KINDS)
-    return ValueError(  # one readable line: the pattern, not every name (issue 15)
+    return ValueError(  # one readable line: the pattern, not every name
         f"unknown hook point {hook_point!r} for {type(model).__name__} ({n} layers){hint} Valid names: "
         f"blocks.{{0..{n - 1}}}.{{{','.join(HOOK_KINDS)}}}, e.g. {examples}"
     )
