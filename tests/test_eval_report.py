@@ -3,51 +3,19 @@
 import json
 import math
 import re
-import sysconfig
 from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+from _tiny_lm import harvest_tiny
 
 from lit_sae.callbacks.eval_report import EvalReport
 from lit_sae.eval.report import render_markdown, write_report
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = ["textwrap.py", "colorsys.py", "bisect.py", "keyword.py", "glob.py", "fnmatch.py", "shlex.py", "this.py"]
-
-
-def _tiny_lm(folder: Path, corpus: list[str]) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        special_tokens=["<eos>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=4)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-
 
 @pytest.fixture(scope="module")
 def harvested(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    texts = root / "texts"
-    texts.mkdir()
-    corpus = [(STDLIB / f).read_text() for f in FILES]
-    for f, t in zip(FILES, corpus):
-        (texts / f"{f}.txt").write_text(t)
-    _tiny_lm(root / "lm", corpus)
-    from lit_sae.data.harvest import run_harvest
-
-    run_harvest(out_dir=str(root / "shards"), model=str(root / "lm"), hook_point="blocks.0.hook_resid_post",
-                source=str(texts), total_tokens=6000, context_length=32, batch_size=16, block_tokens=256,
-                tokens_per_shard=1024, val_fraction=0.1, test_fraction=0.3, progress=False)
-    return root
+    return harvest_tiny(tmp_path_factory.mktemp("e2e"))
 
 
 def test_trainer_test_writes_report(harvested, tmp_path):

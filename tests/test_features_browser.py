@@ -10,54 +10,25 @@ import os
 import re
 import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
+from _tiny_lm import harvest_tiny
 
 from lit_sae.cli import main
 from lit_sae.features.run import features
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = ["textwrap.py", "colorsys.py", "bisect.py", "keyword.py", "glob.py", "fnmatch.py", "shlex.py", "this.py"]
 N_LATENTS = 48
-
-
-def _tiny_lm(folder: Path, corpus: list[str]) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        special_tokens=["<eos>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=4)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run folder like runs/demo: shards/, checkpoints/last.ckpt (5 training steps)."""
     from lit_sae.data.datamodule import ActivationDataModule
-    from lit_sae.data.harvest import run_harvest
     from lit_sae.module import SAEModule
 
-    root = tmp_path_factory.mktemp("run")
-    texts = root / "texts"
-    texts.mkdir()
-    corpus = [(STDLIB / f).read_text() for f in FILES]
-    for f, t in zip(FILES, corpus):
-        (texts / f"{f}.txt").write_text(t)
-    _tiny_lm(root / "lm", corpus)
-    run_harvest(out_dir=str(root / "shards"), model=str(root / "lm"), hook_point="blocks.0.hook_resid_post",
-                source=str(texts), total_tokens=6000, context_length=32, batch_size=16, block_tokens=256,
-                tokens_per_shard=1024, val_fraction=0.1, test_fraction=0.3, progress=False)
+    root = harvest_tiny(tmp_path_factory.mktemp("run"))
     dm = ActivationDataModule(str(root / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256, num_workers=0)
     module = SAEModule(d_in=32, n_latents=N_LATENTS, k=4, init_tokens=256, export_dir=str(root / "sae"),
                        hook_point="blocks.0.hook_resid_post", lm_name=str(root / "lm"))
