@@ -132,12 +132,25 @@ def worker(args) -> dict:
     B, d, n, k = args.batch, args.d_in, args.n_latents, args.k
     x = (torch.randn(B, d) + 0.3).to(dev)  # activations have a large mean; the SAE's b_pre absorbs it
 
-    # One bare matmul, the unavoidable dense work of a step, in the step's precision.
+    from lit_sae import kernels
+
+    if args.preact_mib:
+        kernels.MAX_PREACT_BYTES = args.preact_mib * 2**20
+    # One bare matmul, the unavoidable dense work of a step, in the step's precision. Where the whole (B, n) product
+    # would not fit (2 GiB), it runs in row blocks into one reused buffer: the same FLOPs, no allocation timed.
     a, w = torch.randn(B, d, device=dev, dtype=dtype), torch.randn(d, n, device=dev, dtype=dtype)
-    mm = statistics.median(_time(lambda: torch.mm(a, w), dev, max(3, args.steps)))
+    rows = max(1, min(B, 2**31 // (n * a.element_size())))
+    buf = torch.empty(rows, n, device=dev, dtype=dtype)
+
+    def bare_mm():
+        for r0 in range(0, B, rows):
+            r1 = min(B, r0 + rows)
+            torch.mm(a[r0:r1], w, out=buf[: r1 - r0])
+
+    mm = statistics.median(_time(bare_mm, dev, max(3, args.steps)))
     # Process CPU time as well: on a shared machine wall time swings with the other jobs, CPU time much less.
-    mm_cpu = statistics.median(_time(lambda: torch.mm(a, w), dev, max(3, args.steps), time.process_time))
-    a = w = None  # free the operands before the step is timed
+    mm_cpu = statistics.median(_time(bare_mm, dev, max(3, args.steps), time.process_time))
+    a = w = buf = None  # free the operands before the step is timed
 
     sae = TopKSAE(d, n, k, k_aux=d // 2, multi_topk=args.regime == "multi", fast=args.path == "fast").to(dev)
     fused = dev in ("cpu", "cuda")
@@ -177,6 +190,17 @@ def worker(args) -> dict:
     else:
         peak = _peak_rss_bytes() - base
     step_s = statistics.median(times)
+    profile = ""
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(2):
+                step()
+            _sync(dev)
+        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        profile = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
     n_part = n_dependent_bytes(B, d, n, torch.finfo(dtype).bits // 8)
     return {
         "regime": args.regime,
@@ -194,6 +218,8 @@ def worker(args) -> dict:
         "step_over_matmul": step_s / mm,
         "cpu_step_over_matmul": statistics.median(cpu_times) / mm_cpu,
         "loss": float(loss),
+        "preact_mib": kernels.MAX_PREACT_BYTES / 2**20,
+        "profile": profile,
     }
 
 
@@ -276,7 +302,8 @@ def _run_config(args, n: int, k: int, path: str, fit: bool = False, regime: str 
         sys.executable, __file__, "--worker", "--regime", regime, "--device", args.device, "--batch", str(args.batch),
         "--d-in", str(args.d_in), "--n-latents", str(n), "--k", str(k), "--path", path, "--steps", str(args.steps),
         "--fit-steps", str(args.fit_steps), "--fit-warmup", str(args.fit_warmup), "--fit-workers", str(args.fit_workers),
-    ] + (["--fit"] if fit else [])  # fmt: skip
+        "--preact-mib", str(args.preact_mib),
+    ] + (["--fit"] if fit else []) + (["--profile"] if args.profile else [])  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"benchmark worker {n=} {k=} {path=} failed:\n{res.stderr[-3000:]}")
@@ -323,6 +350,9 @@ def main(argv=None) -> int:
     p.add_argument("--fit-steps", type=int, default=200, help="timed fit steps")
     p.add_argument("--fit-warmup", type=int, default=5, help="untimed fit steps first (b_pre init, loader start)")
     p.add_argument("--fit-workers", type=int, default=1, help="DataLoader workers in the fit (0: read in-process)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of two steps per configuration")
+    p.add_argument("--preact-mib", type=int, default=0,
+                   help="pre-activation chunk budget in MiB (default: lit_sae.kernels.MAX_PREACT_BYTES)")
     p.add_argument("--list", action="store_true", help="print the configurations that would run, then exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=["naive", "fast"], help=argparse.SUPPRESS)
@@ -351,9 +381,20 @@ def main(argv=None) -> int:
     if not args.fit_only:
         for regime, n, k in plan:
             for path in args.paths:
-                rows.append(_run_config(args, n, k, path, regime=regime))
-                print(f"done {regime} n={n} k={k} {path}: {rows[-1]['step_ms']:.0f} ms", file=sys.stderr, flush=True)
-        print(format_table(rows, args.batch, args.d_in))
+                try:
+                    row = _run_config(args, n, k, path, regime=regime)
+                except RuntimeError as e:  # one configuration that fails (e.g. out of memory) does not stop the rest
+                    print(f"FAILED {regime} n={n} k={k} {path}: {str(e)[-600:]}", file=sys.stderr, flush=True)
+                    continue
+                rows.append(row)
+                print(f"done {regime} n={n} k={k} {path}: {row['step_ms']:.0f} ms, step/matmul "
+                      f"{row['step_over_matmul']:.2f}", file=sys.stderr, flush=True)
+                if row.get("profile"):
+                    print(f"profile of {regime} n={n} k={k} {path}:\n{row['profile']}", file=sys.stderr, flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=1))
+        if rows:
+            print(format_table(rows, args.batch, args.d_in))
     if args.fit or args.fit_only:
         fit = _run_config(args, args.n_latents[0], args.k[0], "fast", fit=True)
         print(

@@ -6,7 +6,9 @@
 #   2. runs the kernel equivalence tests (float64 fast path vs the dense reference, forward and gradients; CPU and
 #      CUDA parametrisations) and the sparse-SAE tests;
 #   3. runs scripts/benchmark.py in bf16 autocast at n_latents 2^15..2^20 with batch 131,072 tokens (steady k = 32),
-#      plus AuxK's worst case and Multi-TopK at n 2^16: tokens/s, peak memory, ratio to one bf16 encoder matmul.
+#      plus AuxK's worst case and Multi-TopK at n 2^16: tokens/s, peak memory, ratio to one bf16 encoder matmul;
+#   4. an end-to-end `python3 -m lit_sae fit` of configs/synthetic.yaml on CUDA in bf16-mixed, then `test` on its
+#      checkpoint (the Lightning module, callbacks, export and report on a GPU).
 # Budget: about 5 minutes on one H100/H200-class GPU. Results go to $OUT (or ./gpu_check_out): log, bench JSON.
 # Usage: scripts/gpu_wheels.sh  (here, once: fills the ignored .gpu_wheels/, ~1.4 MB; carry it to the GPU machine)
 #        scripts/gpu_check.sh [--dry-run]      (there: bash scripts/gpu_check.sh, from any directory)
@@ -61,9 +63,16 @@ fi
 
 # 2. equivalence tests (float64, CPU and CUDA parametrisations)
 status=0  # a failed test is reported, and the timings still run
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sae.py 2>&1 | tee "$OUTDIR/tests.log" \
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sae.py 2>&1 | tee "$OUTDIR/tests.log" \
   || status=1
 # 3. the benchmark, bf16 autocast; one subprocess per configuration (its own peak memory)
-timeout 360 "$PY" "${BENCH[@]}" --plan "${PLAN_N[@]}" "${PLAN_R[@]}" --json "$OUTDIR/bench_gpu.json" \
+timeout 280 "$PY" "${BENCH[@]}" --plan "${PLAN_N[@]}" "${PLAN_R[@]}" --json "$OUTDIR/bench_gpu.json" \
   2>&1 | tee "$OUTDIR/bench.log" || status=1
+# 4. end to end on CUDA: a short synthetic fit in bf16-mixed, then test on its last checkpoint
+RUN="${TMPDIR:-/tmp}/lit_sae_gpu_fit"
+rm -rf "$RUN"
+{ timeout 100 "$PY" -m lit_sae fit --config configs/synthetic.yaml --trainer.accelerator cuda --trainer.devices 1 \
+    --trainer.precision bf16-mixed --trainer.max_steps 600 --trainer.val_check_interval 300 \
+    --trainer.default_root_dir "$RUN" \
+  && timeout 50 "$PY" -m lit_sae test --config "$RUN/config.yaml" --ckpt_path last; } 2>&1 | tee "$OUTDIR/fit.log" || status=1
 exit $status
