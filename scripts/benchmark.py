@@ -108,8 +108,14 @@ def _time(fn, device: str, repeats: int, clock=time.perf_counter) -> list[float]
 REGIMES = ("steady", "auxk", "multi")
 # The configurations of the speed targets (regime, n_latents, k): steady state, AuxK's worst case, k = 128,
 # Multi-TopK, and wide dictionaries.
-ISSUE_PLAN = ("steady:16384:32", "auxk:16384:32", "steady:16384:128", "multi:16384:32", "steady:65536:32",
-              "steady:262144:32")
+ISSUE_PLAN = (
+    "steady:16384:32",
+    "auxk:16384:32",
+    "steady:16384:128",
+    "multi:16384:32",
+    "steady:65536:32",
+    "steady:262144:32",
+)
 
 
 def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4) -> int:
@@ -192,7 +198,8 @@ def worker(args) -> dict:
     step_s = statistics.median(times)
     profile = ""
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
         with torch_profile(activities=acts) as prof:
@@ -239,8 +246,15 @@ def fit_worker(args) -> dict:
     # Enough distinct tokens for half the run: the second half re-reads them as a new epoch, as a long fit would.
     n_tok = B * max(8, (steps + warm) // 2)
     g = torch.Generator().manual_seed(0)
-    man = Manifest(d_in=d, dtype="float16", block_tokens=4096, tokens_per_shard=16 * 4096, context_length=64,
-                   hook_point="synthetic", lm=LMInfo(name="synthetic"))
+    man = Manifest(
+        d_in=d,
+        dtype="float16",
+        block_tokens=4096,
+        tokens_per_shard=16 * 4096,
+        context_length=64,
+        hook_point="synthetic",
+        lm=LMInfo(name="synthetic"),
+    )
     for split, count in (("train", n_tok), ("val", 4096)):
         infos = []
         with ShardWriter(tmp.name, split, d, "float16", 4096, 16 * 4096, on_shard=infos.append) as w:
@@ -292,8 +306,14 @@ def fit_worker(args) -> dict:
 
     bare_s = statistics.median(_time(step, dev, max(3, min(steps, 10))))
     tmp.cleanup()
-    return {"n_latents": n, "k": k, "steps": steps, "fit_tokens_per_s": B / fit_s, "bare_tokens_per_s": B / bare_s,
-            "data_path_cost": fit_s / bare_s - 1}
+    return {
+        "n_latents": n,
+        "k": k,
+        "steps": steps,
+        "fit_tokens_per_s": B / fit_s,
+        "bare_tokens_per_s": B / bare_s,
+        "data_path_cost": fit_s / bare_s - 1,
+    }
 
 
 def _run_config(args, n: int, k: int, path: str, fit: bool = False, regime: str = "steady") -> dict:
@@ -337,12 +357,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=4096, help="tokens per step")
     p.add_argument("--d-in", type=int, default=768)
-    p.add_argument("--plan", nargs="+", default=list(ISSUE_PLAN), metavar="REGIME:N:K",
-                   help=f"configurations to time, regime one of {REGIMES} (default: the speed targets' set)")
+    p.add_argument(
+        "--plan",
+        nargs="+",
+        default=list(ISSUE_PLAN),
+        metavar="REGIME:N:K",
+        help=f"configurations to time, regime one of {REGIMES} (default: the speed targets' set)",
+    )
     p.add_argument("--n-latents", type=int, nargs="+", default=[16384], help="n_latents of the --fit comparison")
     p.add_argument("--k", type=int, nargs="+", default=[32], help="k of the --fit comparison")
-    p.add_argument("--paths", nargs="+", default=["fast"], choices=["naive", "fast"],
-                   help="naive (dense reference) too: slow, and its (B, n) tensors need ~5 GiB at n = 262144")
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        default=["fast"],
+        choices=["naive", "fast"],
+        help="naive (dense reference) too: slow, and its (B, n) tensors need ~5 GiB at n = 262144",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
     p.add_argument("--fit", action="store_true", help="also fit on synthetic shards (first n_latents and k)")
@@ -351,8 +381,12 @@ def main(argv=None) -> int:
     p.add_argument("--fit-warmup", type=int, default=5, help="untimed fit steps first (b_pre init, loader start)")
     p.add_argument("--fit-workers", type=int, default=1, help="DataLoader workers in the fit (0: read in-process)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of two steps per configuration")
-    p.add_argument("--preact-mib", type=int, default=0,
-                   help="pre-activation chunk budget in MiB (default: lit_sae.kernels.MAX_PREACT_BYTES)")
+    p.add_argument(
+        "--preact-mib",
+        type=int,
+        default=0,
+        help="pre-activation chunk budget in MiB (default: lit_sae.kernels.MAX_PREACT_BYTES)",
+    )
     p.add_argument("--list", action="store_true", help="print the configurations that would run, then exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=["naive", "fast"], help=argparse.SUPPRESS)
@@ -387,8 +421,12 @@ def main(argv=None) -> int:
                     print(f"FAILED {regime} n={n} k={k} {path}: {str(e)[-600:]}", file=sys.stderr, flush=True)
                     continue
                 rows.append(row)
-                print(f"done {regime} n={n} k={k} {path}: {row['step_ms']:.0f} ms, step/matmul "
-                      f"{row['step_over_matmul']:.2f}", file=sys.stderr, flush=True)
+                print(
+                    f"done {regime} n={n} k={k} {path}: {row['step_ms']:.0f} ms, step/matmul "
+                    f"{row['step_over_matmul']:.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if row.get("profile"):
                     print(f"profile of {regime} n={n} k={k} {path}:\n{row['profile']}", file=sys.stderr, flush=True)
                 if args.json:
