@@ -7,9 +7,9 @@ Shapes (B = tokens, d = d_in, n = n_latents):
 The only dense work a TopK SAE needs in training is the encoder's product ``x_c @ W_enc.T``. The fast path
 (``topk_encode``, ``sparse_decode``) therefore:
 
-- computes the pre-activations in row chunks of at most ``MAX_PREACT_BYTES`` (so the step never holds more than
-  one (B, n) buffer, and less for very wide dictionaries), selects top-k / top-k_multi / the AuxK top-k_aux among
-  dead latents from that same buffer, and drops it;
+- computes the pre-activations in row chunks of at most ``preact_budget(device)`` bytes (so the step never holds
+  more than one (B, n) buffer, and less for very wide dictionaries), selects top-k / top-k_multi / the AuxK
+  top-k_aux among dead latents from that same buffer, and drops it;
 - computes the encoder's backward (grads of x_c, W_enc, b_enc) from the selected (index, grad) pairs only, with
   ``embedding_bag`` (a gather-and-sum forward whose weight-gradient is the scatter-add we need);
 - decodes with ``embedding_bag`` (gather-and-sum), whose backward touches only the selected rows of W_dec and
@@ -23,8 +23,8 @@ pre-activations contain NaN have no defined selection.
 Under ``torch.autocast`` the encoder product runs in the autocast dtype (bf16: values come out in bf16, like the
 reference path); the sparse backward and the decoder accumulate in the parameters' dtype.
 
-The CUDA path is the same PyTorch code (no Triton kernels yet); it has not been run on a GPU in this repository's
-CI. ``scripts/gpu_check.sh`` checks it on a machine that has one.
+The CUDA path is the same PyTorch code (no Triton kernels). CI has no GPU; ``scripts/gpu_check.sh`` runs the
+equivalence tests and the benchmark on a machine that has one (docs/performance.md gives its measured results).
 """
 
 from __future__ import annotations
@@ -38,9 +38,19 @@ from torch import Tensor
 from lit_sae import compat
 
 MAX_PREACT_BYTES = 256 * 2**20
-"""Largest pre-activation chunk (rows x n_latents x element size) the fast encoder materialises at once.
+"""Largest pre-activation chunk (rows x n_latents x element size) the fast encoder materialises at once on CPU.
 256 MiB holds a whole 4096 x 16384 fp32 batch (one chunk, no slicing overhead) and bounds a 2^20-latent
 dictionary to 64-row chunks instead of a 16 GiB buffer."""
+
+MAX_PREACT_BYTES_CUDA = 2 * 2**30
+"""The same bound on CUDA devices. Larger, because each chunk's top-k is a few kernel launches whose fixed cost
+matters there: on an H200 (batch 131,072, n_latents 65,536, bf16) 2-4 GiB chunks made the step ~18% faster than
+256 MiB ones (``scripts/benchmark.py --preact-mib``)."""
+
+
+def preact_budget(device: torch.device | str) -> int:
+    """Bytes of pre-activations the encoder may hold at once on ``device`` (``MAX_PREACT_BYTES[_CUDA]``)."""
+    return MAX_PREACT_BYTES_CUDA if torch.device(device).type == "cuda" else MAX_PREACT_BYTES
 
 
 class EncodeOut(NamedTuple):
@@ -98,21 +108,32 @@ def _topk_exact(pre: Tensor, K: int) -> tuple[Tensor, Tensor]:
     boundary = vals[:, K] == vals[:, K - 1] if kk > K else None
     vals, idx = vals[:, :K].contiguous(), idx[:, :K].contiguous()
     if boundary is not None:
+        # Rows in groups whose int32 running counts take at most a quarter of ``pre``'s own bytes.
+        group = max(1, pre.shape[0] * pre.element_size() // 16)
         rows = boundary.nonzero().squeeze(1)
-        if rows.numel():
-            T = vals[rows, K - 1]
-            n_gt = (vals[rows] > T[:, None]).sum(dim=1)  # all elements > T are already selected
-            need = K - n_gt
-            cols = torch.arange(m, device=pre.device)
-            eq_pos = torch.where(pre[rows] == T[:, None], cols, m)
-            lowest = eq_pos.topk(int(need.max()), dim=1, largest=False, sorted=True).values
-            slot = torch.arange(K, device=pre.device)[None, :] - n_gt[:, None]  # place among the T's
-            fill = slot >= 0
-            from_T = lowest.gather(1, slot.clamp(0, lowest.shape[1] - 1))
-            idx[rows] = torch.where(fill, from_T, idx[rows])
-            vals[rows] = torch.where(fill, T[:, None].expand(-1, K), vals[rows])
+        for part in rows.split(group) if rows.numel() else ():
+            _repair_boundary_ties_(pre, vals, idx, part, K)
     _order_ties_(vals, idx)
     return vals, idx
+
+
+def _repair_boundary_ties_(pre: Tensor, vals: Tensor, idx: Tensor, rows: Tensor, K: int) -> None:
+    """In place, for ``rows`` of ``pre`` whose top-K boundary value T also occurs beyond the boundary: give the
+    places held by T to the lowest columns holding T."""
+    T = vals[rows, K - 1]
+    n_gt = (vals[rows] > T[:, None]).sum(dim=1)  # all elements > T are already selected
+    need = K - n_gt
+    # The j-th lowest column holding T is the first column where the running count of T's reaches j: a cumulative
+    # sum and a binary search per row, instead of a second top-k over (rows, m) int64 positions (which, on CUDA in
+    # bf16 where boundary ties are the rule, cost more than the first top-k).
+    counts = (pre[rows] == T[:, None]).cumsum(dim=1, dtype=torch.int32)
+    wanted = torch.arange(1, int(need.max()) + 1, device=pre.device, dtype=torch.int32)
+    lowest = torch.searchsorted(counts, wanted.expand(rows.numel(), -1).contiguous())
+    slot = torch.arange(K, device=pre.device)[None, :] - n_gt[:, None]  # place among the T's
+    fill = slot >= 0
+    from_T = lowest.gather(1, slot.clamp(0, lowest.shape[1] - 1))
+    idx[rows] = torch.where(fill, from_T, idx[rows])
+    vals[rows] = torch.where(fill, T[:, None].expand(-1, K), vals[rows])
 
 
 # ---------------------------------------------------------------------------------------------- sparse products
@@ -162,7 +183,7 @@ def _select_chunks(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, K: int, dead_idx: 
     B, n = x_c.shape[0], W_enc.shape[0]
     dt = _compute_dtype(x_c, W_enc)
     xc, Wc, bc = x_c.to(dt), W_enc.to(dt), b_enc.to(dt)
-    rows_per_chunk = max(1, MAX_PREACT_BYTES // max(1, n * torch.finfo(dt).bits // 8))
+    rows_per_chunk = max(1, preact_budget(x_c.device) // max(1, n * torch.finfo(dt).bits // 8))
     vals = torch.empty(B, min(K, n), dtype=dt, device=x_c.device)
     idx = torch.empty(B, min(K, n), dtype=torch.long, device=x_c.device)
     ka = 0 if dead_idx is None else min(k_aux, dead_idx.numel())
@@ -315,18 +336,22 @@ class _SparseDecodeSets(torch.autograd.Function):
         W_dec, *flat = ctx.saved_tensors
         vals, idxs = flat[0::2], flat[1::2]
         B, d = vals[0].shape[0], W_dec.shape[1]
-        grads = [torch.zeros(B, d, dtype=W_dec.dtype, device=W_dec.device) if g is None else g.contiguous()
-                 for g in grads]
-        d_vals = [_gather_dot(i, W_dec, g) if ctx.needs_input_grad[1 + 2 * s] else None
-                  for s, (i, g) in enumerate(zip(idxs, grads))]
+        grads = [
+            torch.zeros(B, d, dtype=W_dec.dtype, device=W_dec.device) if g is None else g.contiguous() for g in grads
+        ]
+        d_vals = [
+            _gather_dot(i, W_dec, g) if ctx.needs_input_grad[1 + 2 * s] else None
+            for s, (i, g) in enumerate(zip(idxs, grads))
+        ]
         d_W = None
         if ctx.needs_input_grad[0]:
             # Position p of the concatenated (B, m_0 + m_1 + ...) pairs belongs to set s(p) and token b(p); its
             # gradient rows are rows B * s + b of the stacked output gradients.
             widths = [i.shape[1] for i in idxs]
             m = sum(widths)
-            set_of_col = torch.repeat_interleave(torch.arange(len(widths), device=W_dec.device),
-                                                 torch.tensor(widths, device=W_dec.device))
+            set_of_col = torch.repeat_interleave(
+                torch.arange(len(widths), device=W_dec.device), torch.tensor(widths, device=W_dec.device)
+            )
             cat_i = torch.cat(idxs, dim=1).reshape(-1)
             cat_v = torch.cat(vals, dim=1).reshape(-1)
 

@@ -19,9 +19,10 @@ Regimes (``--plan regime:n_latents:k ...``; the default is every regime of the s
     auxk    AuxK's worst case: half the latents (every other one) dead at every step, k_aux = d_in / 2
     multi   Multi-TopK (top-4k decoded too, the paper's L(4k) / 8 term)
 
-Peak memory of the fast step above weights + Adam state (all fp32, 4 bytes): the larger of one pre-activation chunk
-min(B, rows_per_chunk) * n * 4 <= ``kernels.MAX_PREACT_BYTES`` (forward; freed before the backward) and the gradients
-of W_enc and W_dec, 2 * n * d * 4 (backward), plus terms in B * (d + k + k_aux) only. The table prints that
+Peak memory of the fast step above weights + Adam state (fp32 parameters): the larger of one pre-activation chunk
+C = min(B, rows_per_chunk) * n * e <= ``kernels.preact_budget(device)`` (e = 4 in fp32, 2 under bf16 autocast) plus
+the tie repair's (e + 5) / 16 * C (forward; freed before the backward) and the gradients of W_enc and W_dec,
+2 * n * d * 4 (backward), plus terms in B * (d + k + k_aux) only. The table prints that
 n-dependent part (``n-part MiB``) and what is left (``rest MiB``): the rest must not grow with n.
 
 ``--fit`` writes synthetic fp16 shards, runs ``Trainer.fit`` (SAEModule + ActivationDataModule, its default single
@@ -118,14 +119,15 @@ ISSUE_PLAN = (
 )
 
 
-def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4) -> int:
-    """The part of the fast step's peak (above weights and Adam state) that grows with n: the larger of one
-    pre-activation chunk of ``elem``-byte elements (at most ``kernels.MAX_PREACT_BYTES``, alive in the forward only)
-    and the fp32 gradients of W_enc and W_dec (the backward)."""
+def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4, device: str = "cpu") -> int:
+    """The part of the fast step's peak (above weights and Adam state) that grows with n: the larger of the forward's
+    (one pre-activation chunk of ``elem``-byte elements, at most ``kernels.preact_budget(device)`` bytes, plus the
+    tie repair's copy, mask and int32 counts of at most a sixteenth of the chunk's rows: (elem + 5) / 16 of it) and
+    the backward's (the fp32 gradients of W_enc and W_dec)."""
     from lit_sae import kernels
 
-    rows = max(1, kernels.MAX_PREACT_BYTES // (n * elem))
-    return max(2 * n * d * 4, min(B, rows) * n * elem)
+    rows = min(B, max(1, kernels.preact_budget(device) // (n * elem)))
+    return max(2 * n * d * 4, rows * n * elem * (16 + elem + 5) // 16)
 
 
 def worker(args) -> dict:
@@ -141,7 +143,7 @@ def worker(args) -> dict:
     from lit_sae import kernels
 
     if args.preact_mib:
-        kernels.MAX_PREACT_BYTES = args.preact_mib * 2**20
+        kernels.MAX_PREACT_BYTES = kernels.MAX_PREACT_BYTES_CUDA = args.preact_mib * 2**20
     # One bare matmul, the unavoidable dense work of a step, in the step's precision. Where the whole (B, n) product
     # would not fit (2 GiB), it runs in row blocks into one reused buffer: the same FLOPs, no allocation timed.
     a, w = torch.randn(B, d, device=dev, dtype=dtype), torch.randn(d, n, device=dev, dtype=dtype)
@@ -208,7 +210,7 @@ def worker(args) -> dict:
             _sync(dev)
         key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
         profile = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
-    n_part = n_dependent_bytes(B, d, n, torch.finfo(dtype).bits // 8)
+    n_part = n_dependent_bytes(B, d, n, torch.finfo(dtype).bits // 8, dev)
     return {
         "regime": args.regime,
         "n_latents": n,
@@ -225,7 +227,7 @@ def worker(args) -> dict:
         "step_over_matmul": step_s / mm,
         "cpu_step_over_matmul": statistics.median(cpu_times) / mm_cpu,
         "loss": float(loss),
-        "preact_mib": kernels.MAX_PREACT_BYTES / 2**20,
+        "preact_mib": kernels.preact_budget(dev) / 2**20,
         "profile": profile,
     }
 
@@ -408,7 +410,7 @@ def main(argv=None) -> int:
         args.fit_steps = min(args.fit_steps, 20)
     if args.list:
         for regime, n, k in plan:
-            mib = n_dependent_bytes(args.batch, args.d_in, n, 2 if args.device == "cuda" else 4) / 2**20
+            mib = n_dependent_bytes(args.batch, args.d_in, n, 2 if args.device == "cuda" else 4, args.device) / 2**20
             print(f"{regime} n_latents={n} k={k} batch={args.batch} paths={args.paths} n-part {mib:,.0f} MiB")
         return 0
     rows = []

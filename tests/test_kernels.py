@@ -104,6 +104,23 @@ def test_encode_ties_match_reference_and_definition(device, integer, dup_rows):
     assert torch.equal(out.aux_indices, s_aux[:, :12])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [1, 32, 200])
+def test_topk_exact_bf16_rows_with_many_boundary_ties(device, K):
+    # bf16 keeps 8 significant bits: over 4096 columns most rows tie across the selection boundary, as the encoder's
+    # chunks do on a GPU under autocast. The selection must equal a stable descending sort (ties: lower index first).
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(300, 4096, generator=g).to(torch.bfloat16).to(device)
+    pre[:5] = 0.5  # whole rows of one value: the repair picks the K lowest columns
+    vals, idx = kernels._topk_exact(pre, K)
+    ref_vals, ref_idx = kernels._stable_topk_reference(pre, K)
+    top = pre.topk(K + 1, dim=1).values
+    tie_rate = (top[:, K] == top[:, K - 1]).float().mean()
+    assert bool(tie_rate > (0.3 if K > 1 else 0.0)), f"rows tying at the boundary: {float(tie_rate):.2f}"
+    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+    assert torch.equal(idx[:5], torch.arange(K, device=device).expand(5, -1))
+
+
 def test_encode_chunked_rows_match(monkeypatch):
     x, W, b = _inputs(37, 16, 100, "cpu", integer=True, seed=7)
     dead = torch.rand(100, generator=torch.Generator().manual_seed(2)) < 0.3
@@ -162,8 +179,9 @@ def test_decode_sets_match_separate_reference_decodes(device, widths, used):
     inputs = [W] + [v for v, _ in codes]
     res = []
     for fast in (True, False):
-        outs = (kernels.sparse_decode_sets(codes, W) if fast
-                else [kernels.naive_sparse_decode(v, i, W) for v, i in codes])
+        outs = (
+            kernels.sparse_decode_sets(codes, W) if fast else [kernels.naive_sparse_decode(v, i, W) for v, i in codes]
+        )
         loss = sum((o * go).sum() for o, go, u in zip(outs, gouts, used) if u)
         res.append((*outs, *torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)))
     names = [f"x_hat {s}" for s in range(len(widths))] + ["grad W_dec"]
