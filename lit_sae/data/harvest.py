@@ -185,7 +185,9 @@ def run_harvest(
 
     _validate(config)
     if model != EMBEDDED_MODEL:
-        check_model_available(model)  # before anything is created
+        check_model_available(model)  # before anything is created (the model and its tokenizer)
+    text = open_source(source, text_field=text_field, shuffle_seed=seed if shuffle_documents else None,
+                       hf_split=hf_split, hf_config=hf_config, hf_streaming=hf_streaming)  # a missing source: now
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _existing_manifest(out, config, overwrite)
@@ -197,8 +199,6 @@ def run_harvest(
 
     lm, tokenizer = load_lm(model, gguf_file=gguf_file, dtype=model_dtype, device=device)
     resolve_hook(lm, hook_point)  # fail early, listing valid names
-    text = open_source(source, text_field=text_field, shuffle_seed=seed if shuffle_documents else None,
-                       hf_split=hf_split, hf_config=hf_config, hf_streaming=hf_streaming)
     first = first_position(drop_first_position)
     kept_per_context = context_length - first
     n_contexts = math.ceil(total_tokens / kept_per_context)
