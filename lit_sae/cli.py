@@ -98,6 +98,13 @@ def run_lightning(args: Optional[list[str]] = None, **kwargs: Any):
     return run(args, **kwargs)
 
 
+def check_command_line(argv: list[str], model: str = "module") -> None:
+    """Reject a bad fit / validate / test command line before Lightning loads (``lit_sae.cli_check``)."""
+    from lit_sae.cli_check import check
+
+    check(argv, model)
+
+
 def __getattr__(name: str):  # `from lit_sae.cli import SAECLI` keeps working without importing Lightning eagerly
     if name == "SAECLI":
         from lit_sae.trainer_cli import SAECLI
@@ -147,11 +154,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         if len(argv) > 1 and argv[0] == "sweep" and argv[1] in LIGHTNING_COMMANDS:
             # `lit-sae sweep fit|validate|test --config ...`: several SAEs on one stream (lit_sae.sweep)
+            check_command_line(argv[1:], model="sweep")
             from lit_sae.sweep import SAESweepModule
 
             # sys.argv stays as typed: DDP re-launches it for the other ranks, which must take this branch too
             run_lightning(argv[1:], model_class=SAESweepModule)
         elif argv and argv[0] in LIGHTNING_COMMANDS:
+            check_command_line(argv)  # a mistyped key or value fails here, before Lightning loads (~5 s)
             # From the console, LightningCLI reads sys.argv itself (passing it as well makes it warn).
             run_lightning(None if from_console else argv)
         else:

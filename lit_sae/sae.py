@@ -7,14 +7,14 @@
 Latents are kept sparse as (values, indices) pairs of shape (B, k); no dense (B, n_latents) code is built in
 training (the encoder's dense pre-activations exist only inside ``kernels.topk_encode``).
 
-The SAE saves and loads itself in SAELens's layout (``save_pretrained`` / ``from_pretrained``). Besides ``topk`` and
-``batchtopk`` it trains the baselines ``relu`` (+ L1), ``jumprelu`` and ``matryoshka_batchtopk``, whose objectives
-live in ``lit_sae.activations``; SAEs of those architectures from other libraries load and reconstruct exactly.
+The SAE saves and loads itself in SAELens's layout (``save_pretrained`` / ``from_pretrained``, implemented in
+``lit_sae.sae_io``). Besides ``topk`` and ``batchtopk`` it trains the baselines ``relu`` (+ L1), ``jumprelu`` and
+``matryoshka_batchtopk``, whose objectives live in ``lit_sae.activations``; SAEs of those architectures from other
+libraries load and reconstruct exactly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional
@@ -322,48 +322,27 @@ class TopKSAE(nn.Module):
 
     def save_pretrained(self, path: str | Path, metadata: Optional[dict[str, Any]] = None, *,
                         lit_sae: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
-        """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens's layout, ``lit_sae.formats.saelens``).
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` in SAELens's layout (``lit_sae.sae_io.save_pretrained``:
+        the arguments, the folding of the input scale, and the errors raised)."""
+        from lit_sae import sae_io
 
-        The saved SAE takes raw activations: a ``scalar`` input scale is folded into the weights and decoder rows
-        are made unit norm (see ``lit_sae.formats.common.fold_for_export``; a deviation is recorded in the
-        ``lit_sae`` section of cfg.json). ``metadata``: SAELens's fields (hook_name, model_name, context_size,
-        prepend_bos, dataset_path, ...); ``lit_sae``: extra entries for lit-sae's own section. The folder is
-        written all at once with the user's umask. Raises ValueError if ``path`` holds anything and ``overwrite``
-        is False, or holds files that are not a lit-sae export."""
-        from safetensors.torch import save
-
-        from lit_sae.formats import saelens
-        from lit_sae.formats.common import write_folder
-
-        tensors, cfg = saelens.to_saelens(self.config(), self.state_dict(), metadata, lit_sae)
-        return write_folder(path, {saelens.CONFIG: json.dumps(cfg, indent=2).encode(),
-                                   saelens.WEIGHTS: save(tensors)}, overwrite=overwrite)
+        return sae_io.save_pretrained(self, path, metadata, lit_sae=lit_sae, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "TopKSAE":
-        """Load a SAELens-layout folder (lit-sae's own export or one SAELens saved: topk, standard, jumprelu,
-        batchtopk) as a ``TopKSAE`` in eval mode whose reconstruction equals SAELens's. Its SAELens metadata is in
-        ``sae.metadata``. Raises FileNotFoundError (a missing file) or ValueError naming the unsupported field."""
-        from lit_sae.formats import saelens
+        """Load a SAELens-layout folder (lit-sae's export, or SAELens's topk / standard / jumprelu / batchtopk) in
+        eval mode (``lit_sae.sae_io.load_pretrained``)."""
+        from lit_sae import sae_io
 
-        cfg, tensors = saelens.read_folder(path)
-        kwargs, state, meta = saelens.from_saelens(cfg, tensors, Path(path) / saelens.CONFIG)
-        return cls.from_state(kwargs, state, meta)
+        return sae_io.load_pretrained(cls, path)
 
     @classmethod
     def from_state(cls, kwargs: dict[str, Any], state: dict[str, Tensor], metadata: Optional[dict] = None
                    ) -> "TopKSAE":
-        """A ``TopKSAE(**kwargs)`` holding ``state`` (W_enc, b_enc, W_dec, b_pre; optional threshold, norm_scale),
-        marked data-initialised, in eval mode, in the state's dtype; ``metadata`` is kept as ``sae.metadata``."""
-        sae = cls(**kwargs)
-        full = sae.state_dict()
-        for name, value in state.items():
-            full[name] = value.reshape(full[name].shape) if full[name].numel() == value.numel() else value
-        full["data_initialized"] = torch.ones((), dtype=torch.bool)
-        dtype = state["W_dec"].dtype
-        sae.to(dtype).load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()})
-        sae.metadata = dict(metadata or {})
-        return sae.eval()
+        """A ``TopKSAE(**kwargs)`` holding ``state``, in eval mode (``lit_sae.sae_io.from_state``)."""
+        from lit_sae import sae_io
+
+        return sae_io.from_state(cls, kwargs, state, metadata)
 
     # ---------------------------------------------------------------- decoder constraints
     @torch.no_grad()

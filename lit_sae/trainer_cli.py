@@ -14,10 +14,8 @@ What this adds to LightningCLI (no training logic lives here):
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
-import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +28,8 @@ from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.callbacks.interrupt import SaveOnInterrupt
 from lit_sae.callbacks.progress import QuietProgressBar
 from lit_sae.checkpoint_io import use_atomic_checkpoints
-from lit_sae.cli import ConfigError
+from lit_sae.cli_check import add_lit_sae_arguments
+from lit_sae.cli_messages import config_error
 from lit_sae.data import datamodule as _datamodule  # noqa: F401  known subclasses of --data (named in --help)
 from lit_sae.data import synthetic as _synthetic  # noqa: F401
 from lit_sae.module import SAEModule
@@ -72,13 +71,7 @@ class SAECLI(LightningCLI):
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.d_in", "model.d_in", apply_on="instantiate")
-        parser.link_arguments("data.hook_point", "model.hook_point", apply_on="instantiate")
-        parser.link_arguments("data.model_name", "model.lm_name", apply_on="instantiate")
-        parser.add_argument(
-            "--untrained", type=bool, default=False,
-            help="validate / test only: evaluate the model's initial weights on purpose (without it, these commands "
-                 "need --ckpt_path or --model.init_from, so that untrained weights are never reported by mistake)")
+        add_lit_sae_arguments(parser)  # the links data -> model and --untrained (shared with the quick check)
 
     def parse_arguments(self, parser, args) -> None:
         """Parse as LightningCLI does; on an unknown key, add the nearest valid key to jsonargparse's message."""
@@ -90,9 +83,9 @@ class SAECLI(LightningCLI):
         except Exception as exn:  # jsonargparse's ArgumentError (or a TypeError from a bad value)
             for p in parsers:
                 p.exit_on_error = True
-            message = _shorten_union(str(exn).strip().rstrip("."))
-            text = f"{message}{_suggest_key(message)} (`lit-sae {args[0] if args else 'fit'} --help` lists the options)"
-            raise ConfigError(" ".join(text.split())) from None
+            command = (args if args is not None else sys.argv[1:] or ["fit"])[0]
+            command = command if command in COMMANDS else "fit"
+            raise config_error(exn, command, dict(zip(self.subcommands(), parsers[1:])).get(command, parser)) from None
         for p in parsers:
             p.exit_on_error = True
 
@@ -183,88 +176,8 @@ def _say_if_substituted(key: str, asked: Any, used: Any) -> None:
         log.warning("trainer.%s=%s is not available here: Lightning runs with %s", key, asked, used)
 
 
-def _shorten_union(message: str) -> str:
-    """jsonargparse's 12-line 'Does not validate against any of the Union subtypes' as one line with the valid
-    values."""
-    if "Does not validate against any of the Union subtypes" not in message:
-        return message
-    key = re.search(r'Parser key "([\w.]+)"', message)
-    given = re.search(r"Given value: (.*)", message)
-    allowed: list[str] = []
-    for group in re.findall(r"Literal\[([^\]]*)\]", message.split("Errors:")[0]):
-        allowed += [v.strip() for v in group.split(",") if v.strip() not in allowed]
-    kinds = sorted(set(re.findall(r"Expected a <class '(\w+)'>", message)) - {"NoneType"})
-    valid = ", ".join(dict.fromkeys(allowed + kinds))
-    return (f"{key.group(1) if key else 'a key'}: invalid value {given.group(1).strip() if given else ''!s}; "
-            f"valid: {valid or 'see --help'}")
-
-
 def _has(callbacks: list, kind: type) -> bool:
     return any(isinstance(cb, kind) for cb in callbacks)
-
-
-_UNKNOWN_KEY = (  # how jsonargparse 4.x names an unknown key
-    r"does not accept option '([\w.]+)'",
-    r"unrecognized arguments: --([\w.]+)",
-    r"No action for key \"?'?([\w.]+)",
-)
-
-
-def _suggest_key(message: str) -> str:
-    """'; did you mean X?' for the first unknown key named in a jsonargparse error message ('' if none)."""
-    if m := re.search(r"Linked \"model\.(\w+)\" must be given via", message):
-        return (f"; model.{m.group(1)} is read from the data (the manifest, for shard folders): remove "
-                f"model.{m.group(1)} from the command line and config")
-    for pattern in _UNKNOWN_KEY:
-        if m := re.search(pattern, message):
-            key = m.group(1)
-            break
-    else:
-        if "'init_args': {" in message:  # a subclass's init_args failed as a whole: find the unknown one
-            return _suggest_init_arg(message)
-        return ""
-    parts = key.split(".")
-    if parts and parts[0] in COMMANDS:
-        parts = parts[1:]
-    prefix, name = parts[:-1], parts[-1]
-    candidates = _valid_names(prefix)
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean {'.'.join(prefix + close)!r}?"
-    return ""
-
-
-def _valid_names(prefix: list[str]) -> list[str]:
-    """Parameter names at a config path: model -> SAEModule's, trainer -> Trainer's, top level -> sections."""
-    import lightning as L
-
-    if prefix == ["model"]:
-        return list(inspect.signature(SAEModule.__init__).parameters)[1:]
-    if prefix == ["trainer"]:
-        return list(inspect.signature(L.Trainer.__init__).parameters)[1:]
-    if not prefix:
-        return ["seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path", "config",
-                "untrained"]
-    return []
-
-
-def _suggest_init_arg(message: str) -> str:
-    """For a subclass (data: class_path + init_args) rejected as a whole: name the init arg it does not take."""
-    m = re.search(r"'class_path': '([\w.]+)', 'init_args': \{([^}]*)\}", message)
-    if not m:
-        return ""
-    module_name, _, cls_name = m.group(1).rpartition(".")
-    try:
-        cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
-    except (ImportError, AttributeError):
-        return ""
-    valid = list(inspect.signature(cls.__init__).parameters)[1:]
-    for given in re.findall(r"'(\w+)':", m.group(2)):
-        if given not in valid:
-            close = difflib.get_close_matches(given, valid, n=1, cutoff=0.6)
-            hint = f"; did you mean 'init_args.{close[0]}'?" if close else f"; valid: {', '.join(valid)}"
-            return f"\n{cls_name} has no argument {given!r}{hint}"
-    return ""
 
 
 def run_lightning(args: Optional[list[str]] = None, cli_class: type[SAECLI] = SAECLI,

@@ -743,27 +743,45 @@ def ddp_eval_uneven(tmp: Path) -> Result:
 
 # ---------------------------------------------------------------------------------------- offline
 def offline_model(tmp: Path) -> Result:
-    """`lit-sae harvest` with a model that is neither a local folder nor cached, on a machine without the hub:
-    exit 2 with one line naming where it looked, and no output folder created."""
+    """`lit-sae harvest` with a model, a model's tokenizer or a dataset that is neither local nor cached, on a machine
+    without the hub: exit 2 with one line naming where it looked, and no output folder created."""
     results = []
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the same answer on a machine that has network
+    hub_cache = tmp / "hf-cache" / "hub"  # an empty Hugging Face cache, whatever this machine has downloaded
+    hub_cache.mkdir(parents=True)
+    _fake_cached_model(hub_cache, "lit-sae-tests/model-without-tokenizer")
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE")}
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache),  # the same answer on a machine with network
+                      HF_DATASETS_CACHE=str(tmp / "hf-cache" / "datasets"))
     try:
         results = _offline_harvests(tmp)
     finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE")
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return Result(all(r[0] for r in results), "; ".join(r[1] for r in results))
+
+
+def _fake_cached_model(hub_cache: Path, repo_id: str) -> None:
+    """A hub-cache entry (huggingface_hub's layout) holding a model's config.json and no tokenizer file."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
 
 
 def _offline_harvests(tmp: Path) -> list:
     results = []
-    for model, must in ((str(tmp / "no-such-folder"), "model folder not found"),
-                        ("lit-sae-tests/not-a-model", "Hugging Face cache")):
+    cases = ((["--model", str(tmp / "no-such-folder")], "model folder not found"),
+             (["--model", "lit-sae-tests/not-a-model"], "Hugging Face cache"),
+             (["--model", "lit-sae-tests/model-without-tokenizer"], "the tokenizer of model"),
+             (["--source", "hf:lit-sae-tests/not-a-dataset"], "dataset 'lit-sae-tests/not-a-dataset' is neither"),
+             (["--source", "hf:" + str(tmp / "no-such-dataset")], "dataset folder not found"))
+    for args, must in cases:
         out = tmp / f"shards-{len(results)}"
-        code, err = cli(["harvest", "--model", model, "--out_dir", str(out)])
+        code, err = cli(["harvest", *args, "--out_dir", str(out)])
         line = error_line(err)
         one_line = len([ln for ln in err.splitlines() if ln.strip() and "LIT_SAE_TRACEBACK" not in ln]) == 1
         results.append((code == 2 and must in line and one_line and not out.exists(), f"exit {code}: {line[:100]}"))
@@ -793,7 +811,8 @@ SCENARIOS = [
              resume_epoch_boundary, True),
     Scenario("ddp_eval_uneven", "test on 1/2/3 processes: same nmse (1e-10) and token count", ddp_eval_uneven,
              True),
-    Scenario("offline_model", "missing model offline: exit 2, one line, nothing created", offline_model),
+    Scenario("offline_model", "missing model, tokenizer or dataset offline: exit 2, one line, nothing created",
+             offline_model),
     Scenario("atomic_write_failure", "save error leaves old last.ckpt, no tmp", atomic_write_failure),
     Scenario("divergence_nan_weights", "FloatingPointError, no NaN ckpt, old ckpt kept", divergence_nan_weights),
     Scenario("divergence_huge_lr", "FloatingPointError, no NaN ckpt, old ckpt kept", divergence_huge_lr),

@@ -3,13 +3,16 @@
     .venv/bin/python scripts/start_time.py [--repeat 3]
 
 Each command runs as a fresh process (the console script of this venv); the table gives the median wall time, the
-exit status and the first line of the error, against the 2 s target. Quote the numbers as measured on one machine at
-one time: on a loaded machine every import is slower.
+exit status and the first line of the error, against the 2 s target, and the load average when it ran. Quote the
+numbers as measured on one machine at one time, next to the ``import torch`` reference of the same run: on a loaded
+machine every import is slower. A bad key or value is caught by ``lit_sae.cli_check`` before torch and Lightning load;
+``fit --help`` still builds LightningCLI's parser.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +27,10 @@ COMMANDS = {
     "lit-sae export --help": [LIT_SAE, "export", "--help"],
     "lit-sae fit --model.n_latnets 8 (bad key)": [LIT_SAE, "fit", "--config", str(ROOT / "configs" / "synthetic.yaml"),
                                                    "--model.n_latnets", "8"],
+    "lit-sae fit quickstart --model.bogus 1 (bad key)": [LIT_SAE, "fit", "--config",
+                                                         str(ROOT / "configs" / "quickstart.yaml"), "--model.bogus", "1"],
+    "lit-sae fit quickstart --model.k abc (bad value)": [LIT_SAE, "fit", "--config",
+                                                         str(ROOT / "configs" / "quickstart.yaml"), "--model.k", "abc"],
     "lit-sae fit --help": [LIT_SAE, "fit", "--help"],
     "python -c 'import torch' (reference)": [sys.executable, "-c", "import torch"],
 }
@@ -45,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per command (the median is reported)")
     args = parser.parse_args()
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"| command | median s ({args.repeat} runs) | target | exit | error line |")
     print("|---|---|---|---|---|")
     for name, cmd in COMMANDS.items():

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lit_sae.cli import SAECLI, run_lightning
@@ -36,6 +37,17 @@ def test_recipe_parses(path):
     cfg = parse(path)
     assert cfg.model.k > 0 and cfg.model.n_latents >= cfg.model.k
     assert cfg.data.class_path.startswith("lit_sae.")
+
+
+@pytest.mark.parametrize("path", RECIPES + SWEEPS, ids=lambda p: p.name)
+def test_recipe_validates_every_n_steps(path):
+    """Curves in short runs: validation every N steps counted across epochs (an int interval with
+    check_val_every_n_epoch null), often enough for several points in the run, not only at each epoch's end."""
+    trainer = yaml.safe_load(path.read_text())["trainer"]
+    interval = trainer.get("val_check_interval")
+    assert isinstance(interval, int) and interval > 0 and trainer.get("check_val_every_n_epoch", 1) is None
+    if trainer.get("max_steps"):
+        assert trainer["max_steps"] // interval >= 2
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)

@@ -14,10 +14,10 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from _shards import write_shards
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_sae.data.datamodule import ActivationDataModule
-from lit_sae.data.shards import FORMAT, ShardWriter, write_manifest_atomic
 from lit_sae.data.transport import StreamLoader
 from lit_sae.module import SAEModule
 
@@ -26,21 +26,14 @@ D_IN = 16
 
 
 def _write_shards(out, sizes):
+    """Sparse codes over 64 directions plus an offset (tests/_shards.py writes them)."""
     g = torch.Generator().manual_seed(0)
     dirs = torch.nn.functional.normalize(torch.randn(64, D_IN, generator=g), dim=1)
-    man = {"format": FORMAT, "d_in": D_IN, "dtype": "float16", "block_tokens": 64, "tokens_per_shard": 256,
-           "context_length": CTX, "hook_point": "blocks.0.hook_resid_post", "lm": {"name": "synthetic-lm"},
-           "splits": {}}
-    start = 0
+    acts = {}
     for split, n in sizes.items():
-        infos = []
         codes = torch.rand(n, 64, generator=g) * (torch.rand(n, 64, generator=g) < 0.08)
-        ids = torch.arange(start, start + n)
-        with ShardWriter(str(out), split, D_IN, "float16", 64, 256, on_shard=infos.append) as w:
-            w.add(codes @ dirs * 3 + 2.0, ids % 1000, ids // CTX, ids % CTX)
-        start += n
-        man["splits"][split] = {"shards": infos}
-    write_manifest_atomic(str(out), man)
+        acts[split] = codes @ dirs * 3 + 2.0
+    write_shards(out, acts, ctx_len=CTX, block_tokens=64, tokens_per_shard=256)
 
 
 class _Recorder(L.Callback):

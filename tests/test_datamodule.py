@@ -11,35 +11,27 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _shards import write_shards
 from torch.utils.data import DataLoader
 
 from lit_sae.data.datamodule import ActivationDataModule, ActivationStream
-from lit_sae.data.shards import FORMAT, ShardError, ShardNotFoundError, ShardWriter, write_manifest_atomic
+from lit_sae.data.shards import ShardError, ShardNotFoundError, write_manifest_atomic
 
 CTX_LEN = 16
 
 
 def make_shards(out, splits=None, d_in=8, dtype="float16", block_tokens=32, tokens_per_shard=128, seed=0,
                 nan_rows=()):
-    """Synthetic shards: token i of the harvest has ctx i // CTX_LEN, pos i % CTX_LEN (so (ctx, pos) names it)."""
+    """Synthetic shards (tests/_shards.py): token i has ctx i // CTX_LEN, pos i % CTX_LEN (so (ctx, pos) names it)."""
     splits = {"train": 1000, "val": 300, "test": 200} if splits is None else splits
     g = torch.Generator().manual_seed(seed)
-    man = {"format": FORMAT, "d_in": d_in, "dtype": dtype, "block_tokens": block_tokens,
-           "tokens_per_shard": tokens_per_shard, "context_length": CTX_LEN, "hook_point": "blocks.0.hook_resid_post",
-           "model": {"name_or_path": "synthetic-lm"}, "splits": {}, "complete": True}
-    start = 0
+    acts = {}
     for split, n in splits.items():
-        infos = []
-        acts = torch.randn(n, d_in, generator=g)
+        acts[split] = torch.randn(n, d_in, generator=g)
         for r in nan_rows if split == "train" else ():
-            acts[r, r % d_in] = float("nan") if r % 2 else float("inf")
-        ids = torch.arange(start, start + n)
-        with ShardWriter(out, split, d_in, dtype, block_tokens, tokens_per_shard, on_shard=infos.append) as w:
-            w.add(acts, ids % 1000, ids // CTX_LEN, ids % CTX_LEN)
-        start += n
-        man["splits"][split] = {"shards": infos, "tokens": n, "contexts": (n + CTX_LEN - 1) // CTX_LEN}
-    write_manifest_atomic(str(out), man)
-    return man
+            acts[split][r, r % d_in] = float("nan") if r % 2 else float("inf")
+    return write_shards(out, acts, ctx_len=CTX_LEN, dtype=dtype, block_tokens=block_tokens,
+                        tokens_per_shard=tokens_per_shard)
 
 
 def ids_of(batch):

@@ -130,10 +130,10 @@ def test_text_sources(corpus, tmp_path):
         list(open_source(str(bad)).documents())
 
 
-def test_hf_source_without_datasets_is_clear(monkeypatch):
+def test_hf_source_without_datasets_is_clear(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(ImportError, match="pip install 'lit-sae\\[datasets\\]'"):
-        open_source("hf:Skylion007/openwebtext")
+        open_source(f"hf:{tmp_path}")  # a local dataset folder: found, so the missing package is what is said
 
 
 def test_harvest_writes_shards_and_manifest(tiny_gpt2, corpus, tmp_path):

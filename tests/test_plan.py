@@ -15,11 +15,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from _shards import write_shards
 from torch.utils.data import DataLoader
 
 from lit_sae.data.datamodule import ActivationDataModule
 from lit_sae.data.plan import EpochPlan, epoch_batches, resume_share, shard_order
-from lit_sae.data.shards import FORMAT, ShardWriter, write_manifest_atomic
 
 CTX = 16
 
@@ -63,19 +63,8 @@ def test_resume_share_continues_the_round_robin():
 
 def _shards(out, sizes, d_in=8, block_tokens=32, tokens_per_shard=128):
     g = torch.Generator().manual_seed(0)
-    man = {"format": FORMAT, "d_in": d_in, "dtype": "float16", "block_tokens": block_tokens,
-           "context_length": CTX, "hook_point": "blocks.0.hook_resid_post", "lm": {"name": "synthetic-lm"},
-           "splits": {}}
-    start = 0
-    for split, n in sizes.items():
-        infos = []
-        ids = torch.arange(start, start + n)
-        with ShardWriter(str(out), split, d_in, "float16", block_tokens, tokens_per_shard,
-                         on_shard=infos.append) as w:
-            w.add(torch.randn(n, d_in, generator=g) + 1.0, ids % 1000, ids // CTX, ids % CTX)
-        start += n
-        man["splits"][split] = {"shards": infos}
-    write_manifest_atomic(str(out), man)
+    acts = {split: torch.randn(n, d_in, generator=g) + 1.0 for split, n in sizes.items()}
+    write_shards(out, acts, ctx_len=CTX, block_tokens=block_tokens, tokens_per_shard=tokens_per_shard)
     return out
 
 

@@ -2,8 +2,9 @@
 
 The layers below it, one job per file: :mod:`~lit_sae.data.format` (bytes of a block), :mod:`~lit_sae.data.manifest`
 (the typed manifest), :mod:`~lit_sae.data.reader` (row ranges out of tars), :mod:`~lit_sae.data.plan` (which tokens
-each rank and worker reads, and the drop rule of the train split), :mod:`~lit_sae.data.stream` (one rank's batches)
-and :mod:`~lit_sae.data.transport` (the DataLoader and its shared-memory ring).
+each rank and worker reads, and the drop rule of the train split), :mod:`~lit_sae.data.stream` (one rank's batches),
+:mod:`~lit_sae.data.transport` (the DataLoader and its shared-memory ring) and
+:mod:`~lit_sae.data.shard_set` (the shards a DataModule reads: resolved, checked present, hashed, sampled).
 
 Resume: the stream's position is the DataModule's own state, never the Trainer's epoch counter (Lightning 2.6
 advances ``current_epoch`` when it restores a checkpoint written on an epoch's last batch). The DataModule counts
@@ -19,18 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import Any, Optional
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lit_sae.data.format import ShardError, ShardNotFoundError, from_storage, is_url, nonfinite_error, nonfinite_rows
+from lit_sae.data.format import ShardError
 from lit_sae.data.manifest import Manifest, manifest_location, read_manifest
-from lit_sae.data.plan import shard_order
-from lit_sae.data.reader import ShardRef, open_shard, read_range, read_range_with_refs, read_shard
+from lit_sae.data.reader import ShardRef, read_range, read_range_with_refs, read_shard
+from lit_sae.data.shard_set import resolve_shards, sample_activations, verify_shards
 from lit_sae.data.stream import ActivationStream
 from lit_sae.data.transport import StreamLoader
 
@@ -38,14 +37,7 @@ __all__ = ["ActivationDataModule", "ActivationStream", "ShardRef", "read_range",
 
 log = logging.getLogger(__name__)
 
-_FIX = "re-run `lit-sae harvest` for this folder (it resumes after the last complete shard) or restore the file"
 STATE_VERSION = 2
-
-
-def _shard_base(path: str) -> str:
-    """Folder or URL prefix that the manifest's shard names are relative to: the folder of ``path``'s manifest."""
-    loc = manifest_location(path)
-    return loc.rsplit("/", 1)[0] if "/" in loc else "."
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -131,35 +123,8 @@ class ActivationDataModule(L.LightningDataModule):
 
     # ---- shards ---------------------------------------------------------------------------------------------------
     def _resolve_shards(self) -> dict[str, list[ShardRef]]:
-        """Shard refs per split: manifest names, joined to the folder/URL, filtered by a brace pattern if given."""
-        base = _shard_base(self.path)
-        selected = None
-        if "{" in self.path:
-            import braceexpand
-
-            selected = {p.rsplit("/", 1)[-1] for p in braceexpand.braceexpand(self.path)}
-            listed = {s.name for e in self.manifest.splits.values() for s in e.shards}
-            unknown = sorted(selected - listed)
-            if unknown:
-                raise ShardError(f"{self.manifest_url}: the pattern {self.path!r} names shards the manifest does not "
-                                 f"list ({unknown[:5]}{' ...' if len(unknown) > 5 else ''}); they are incomplete or "
-                                 "from another harvest; use the folder path or a pattern of listed shards")
-        splits: dict[str, list[ShardRef]] = {}
-        missing = []
-        for split, entry in self.manifest.splits.items():
-            refs = []
-            for s in entry.shards:
-                if selected is not None and s.name not in selected:
-                    continue
-                url = f"{base}/{s.name}"
-                if not is_url(url) and not os.path.exists(url):
-                    missing.append(url)
-                refs.append(ShardRef(url, s.name, int(s.tokens)))
-            splits[split] = refs
-        if missing:
-            raise ShardNotFoundError(f"{missing[0]}: shard listed in {self.manifest_url} is missing "
-                                     f"({len(missing)} missing in all); {_FIX}")
-        return splits
+        """Shard refs per split (``lit_sae.data.shard_set.resolve_shards``)."""
+        return resolve_shards(self.path, self.manifest, self.manifest_url)
 
     def verify_shards(self, splits: Optional[list[str]] = None) -> int:
         """Hash every shard of ``splits`` (default: all) against manifest.json's sha256; return the bytes hashed.
@@ -167,25 +132,7 @@ class ActivationDataModule(L.LightningDataModule):
         Catches corruption the format checks cannot see (flipped bits inside activation data). Reads everything
         once, so it is opt-in: ``data.verify_shards: true`` runs it in ``setup`` on each rank.
         """
-        checked = 0
-        for split in splits or list(self._splits):
-            by_name = {s.name: s for s in self.manifest.splits[split].shards}
-            for ref in self._splits.get(split, []):
-                want = by_name[ref.name].sha256
-                if not want:
-                    continue
-                sha = hashlib.sha256()
-                stream = open_shard(ref.url)
-                try:
-                    while chunk := stream.read(1 << 22):
-                        sha.update(chunk)
-                        checked += len(chunk)
-                finally:
-                    stream.close()
-                if sha.hexdigest() != want:
-                    raise ShardError(f"{ref.url}: sha256 {sha.hexdigest()[:16]}... differs from manifest.json's "
-                                     f"{want[:16]}...; the file is corrupt or was replaced: {_FIX}")
-        return checked
+        return verify_shards(self.manifest, self._splits, splits)
 
     def setup(self, stage: str) -> None:
         """Start a fresh fit at epoch 0 (a checkpoint's position is loaded after this hook); optionally verify shard
@@ -393,25 +340,5 @@ class ActivationDataModule(L.LightningDataModule):
         the sample spans several parts of the corpus. Returns fewer rows if the split is smaller (or rows were
         NaN/Inf and skip_nonfinite is on).
         """
-        refs = self._split_or_raise("train")
-        order = [refs[i] for i in shard_order(len(refs), self.seed, 0, True)]
-        total = sum(r.tokens for r in refs)
-        if n_tokens > total:
-            log.warning("sample_activations: asked for %d tokens, the train split has %d", n_tokens, total)
-        n = min(int(n_tokens), total)
-        m = max(1, min(8, len(refs), n))
-        out = []
-        for i in range(m):
-            start = (i * total) // m
-            take = n // m + (i < n % m)
-            for ref, piece in read_range_with_refs(order, self.manifest, start, start + take):
-                acts = piece["acts"]
-                bad = nonfinite_rows(acts, self.dtype)
-                if bad.any():
-                    if not self.skip_nonfinite:
-                        raise nonfinite_error(ref.url, bad, piece["ctx"], piece["pos"])
-                    acts = acts[~bad]
-                out.append(from_storage(np.array(acts), self.dtype).float())
-        if not out:
-            return torch.empty(0, self.d_in)
-        return torch.cat(out)
+        return sample_activations(self._split_or_raise("train"), self.manifest, n_tokens, self.seed,
+                                  self.skip_nonfinite)

@@ -17,14 +17,14 @@ How a harvest proceeds, and why:
   that are not finite in the storage dtype. All are counted in the manifest.
 * Shards are written by :class:`lit_sae.data.writer.ShardWriter` (tmp name + fsync + rename) and the
   :class:`~lit_sae.data.manifest.Manifest` is rewritten atomically after every shard, with the state a resume needs
-  under ``resume``.
+  under ``resume``; what a rerun resumes from (settings, existing folder, per-split progress) is
+  :mod:`lit_sae.data.harvest_state`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -33,7 +33,13 @@ import torch
 
 import lit_sae
 from lit_sae.data.contexts import SPLITS, first_position, iter_contexts, split_of
-from lit_sae.data.format import MANIFEST_NAME, ShardError
+from lit_sae.data.harvest_state import (
+    HarvestConfigError,
+    SplitProgress,
+    existing_manifest,
+    refresh_totals,
+    validate_settings,
+)
 from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_hook, truncated_forward
 from lit_sae.data.manifest import Exclusions, LMInfo, Manifest, ShardInfo, SourceInfo, SplitInfo, write_manifest_atomic
 from lit_sae.data.overlap import BackgroundWorker, Prefetch
@@ -47,11 +53,6 @@ log = logging.getLogger(__name__)
 
 # Arguments that do not change the harvested data: they may differ between a run and its resume.
 _NOT_IN_CONFIG = ("out_dir", "device", "overwrite", "progress")
-_SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.tmp)?$")
-
-
-class HarvestConfigError(ValueError):
-    """The output folder holds a harvest made with another configuration."""
 
 
 def _batches(contexts: Iterator[tuple[int, list]], split: str, batch_size: int, seed: int, val_fraction: float,
@@ -68,35 +69,6 @@ def _batches(contexts: Iterator[tuple[int, list]], split: str, batch_size: int, 
             ctx, ids = [], []
     if ctx:
         yield np.asarray(ctx, dtype=np.int64), np.asarray(ids, dtype=np.int64)
-
-
-class _SplitProgress:
-    """Counters of one split up to the last row handed to the writer (snapshotted into the manifest per shard)."""
-
-    def __init__(self, state: Optional[dict] = None):
-        state = state or {}
-        self.last_key = int(state.get("last_key", -1))  # key = context id * context_length + position
-        self.contexts = int(state.get("contexts", 0))
-        self.dropped_norm = int(state.get("dropped_norm", 0))
-        self.dropped_nonfinite = int(state.get("dropped_nonfinite", 0))
-        self.done = bool(state.get("done", False))
-
-    def as_dict(self) -> dict:
-        return {"last_key": self.last_key, "contexts": self.contexts, "dropped_norm": self.dropped_norm,
-                "dropped_nonfinite": self.dropped_nonfinite, "done": self.done}
-
-
-def _clean_output(out_dir: Path) -> None:
-    """Remove a previous harvest's files (manifest and shards, nothing else)."""
-    for p in out_dir.iterdir():
-        if p.name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp") or _SHARD_RE.match(p.name):
-            p.unlink()
-
-
-def _config_diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k, '<unset>')!r} (existing) vs {new.get(k, '<unset>')!r} (now)"
-            for k in keys if old.get(k) != new.get(k)]
 
 
 def _norm_median(model, tokenizer, source, config: dict, device) -> float:
@@ -183,12 +155,14 @@ def run_harvest(
     config = {k: v for k, v in locals().items() if k not in _NOT_IN_CONFIG}
     from tqdm.auto import tqdm
 
-    _validate(config)
+    validate_settings(config)
     if model != EMBEDDED_MODEL:
-        check_model_available(model)  # before anything is created
+        check_model_available(model)  # before anything is created (the model and its tokenizer)
+    text = open_source(source, text_field=text_field, shuffle_seed=seed if shuffle_documents else None,
+                       hf_split=hf_split, hf_config=hf_config, hf_streaming=hf_streaming)  # a missing source: now
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _existing_manifest(out, config, overwrite)
+    manifest = existing_manifest(out, config, overwrite)
     if manifest is not None and manifest.complete:
         log.info("%s already holds this complete harvest; nothing to do", out)
         return manifest
@@ -197,8 +171,6 @@ def run_harvest(
 
     lm, tokenizer = load_lm(model, gguf_file=gguf_file, dtype=model_dtype, device=device)
     resolve_hook(lm, hook_point)  # fail early, listing valid names
-    text = open_source(source, text_field=text_field, shuffle_seed=seed if shuffle_documents else None,
-                       hf_split=hf_split, hf_config=hf_config, hf_streaming=hf_streaming)
     first = first_position(drop_first_position)
     kept_per_context = context_length - first
     n_contexts = math.ceil(total_tokens / kept_per_context)
@@ -222,68 +194,13 @@ def run_harvest(
             bar.close()
 
     manifest.complete = True
-    _refresh_totals(manifest)
+    refresh_totals(manifest)
     write_manifest_atomic(str(out), manifest)
     ex = manifest.exclusions
     log.info("harvest complete: %s tokens in %s (train %d, val %d, test %d); dropped %d by the norm filter, %d "
              "non-finite", manifest.tokens, out, *(manifest.split_tokens(s) for s in SPLITS),
              ex.dropped_norm, ex.dropped_nonfinite)
     return manifest
-
-
-def _validate(c: dict) -> None:
-    if c["dtype"] not in ("float16", "bfloat16"):
-        raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {c['dtype']!r}")
-    for k in ("total_tokens", "context_length", "batch_size", "block_tokens", "tokens_per_shard"):
-        if not isinstance(c[k], int) or c[k] <= 0:
-            raise ValueError(f"{k} must be a positive integer, got {c[k]!r}")
-    if c["context_length"] < 2 and c["drop_first_position"]:
-        raise ValueError("context_length must be >= 2 when drop_first_position is true")
-    if c["tokens_per_shard"] % c["block_tokens"]:
-        raise ValueError(f"tokens_per_shard ({c['tokens_per_shard']}) must be a multiple of block_tokens "
-                         f"({c['block_tokens']})")
-    if not (0 <= c["val_fraction"] and 0 <= c["test_fraction"] and c["val_fraction"] + c["test_fraction"] < 1):
-        raise ValueError(f"val_fraction and test_fraction must be >= 0 with a sum < 1, got {c['val_fraction']} and "
-                         f"{c['test_fraction']}")
-    if c["norm_filter_multiple"] is not None and c["norm_filter_multiple"] <= 0:
-        raise ValueError(f"norm_filter_multiple must be positive or null, got {c['norm_filter_multiple']}")
-    if c["max_contexts_per_document"] is not None and c["max_contexts_per_document"] <= 0:
-        raise ValueError(f"max_contexts_per_document must be positive or null, got {c['max_contexts_per_document']}")
-
-
-def _existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[Manifest]:
-    """The manifest of a harvest to resume, or None for a fresh start (after cleaning up when allowed)."""
-    import json
-
-    path = out / MANIFEST_NAME
-    if not path.exists():
-        stale = sorted(p.name for p in out.iterdir() if _SHARD_RE.match(p.name) and not p.name.endswith(".tmp"))
-        if stale and not overwrite:
-            raise HarvestConfigError(f"{out}: holds shards ({stale[0]}, ...) but no {MANIFEST_NAME}; use another "
-                                     "out_dir, or overwrite=true to delete them")
-        _clean_output(out)
-        return None
-    try:
-        manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
-        old = manifest.config
-        if not old or manifest.resume is None or manifest.exclusions is None or manifest.source is None:
-            raise ValueError("not written by `lit-sae harvest` (no config, resume state, exclusions or source)")
-    except (ValueError, KeyError, TypeError, ShardError) as e:
-        if not overwrite:
-            raise HarvestConfigError(f"{path}: unreadable manifest ({e}); use another out_dir, or overwrite=true to "
-                                     "start over") from None
-        _clean_output(out)
-        return None
-    diff = _config_diff(old, config)
-    if not diff:
-        return manifest
-    if not overwrite:
-        raise HarvestConfigError(
-            f"{path}: this folder holds a harvest with another configuration, so it cannot be resumed: "
-            + "; ".join(diff) + ". Use another out_dir, restore those settings, or set overwrite=true to delete it")
-    log.warning("%s: deleting a harvest with another configuration (%s)", out, "; ".join(diff))
-    _clean_output(out)
-    return None
 
 
 def _new_manifest(config: dict, lm, tokenizer, text, median: Optional[float]) -> Manifest:
@@ -299,18 +216,9 @@ def _new_manifest(config: dict, lm, tokenizer, text, median: Optional[float]) ->
         exclusions=Exclusions(drop_first_position=config["drop_first_position"],
                               norm_filter_multiple=config["norm_filter_multiple"], norm_median=median),
         complete=False, config=config, created_by=f"lit-sae {getattr(lit_sae, '__version__', 'unknown')}",
-        # What a resumed harvest needs, per split: see _SplitProgress.
-        resume={s: _SplitProgress().as_dict() for s in SPLITS},
+        # What a resumed harvest needs, per split: see SplitProgress.
+        resume={s: SplitProgress().as_dict() for s in SPLITS},
     )
-
-
-def _refresh_totals(manifest: Manifest) -> None:
-    """Recompute the derived counts (split contexts, exclusions) from the resume state."""
-    ex = manifest.exclusions
-    ex.dropped_norm = sum(manifest.resume[s]["dropped_norm"] for s in SPLITS)
-    ex.dropped_nonfinite = sum(manifest.resume[s]["dropped_nonfinite"] for s in SPLITS)
-    for s in SPLITS:
-        manifest.splits[s].contexts = manifest.resume[s]["contexts"]
 
 
 def _check_source_hash(manifest: Manifest, content_hash: ContentHash) -> None:
@@ -334,7 +242,7 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
     L = config["context_length"]
     first = first_position(config["drop_first_position"])
     kept_per_context = L - first
-    prog = _SplitProgress(manifest.resume[split])
+    prog = SplitProgress(manifest.resume[split])
     entry = manifest.splits[split]
     content_hash = ContentHash()
     contexts = iter_contexts(tokenizer, text.documents(), L, n_contexts, config["max_contexts_per_document"],
@@ -348,7 +256,7 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
     def on_shard(info: dict) -> None:
         entry.shards.append(ShardInfo(**info))
         manifest.resume[split] = prog.as_dict()
-        _refresh_totals(manifest)
+        refresh_totals(manifest)
         write_manifest_atomic(str(out), manifest)
 
     writer = ShardWriter(str(out), split, manifest.d_in, config["dtype"], config["block_tokens"],
@@ -411,5 +319,5 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
     prog.done = True
     manifest.resume[split] = prog.as_dict()
     _check_source_hash(manifest, content_hash)
-    _refresh_totals(manifest)
+    refresh_totals(manifest)
     write_manifest_atomic(str(out), manifest)

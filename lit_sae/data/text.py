@@ -141,7 +141,13 @@ def file_documents(path: str | Path, text_field: str = "text",
 
 def hf_documents(name: str, split: str = "train", config: str | None = None, text_field: str = "text",
                  streaming: bool = True) -> Callable[[], Iterator[str]]:
-    """A document iterator factory over a Hugging Face dataset (needs the optional ``datasets`` package)."""
+    """A document iterator factory over a Hugging Face dataset (needs the optional ``datasets`` package).
+
+    Raises FileNotFoundError at once (before any download attempt) when the dataset is neither local nor cached and
+    the hub cannot be reached (``lit_sae.hub.check_dataset_available``)."""
+    from lit_sae.hub import check_dataset_available
+
+    check_dataset_available(name)
     try:
         import datasets
     except ImportError:

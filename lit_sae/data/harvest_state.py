@@ -1,0 +1,119 @@
+"""What a harvest resumes from: its settings checked, the output folder's manifest compared with them, stale files
+cleaned, and the per-split progress a resume continues (used by :mod:`lit_sae.data.harvest`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+from lit_sae.data.contexts import SPLITS
+from lit_sae.data.format import MANIFEST_NAME, ShardError
+from lit_sae.data.manifest import Manifest
+
+__all__ = ["HarvestConfigError", "SplitProgress", "clean_output", "config_diff", "existing_manifest",
+           "refresh_totals", "validate_settings"]
+
+log = logging.getLogger("lit_sae.data.harvest")
+
+SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.tmp)?$")
+
+
+class HarvestConfigError(ValueError):
+    """The output folder holds a harvest made with another configuration."""
+
+
+class SplitProgress:
+    """Counters of one split up to the last row handed to the writer (snapshotted into the manifest per shard)."""
+
+    def __init__(self, state: Optional[dict] = None):
+        state = state or {}
+        self.last_key = int(state.get("last_key", -1))  # key = context id * context_length + position
+        self.contexts = int(state.get("contexts", 0))
+        self.dropped_norm = int(state.get("dropped_norm", 0))
+        self.dropped_nonfinite = int(state.get("dropped_nonfinite", 0))
+        self.done = bool(state.get("done", False))
+
+    def as_dict(self) -> dict:
+        return {"last_key": self.last_key, "contexts": self.contexts, "dropped_norm": self.dropped_norm,
+                "dropped_nonfinite": self.dropped_nonfinite, "done": self.done}
+
+
+def clean_output(out_dir: Path) -> None:
+    """Remove a previous harvest's files (manifest and shards, nothing else)."""
+    for p in out_dir.iterdir():
+        if p.name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp") or SHARD_RE.match(p.name):
+            p.unlink()
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """One line per setting that differs between an existing harvest and this one."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '<unset>')!r} (existing) vs {new.get(k, '<unset>')!r} (now)"
+            for k in keys if old.get(k) != new.get(k)]
+
+
+def validate_settings(c: dict) -> None:
+    """Reject harvest settings that cannot work (ValueError naming the key)."""
+    if c["dtype"] not in ("float16", "bfloat16"):
+        raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {c['dtype']!r}")
+    for k in ("total_tokens", "context_length", "batch_size", "block_tokens", "tokens_per_shard"):
+        if not isinstance(c[k], int) or c[k] <= 0:
+            raise ValueError(f"{k} must be a positive integer, got {c[k]!r}")
+    if c["context_length"] < 2 and c["drop_first_position"]:
+        raise ValueError("context_length must be >= 2 when drop_first_position is true")
+    if c["tokens_per_shard"] % c["block_tokens"]:
+        raise ValueError(f"tokens_per_shard ({c['tokens_per_shard']}) must be a multiple of block_tokens "
+                         f"({c['block_tokens']})")
+    if not (0 <= c["val_fraction"] and 0 <= c["test_fraction"] and c["val_fraction"] + c["test_fraction"] < 1):
+        raise ValueError(f"val_fraction and test_fraction must be >= 0 with a sum < 1, got {c['val_fraction']} and "
+                         f"{c['test_fraction']}")
+    if c["norm_filter_multiple"] is not None and c["norm_filter_multiple"] <= 0:
+        raise ValueError(f"norm_filter_multiple must be positive or null, got {c['norm_filter_multiple']}")
+    if c["max_contexts_per_document"] is not None and c["max_contexts_per_document"] <= 0:
+        raise ValueError(f"max_contexts_per_document must be positive or null, got {c['max_contexts_per_document']}")
+
+
+def existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[Manifest]:
+    """The manifest of a harvest to resume, or None for a fresh start (after cleaning up when allowed)."""
+    import json
+
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        stale = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name) and not p.name.endswith(".tmp"))
+        if stale and not overwrite:
+            raise HarvestConfigError(f"{out}: holds shards ({stale[0]}, ...) but no {MANIFEST_NAME}; use another "
+                                     "out_dir, or overwrite=true to delete them")
+        clean_output(out)
+        return None
+    try:
+        manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+        old = manifest.config
+        if not old or manifest.resume is None or manifest.exclusions is None or manifest.source is None:
+            raise ValueError("not written by `lit-sae harvest` (no config, resume state, exclusions or source)")
+    except (ValueError, KeyError, TypeError, ShardError) as e:
+        if not overwrite:
+            raise HarvestConfigError(f"{path}: unreadable manifest ({e}); use another out_dir, or overwrite=true to "
+                                     "start over") from None
+        clean_output(out)
+        return None
+    diff = config_diff(old, config)
+    if not diff:
+        return manifest
+    if not overwrite:
+        raise HarvestConfigError(
+            f"{path}: this folder holds a harvest with another configuration, so it cannot be resumed: "
+            + "; ".join(diff) + ". Use another out_dir, restore those settings, or set overwrite=true to delete it")
+    log.warning("%s: deleting a harvest with another configuration (%s)", out, "; ".join(diff))
+    clean_output(out)
+    return None
+
+
+def refresh_totals(manifest: Manifest) -> None:
+    """Recompute the derived counts (split contexts, exclusions) from the resume state."""
+    ex = manifest.exclusions
+    ex.dropped_norm = sum(manifest.resume[s]["dropped_norm"] for s in SPLITS)
+    ex.dropped_nonfinite = sum(manifest.resume[s]["dropped_nonfinite"] for s in SPLITS)
+    for s in SPLITS:
+        manifest.splits[s].contexts = manifest.resume[s]["contexts"]
