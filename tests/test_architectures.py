@@ -89,3 +89,20 @@ def test_bad_activation_on_the_command_line_is_one_line_exit_2(tmp_path):
 def test_matryoshka_alias_trains_the_canonical_architecture():
     module = SAEModule(d_in=16, n_latents=64, k=4, activation="matryoshka", matryoshka_prefixes=[8, 32])
     assert module.sae.activation == "matryoshka_batchtopk" and module.sae.matryoshka_prefixes == [8, 32, 64]
+
+
+def test_codes_of_a_variable_width_sae_stack_across_batches():
+    """relu / jumprelu codes have the batch's largest L0 as width: stacking batches pads the narrower ones with
+    zero values (not firing), keeping every value where it was."""
+    from lit_sae.eval.codes import CodeBatch, stack_codes
+
+    def batch(ctx, width):
+        values = torch.arange(1, 1 + 2 * 3 * width, dtype=torch.float32).view(2, 3, width)
+        return CodeBatch(torch.tensor(ctx), torch.zeros(2, 3, dtype=torch.long), values,
+                         torch.arange(2 * 3 * width).view(2, 3, width), torch.ones(2, 3, dtype=torch.bool))
+
+    a, b = batch([0, 1], 2), batch([2, 3], 5)
+    out = stack_codes([a, b])
+    assert out.values.shape == out.indices.shape == (4, 3, 5)
+    assert torch.equal(out.values[:2, :, :2], a.values) and torch.equal(out.values[2:], b.values)
+    assert not out.values[:2, :, 2:].any() and torch.equal(out.ctx, torch.tensor([0, 1, 2, 3]))
