@@ -243,7 +243,8 @@ class SAEModule(ResumeChecks, L.LightningModule):
         opt = torch.optim.Adam(
             self.sae.parameters(), lr=self.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused
         )
-        sched = step_scheduler(opt, self.trainer, [(self.hparams.warmup_steps, self.hparams.decay_start, "model.")])
+        schedule = (self.hparams.warmup_steps, self.hparams.decay_start, "model.")
+        sched = step_scheduler(opt, self._trainer, [schedule])
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     @staticmethod

@@ -39,6 +39,8 @@ def check_schedule(warmup_steps: int, decay_start: Optional[float], key: str = "
 def run_length(trainer, needed_by: str) -> int:
     """Optimizer steps of the run: ``trainer.max_steps``, else Lightning's estimate; ValueError naming
     ``needed_by`` (the key that needs it) when the length is unknown (an endless stream without max_steps)."""
+    if trainer is None:
+        raise ValueError(f"{needed_by} needs a known run length: attach a Trainer with max_steps")
     total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
     if not math.isfinite(total):
         raise ValueError(f"{needed_by} needs a known run length: set trainer.max_steps")

@@ -247,7 +247,7 @@ class SAESweepModule(L.LightningModule):
                   for s in self.specs]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
         opt = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused)
-        sched = step_scheduler(opt, self.trainer, [(s.get("warmup_steps", 0), s.get("decay_start"),
+        sched = step_scheduler(opt, self._trainer, [(s.get("warmup_steps", 0), s.get("decay_start"),
                                                     f"model.saes[{s['name']}].") for s in self.specs])
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
