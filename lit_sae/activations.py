@@ -37,18 +37,64 @@ from torch import Tensor
 from lit_sae.losses import normalized_mse
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "matryoshka_batchtopk")
+#: Other spellings accepted for an activation (the short name SAEBench's tables use).
+ALIASES = {"matryoshka": "matryoshka_batchtopk"}
 # Rajamanoharan et al. 2024 / Gemma Scope: bandwidth 0.001 and initial threshold 0.001 (their inputs are scaled to a
 # fixed mean squared norm, as lit-sae's normalize='scalar' does).
 JUMPRELU_BANDWIDTH = 1e-3
 JUMPRELU_INIT_THRESHOLD = 1e-3
+#: The activations each architecture-specific setting applies to (a setting given for another one is refused).
+APPLIES_TO = {
+    "sparsity_coef": ("relu", "jumprelu"),
+    "sparsity_warmup_steps": ("relu", "jumprelu"),
+    "jumprelu_bandwidth": ("jumprelu",),
+    "jumprelu_init_threshold": ("jumprelu",),
+    "matryoshka_prefixes": ("matryoshka_batchtopk",),
+    "multi_topk": ("topk",),
+    "k_aux": ("topk", "batchtopk", "matryoshka_batchtopk"),
+}
+#: Settings an activation cannot train without.
+REQUIRED = {"relu": ("sparsity_coef",), "jumprelu": ("sparsity_coef",),
+            "matryoshka_batchtopk": ("matryoshka_prefixes",)}
+
+
+def canonical(activation: str, key: str = "activation") -> str:
+    """The canonical name of ``activation`` (``ALIASES`` resolved). Raises ValueError naming ``key``, the known names
+    and the closest one ("did you mean") for an unknown name."""
+    import difflib
+
+    name = ALIASES.get(activation, activation) if isinstance(activation, str) else activation
+    if name in ACTIVATIONS:
+        return name
+    known = [*ACTIVATIONS, *ALIASES]
+    close = difflib.get_close_matches(str(activation), known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"{key}={activation!r} is unknown: {hint}use one of {', '.join(map(repr, known))}")
+
+
+def check_applicable(activation: str, given: dict, prefix: str = "", settings: Optional[dict] = None) -> None:
+    """Refuse settings that do not apply to ``activation`` and missing required ones (ValueError naming the key).
+
+    ``given``: the settings the user set for this SAE (None values count as not set); ``settings``: all its settings
+    (default ``given``; defaults shared by several SAEs count for the required ones only); ``prefix`` is put before
+    each key's name in the message (e.g. ``model.``)."""
+    activation = canonical(activation, f"{prefix}activation")
+    for key, value in given.items():
+        if key in APPLIES_TO and value is not None and value is not False and activation not in APPLIES_TO[key]:
+            raise ValueError(f"{prefix}{key}={value!r} does not apply to activation={activation!r} (only to "
+                             f"{', '.join(APPLIES_TO[key])}): remove it or change the activation")
+    for key in REQUIRED.get(activation, ()):
+        if (given if settings is None else settings).get(key) is None:
+            example = {"sparsity_coef": "e.g. 0.05 for relu's L1, 0.01 for jumprelu's L0",
+                       "matryoshka_prefixes": "increasing prefix sizes, e.g. [n_latents/16, n_latents/4]"}[key]
+            raise ValueError(f"{prefix}{key} is required with activation={activation!r}: set it ({example})")
 
 
 def check_settings(activation: str, sparsity_coef: float, sparsity_warmup_steps: int, jumprelu_bandwidth: float,
                    jumprelu_init_threshold: float, matryoshka_prefixes: Optional[Sequence[int]],
                    n_latents: int) -> None:
     """Reject settings of these architectures that cannot train, naming the key and the fix (ValueError)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is unknown: use one of {', '.join(map(repr, ACTIVATIONS))}")
+    activation = canonical(activation)
     if not sparsity_coef >= 0:
         raise ValueError(f"sparsity_coef={sparsity_coef} must be >= 0 (the L1 / L0 penalty weight)")
     if sparsity_warmup_steps < 0:

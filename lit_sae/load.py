@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 __all__ = ["load_sae", "read_checkpoint", "detect_format"]
 
 #: TopKSAE arguments a lit-sae checkpoint's hyperparameters carry.
-_SAE_ARGS = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "activation", "normalize", "fast")
+_SAE_ARGS = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "activation", "normalize", "fast",
+             "sparsity_coef", "sparsity_warmup_steps", "jumprelu_bandwidth", "jumprelu_init_threshold",
+             "matryoshka_prefixes")
 
 
 def detect_format(path: str | Path) -> str:
@@ -112,9 +114,10 @@ def read_checkpoint(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     ema_steps = int(sd.get("ema.steps", 0))
     if ema_steps > 0 and hp.get("ema_decay") is not None:
         correction = 1.0 - float(hp["ema_decay"]) ** ema_steps
-        for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
-            state[name] = sd[f"ema.shadow_{name}"] / correction
-    sae = TopKSAE.from_state({k: hp[k] for k in _SAE_ARGS if k in hp}, state,
+        for name in ("W_enc", "b_enc", "W_dec", "b_pre", "threshold"):  # threshold: a learned one (jumprelu)
+            if f"ema.shadow_{name}" in sd:
+                state[name] = sd[f"ema.shadow_{name}"] / correction
+    sae = TopKSAE.from_state({k: hp[k] for k in _SAE_ARGS if hp.get(k) is not None}, state,
                              {"hook_name": hp.get("hook_point"), "model_name": hp.get("lm_name")})
     if ema_steps > 0:  # as EMA.swapped_into does for validation, test and the export at the end of a fit
         sae.fold_decoder_norms_()

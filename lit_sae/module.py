@@ -1,4 +1,8 @@
-"""``SAEModule``: the paper's optimisation recipe for a ``TopKSAE`` as a LightningModule."""
+"""``SAEModule``: the paper's optimisation recipe for a ``TopKSAE`` as a LightningModule, for every architecture
+of ``lit_sae.activations`` (topk, batchtopk, matryoshka BatchTopK, relu + L1, jumprelu).
+
+Checkpoint hooks (resume checks, RNG states) live in ``lit_sae.module_resume``, the LR schedule in
+``lit_sae.schedule``."""
 
 from __future__ import annotations
 
@@ -13,24 +17,21 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_sae import compat
+from lit_sae import activations, compat
 from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD, DeadLatentTracker
 from lit_sae.checks import check_acts
 from lit_sae.ema import EMA
 from lit_sae.metrics import L0, NormalizedMSE
-from lit_sae.resume_state import nonfinite_entries, rng_states, set_rng_states
+from lit_sae.module_resume import RESUME_MUST_MATCH, ResumeChecks, _same  # noqa: F401 (re-exported)
 from lit_sae.runs import export_dir
 from lit_sae.sae import ENCODER_INIT_NORM, SAEOutput, TopKSAE
+from lit_sae.schedule import check_schedule, step_scheduler
+from lit_sae.schedule import lr_factor as _schedule  # noqa: F401 (the former name, kept for callers)
 
 log = logging.getLogger(__name__)
 
 PAPER_LR = 2e-4  # Gao et al. 2024, section 2.3: lr = 2e-4 / sqrt(n_latents / 2^14)
 PAPER_EPS = 6.25e-10  # Adam epsilon of OpenAI's training code
-
-# Settings a checkpoint's weights and state are tied to: a resume with other values is refused (it would either fail
-# on tensor shapes or silently train another model on other data). Every other setting may change on resume.
-RESUME_MUST_MATCH = ("d_in", "n_latents", "k", "k_aux", "activation", "normalize", "multi_topk", "hook_point",
-                     "lm_name")
 
 
 def default_lr(n_latents: int) -> float:
@@ -43,17 +44,28 @@ def batch_acts(batch: Any) -> Tensor:
     return batch["acts"] if isinstance(batch, dict) else batch
 
 
-class SAEModule(L.LightningModule):
-    """Trains a TopK SAE as Gao et al. (2024) do.
+class SAEModule(ResumeChecks, L.LightningModule):
+    """Trains an SAE as Gao et al. (2024) train TopK SAEs (Adam, unit-norm decoder rows, AuxK, EMA, schedules),
+    with any architecture of ``lit_sae.activations``.
 
     Args:
         d_in: width of the activations (linked from the data's manifest by the CLI).
         n_latents: dictionary size.
-        k: active latents per token.
-        k_aux: latents in the AuxK loss (default d_in // 2).
+        k: active latents per token (topk); per token on average over the batch (batchtopk, matryoshka); unused by
+            relu and jumprelu, whose L0 the penalty sets.
+        k_aux: latents in the AuxK loss (default d_in // 2; topk, batchtopk, matryoshka).
         auxk_coef: AuxK weight (1/32).
-        multi_topk: add L(4k)/8 to the loss.
-        activation: ``topk`` or ``batchtopk``.
+        multi_topk: add L(4k)/8 to the loss (topk only).
+        activation: ``topk`` | ``batchtopk`` | ``matryoshka`` (Matryoshka BatchTopK; also spelled
+            ``matryoshka_batchtopk``) | ``relu`` (+ L1) | ``jumprelu``; the objectives are in ``lit_sae.activations``.
+        sparsity_coef: relu: weight of the normalised L1 ``||z||_1 / ||x||_2``; jumprelu: weight of the L0
+            (required for both, >= 0; not allowed for the others).
+        sparsity_warmup_steps: relu / jumprelu: the penalty ramps linearly from 0 over this many steps (default 0).
+        jumprelu_bandwidth: jumprelu: the straight-through estimator's kernel width (default 0.001, the paper's).
+        jumprelu_init_threshold: jumprelu: every latent's initial threshold (default 0.001, Gemma Scope's; the
+            scale of both assumes ``normalize: scalar``).
+        matryoshka_prefixes: matryoshka: increasing prefix sizes, each of which reconstructs the input (n_latents
+            is added as the last; required).
         normalize: input normalisation, ``none`` / ``scalar`` / ``layernorm``.
         encoder_init_norm: row norm of W_enc at init (W_enc = this * W_dec^T; the paper's tied init is 1.0, 0.5
             measured better on short runs).
@@ -82,7 +94,12 @@ class SAEModule(L.LightningModule):
         k_aux: Optional[int] = None,
         auxk_coef: float = 1 / 32,
         multi_topk: bool = False,
-        activation: Literal["topk", "batchtopk"] = "topk",
+        activation: str = "topk",
+        sparsity_coef: Optional[float] = None,
+        sparsity_warmup_steps: Optional[int] = None,
+        jumprelu_bandwidth: Optional[float] = None,
+        jumprelu_init_threshold: Optional[float] = None,
+        matryoshka_prefixes: Optional[list[int]] = None,
         normalize: Literal["none", "scalar", "layernorm"] = "none",
         encoder_init_norm: float = ENCODER_INIT_NORM,
         fast: bool = True,
@@ -102,9 +119,12 @@ class SAEModule(L.LightningModule):
         super().__init__()
         if lr is not None and lr <= 0:
             raise ValueError(f"model.lr={lr} must be positive (or null for the paper's default)")
-        if decay_start is not None and not 0.0 <= decay_start <= 1.0:
-            raise ValueError(f"model.decay_start={decay_start} must be a fraction of the run in [0, 1]")
+        check_schedule(warmup_steps, decay_start)
         self.save_hyperparameters()
+        arch = {"sparsity_coef": sparsity_coef, "sparsity_warmup_steps": sparsity_warmup_steps,
+                "jumprelu_bandwidth": jumprelu_bandwidth, "jumprelu_init_threshold": jumprelu_init_threshold,
+                "matryoshka_prefixes": matryoshka_prefixes}
+        activations.check_applicable(activation, {**arch, "multi_topk": multi_topk, "k_aux": k_aux}, "model.")
         try:
             self.sae = TopKSAE(
                 d_in,
@@ -117,9 +137,13 @@ class SAEModule(L.LightningModule):
                 normalize=normalize,
                 encoder_init_norm=encoder_init_norm,
                 fast=fast,
+                **{key: value for key, value in arch.items() if value is not None},
             )
         except ValueError as exn:  # the SAE names its argument; say it is a key of the config's model section
             raise ValueError(f"model.{exn}") from None
+        if self.sae.activation == "jumprelu" and normalize != "scalar":
+            log.warning("model.activation=jumprelu with normalize=%r: the bandwidth and initial threshold (0.001) "
+                        "assume inputs scaled to E||x||^2 = d_in (normalize: scalar)", normalize)
         if init_from is not None:
             self._load_export(init_from)
         self.lr = lr if lr is not None else default_lr(n_latents)
@@ -219,88 +243,14 @@ class SAEModule(L.LightningModule):
         opt = torch.optim.Adam(
             self.sae.parameters(), lr=self.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused
         )
-        warmup, decay_start = self.hparams.warmup_steps, self.hparams.decay_start
-        if not warmup and decay_start is None:
-            return opt
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        if decay_start is not None and not math.isfinite(total):
-            raise ValueError("model.decay_start needs a known run length: set trainer.max_steps")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, decay_start, int(total)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        schedule = (self.hparams.warmup_steps, self.hparams.decay_start, "model.")
+        sched = step_scheduler(opt, self._trainer, [schedule])
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to write diverged weights; add the RNG states (the rest of the state is saved by Lightning)."""
-        bad = nonfinite_entries(checkpoint)
-        if bad:
-            raise FloatingPointError(
-                f"the weights diverged: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN/Inf at step "
-                f"{self.global_step}, so no checkpoint is written and the last one on disk is still good; resume "
-                "from it with a lower learning rate: `lit-sae fit --config ... --ckpt_path last --model.lr X`"
-            )
-        checkpoint["rng_states"] = rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that a resumed checkpoint fits this config, before its weights are loaded; apply a changed lr;
-        take the dead-latent counters of a checkpoint written when a callback held them."""
-        saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        if saved is not None:
-            self._check_compatible(dict(saved))
-            self._apply_optimizer_changes(dict(saved), checkpoint)
-        self._resumed_rng = checkpoint.get("rng_states")
-        state = checkpoint.get("state_dict", {})
-        if "tokens_since_fired" not in state and "sae.W_dec" in state:
-            old = (checkpoint.get("callbacks", {}).get("DeadLatentTracker") or {}).get("tokens_since_fired")
-            state["tokens_since_fired"] = (old.clone() if old is not None
-                                           else torch.zeros(state["sae.W_dec"].shape[0], dtype=torch.long))
-
-    def _checkpoint_name(self) -> str:
-        trainer = self._trainer
-        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
-        return str(path) if path else "the checkpoint"
-
-    def _check_compatible(self, saved: dict[str, Any]) -> None:
-        now = dict(self.hparams)
-        diff = {key: (saved.get(key), now.get(key)) for key in RESUME_MUST_MATCH if saved.get(key) != now.get(key)}
-        if (saved.get("ema_decay") is None) != (now.get("ema_decay") is None):
-            diff["ema_decay"] = (saved.get("ema_decay"), now.get("ema_decay"))
-        if diff:
-            desc = "; ".join(f"model.{key}: checkpoint {a!r}, config {b!r}" for key, (a, b) in diff.items())
-            linked = sorted({"d_in", "hook_point", "lm_name"} & set(diff))
-            hint = (f" ({', '.join('model.' + k for k in linked)} come from the data's manifest: use the checkpoint's "
-                    "shard folder)" if linked else "")
-            raise ValueError(
-                f"{self._checkpoint_name()} was written by a run with another model config ({desc}){hint}. Resume "
-                "with the config that wrote it, or start a new run without --ckpt_path in another checkpoint folder"
-            )
-        changed = sorted(k for k in now if k not in RESUME_MUST_MATCH and k in saved and not _same(saved[k], now[k]))
-        if changed:
-            log.warning("resuming %s with changed settings (the new values apply from here on): %s",
-                        self._checkpoint_name(), ", ".join(f"model.{k}: {saved[k]!r} -> {now[k]!r}" for k in changed))
-
-    def _apply_optimizer_changes(self, saved: dict[str, Any], checkpoint: dict[str, Any]) -> None:
-        """Lightning restores the optimizer's lr, betas and eps from the checkpoint, which would silently ignore a
-        changed ``model.lr`` (the usual fix after a divergence): rewrite the saved values to this config's."""
-        old_lr = saved.get("lr") or default_lr(int(saved["n_latents"]))
-        ratio = self.lr / old_lr
-        for state in checkpoint.get("optimizer_states", []):
-            for group in state.get("param_groups", []):
-                for key in ("lr", "initial_lr"):
-                    if key in group:
-                        group[key] = group[key] * ratio
-                group["betas"] = tuple(self.hparams.betas)
-                group["eps"] = self.hparams.eps
-        if ratio != 1.0:
-            for sched in checkpoint.get("lr_schedulers", []):
-                for key in ("base_lrs", "_last_lr"):
-                    if key in sched:
-                        sched[key] = [v * ratio for v in sched[key]]
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """After a resume, continue the random streams where the checkpoint left them (at the first step)."""
-        if self._resumed_rng is not None:
-            set_rng_states(self._resumed_rng)
-            self._resumed_rng = None
+    @staticmethod
+    def default_lr_of(hparams: dict[str, Any]) -> float:
+        """The learning rate a run with these hyperparameters used (its ``lr``, else the paper's default)."""
+        return hparams.get("lr") or default_lr(int(hparams["n_latents"]))
 
     # ------------------------------------------------------------------ training
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
@@ -328,6 +278,8 @@ class SAEModule(L.LightningModule):
         }
         if self.hparams.multi_topk:
             metrics["train/multik_loss"] = out.multik_loss
+        if out.sparsity_loss is not None:  # relu: normalised L1; jumprelu: L0 (unweighted)
+            metrics["train/sparsity_loss"] = out.sparsity_loss
         self.log_dict(metrics, prog_bar=False)
         self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
         self.log("train/dead_fraction", self.dead_latent_mask().float().mean())
@@ -408,23 +360,3 @@ class SAEModule(L.LightningModule):
         log.info("exported the SAE to %s", out)
 
 
-def _schedule(warmup: int, decay_start: Optional[float], total: int):
-    """LR multiplier per step: linear warm-up over ``warmup`` steps, linear decay to 0 from ``decay_start``."""
-    decay_from = int(decay_start * total) if decay_start is not None else None
-
-    def factor(step: int) -> float:
-        f = 1.0
-        if warmup and step < warmup:
-            f = (step + 1) / warmup
-        if decay_from is not None and step >= decay_from:
-            f = min(f, max(total - step, 0) / max(total - decay_from, 1))
-        return f
-
-    return factor
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equality of hyperparameters across a checkpoint round trip, where YAML turns tuples into lists."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b

@@ -73,9 +73,9 @@ class TopKSAE(nn.Module):
         auxk_coef: weight of the AuxK loss (1/32 in the paper).
         multi_topk: add L(multi_topk_factor * k) / 8 to the loss (the paper's Multi-TopK, factor 4).
         activation: ``topk`` (per token), ``batchtopk`` (k*B over the batch, threshold at inference),
-            ``matryoshka_batchtopk`` (BatchTopK whose prefixes each reconstruct x), ``relu`` (+ L1) or ``jumprelu``
-            (a learned per-latent ``threshold``, z = relu(pre) * (pre > threshold), L0 penalty); for the last two k
-            is unused (pass any valid k). Objectives: ``lit_sae.activations``.
+            ``matryoshka_batchtopk`` (alias ``matryoshka``; BatchTopK whose prefixes each reconstruct x), ``relu``
+            (+ L1) or ``jumprelu`` (a learned per-latent ``threshold``, z = relu(pre) * (pre > threshold), L0
+            penalty); for the last two k is unused (pass any valid k). Objectives: ``lit_sae.activations``.
         normalize: ``none``, ``scalar`` (one factor with E||x||^2 = d_in) or ``layernorm`` (per token).
         encoder_init_norm: row norm of W_enc at init (W_enc starts as the decoder's transpose times this; the
             paper ties them at 1.0, 0.5 measured better on short runs).
@@ -113,6 +113,7 @@ class TopKSAE(nn.Module):
         matryoshka_prefixes: Optional[list[int]] = None,
     ):
         super().__init__()
+        activation = activations.canonical(activation)  # "matryoshka" -> "matryoshka_batchtopk"; did-you-mean
         activations.check_settings(activation, sparsity_coef, sparsity_warmup_steps, jumprelu_bandwidth,
                                    jumprelu_init_threshold, matryoshka_prefixes, n_latents)
         _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, multi_topk_factor)

@@ -9,8 +9,11 @@ optimizers would re-implement them. Consequences, stated: ``trainer.gradient_cli
 would clip the SAEs jointly (refused); a non-finite loss in any SAE stops the whole sweep (named).
 
 Each SAE keeps its own dead-latent counters (a buffer in its ``SweepMember``), its own validation / test metrics,
-and is exported to ``<run root>/sae/<name>/`` at the end of fit; ``lit-sae sweep test`` writes one table
-(``<run root>/sweep_test.md`` and ``.json``) with every SAE's NMSE, L0 and dead fraction.
+its own LR schedule and EMA (``TRAINING_KEYS``), and is exported to ``<run root>/sae/<name>/`` at the end of fit.
+``lit-sae sweep test`` writes one table (``<run root>/sweep_test.md`` and ``.json``) with every SAE's NMSE, L0 and
+dead fraction; with ``--config callbacks/eval.yaml`` also every SAE's full evaluation report
+(``<run root>/reports/<name>/report.{json,md}``, ``lit_sae.callbacks.sweep_report``) and the table gains delta CE,
+probe loss, ablation sparsity and explainability.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import itertools
 import json
 import logging
 import re
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,19 +30,25 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lit_sae import activations
 from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD
 from lit_sae.checks import check_acts
+from lit_sae.ema import EMA
 from lit_sae.metrics import L0, NormalizedMSE
 from lit_sae.module import PAPER_EPS, batch_acts, default_lr
 from lit_sae.resume_state import rng_states, set_rng_states
 from lit_sae.runs import export_dir
 from lit_sae.sae import TopKSAE
+from lit_sae.schedule import check_schedule, step_scheduler
 
 log = logging.getLogger(__name__)
 
 SAE_KEYS = ("n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "activation", "normalize", "encoder_init_norm",
             "sparsity_coef", "sparsity_warmup_steps", "jumprelu_bandwidth", "jumprelu_init_threshold",
             "matryoshka_prefixes")
+#: Per-SAE optimisation settings (as ``SAEModule``'s): Adam's lr, linear warm-up steps, the fraction of the run after
+#: which the lr decays linearly to 0, and the decay of an EMA of the weights used for validation, test and export.
+TRAINING_KEYS = ("lr", "warmup_steps", "decay_start", "ema_decay")
 # Bytes per SAE parameter during training: fp32 weight, gradient and Adam's two moments.
 BYTES_PER_PARAM = 16
 # Dense (B, n_latents) fp32 temporaries alive at once in a step (pre-activations, their gradient, the code's mask).
@@ -48,10 +58,12 @@ DENSE_BUFFERS = 3
 def expand_specs(saes: Optional[list[dict[str, Any]]], grid: Optional[dict[str, list]],
                  defaults: dict[str, Any]) -> list[dict[str, Any]]:
     """One settings dict per SAE: ``defaults`` updated by each entry of ``saes``, then by each point of the Cartesian
-    product of ``grid`` (keys of ``SAE_KEYS`` and ``lr``). Every dict gets a ``name``: the entry's name (or its
-    settings) followed by its grid values, e.g. ``topk-n_latents4096``. Raises ValueError naming the key for unknown
-    keys, an empty grid list or duplicate names."""
-    allowed = set(SAE_KEYS) | {"lr", "name"}
+    product of ``grid`` (keys of ``SAE_KEYS`` and ``TRAINING_KEYS``). Every dict gets a ``name``: the entry's name (or
+    its settings) followed by its grid values, e.g. ``topk-n_latents4096``. Raises ValueError naming the key for
+    unknown keys, an empty grid list, duplicate names, and an architecture setting an entry or the grid gives to an
+    activation it does not apply to (``lit_sae.activations.APPLIES_TO``; ``defaults`` may hold settings of several
+    architectures)."""
+    allowed = set(SAE_KEYS) | set(TRAINING_KEYS) | {"name"}
     base = [dict(s) for s in (saes or [{}])]
     for i, spec in enumerate(base):
         unknown = sorted(set(spec) - allowed)
@@ -74,6 +86,8 @@ def expand_specs(saes: Optional[list[dict[str, Any]]], grid: Optional[dict[str, 
             else:
                 s["name"] = "-".join([f"{k}{v}" for k, v in spec.items()] + suffix) or "sae"
             s["name"] = re.sub(r"[^A-Za-z0-9_\-]", "_", str(s["name"]))
+            own = {**spec, **dict(zip(grid, point))}
+            activations.check_applicable(s.get("activation", "topk"), own, f"model.saes[{s['name']}].", s)
             specs.append(s)
     names = [s["name"] for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -104,12 +118,18 @@ def available_bytes(device: torch.device) -> Optional[int]:
 
 
 class SweepMember(nn.Module):
-    """One SAE of a sweep and the training state that is its own: the dead-latent counters."""
+    """One SAE of a sweep and the training state that is its own: the dead-latent counters and, with ``ema_decay``,
+    the EMA of its weights (``lit_sae.ema.EMA``; its buffers are saved with the checkpoint)."""
 
-    def __init__(self, sae: TopKSAE):
+    def __init__(self, sae: TopKSAE, ema_decay: Optional[float] = None):
         super().__init__()
         self.sae = sae
         self.register_buffer("tokens_since_fired", torch.zeros(sae.n_latents, dtype=torch.long))
+        self.ema = EMA(sae, ema_decay) if ema_decay is not None else None
+
+    def eval_weights(self):
+        """A context in which ``self.sae`` holds the weights to evaluate and export (the EMA's when on)."""
+        return self.ema.swapped_into(self.sae) if self.ema is not None else nullcontext(self.sae)
 
 
 class SAESweepModule(L.LightningModule):
@@ -117,7 +137,9 @@ class SAESweepModule(L.LightningModule):
 
     Args:
         d_in: width of the activations (linked from the data by the CLI).
-        saes: a list of SAEs, each a dict of TopKSAE settings (``SAE_KEYS``) plus optional ``lr`` and ``name``.
+        saes: a list of SAEs, each a dict of TopKSAE settings (``SAE_KEYS``) plus optional ``name`` and training
+            settings (``TRAINING_KEYS``: ``lr``, ``warmup_steps``, ``decay_start``, ``ema_decay``, with
+            ``SAEModule``'s meaning, each SAE its own).
         grid: lists of values whose Cartesian product is applied to every entry of ``saes`` (e.g.
             ``{k: [16, 32], activation: [topk, batchtopk]}``).
         defaults: settings every SAE starts from (entries of ``saes`` and ``grid`` override them).
@@ -144,17 +166,21 @@ class SAESweepModule(L.LightningModule):
         members = {}
         for spec in self.specs:
             kwargs = {k: spec[k] for k in SAE_KEYS if k in spec}
+            key = f"model.saes[{spec['name']}]."
             if spec.get("lr") is not None and not spec["lr"] > 0:
-                raise ValueError(f"model.saes[{spec['name']}].lr={spec['lr']} must be positive")
+                raise ValueError(f"{key}lr={spec['lr']} must be positive")
+            check_schedule(spec.get("warmup_steps", 0), spec.get("decay_start"), key)
             try:
-                members[spec["name"]] = SweepMember(TopKSAE(d_in, kwargs.pop("n_latents"), kwargs.pop("k"), **kwargs))
+                sae = TopKSAE(d_in, kwargs.pop("n_latents"), kwargs.pop("k"), **kwargs)
+                members[spec["name"]] = SweepMember(sae, spec.get("ema_decay"))
             except ValueError as exn:
-                raise ValueError(f"model.saes[{spec['name']}].{exn}") from None
+                raise ValueError(f"{key}{exn}") from None
         self.members = nn.ModuleDict(members)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.val_metrics = nn.ModuleDict({n: nn.ModuleList([NormalizedMSE(), L0()]) for n in members})
         self.test_metrics = nn.ModuleDict({n: nn.ModuleList([NormalizedMSE(), L0()]) for n in members})
         self._resumed_rng: Optional[dict] = None
+        self._eval_stack = ExitStack()
 
     def lr_of(self, spec: dict[str, Any]) -> float:
         return spec["lr"] if spec.get("lr") is not None else default_lr(int(spec["n_latents"]))
@@ -179,6 +205,16 @@ class SAESweepModule(L.LightningModule):
                 "the grid, split the sweep, or lower data.batch_size_tokens")
 
     def setup(self, stage: str) -> None:
+        """Refuse what cannot work before training: joint norm clipping, a grid that does not fit in memory. In
+        test, an ``EvalReport`` callback (``callbacks/eval.yaml``) becomes a ``SweepEvalReport`` with its settings:
+        every SAE gets its own report."""
+        from lit_sae.callbacks.eval_report import EvalReport
+        from lit_sae.callbacks.sweep_report import SweepEvalReport
+
+        callbacks = self.trainer.callbacks
+        for i, cb in enumerate(callbacks):
+            if type(cb) is EvalReport:
+                callbacks[i] = SweepEvalReport.like(cb)
         if stage != "fit":
             return
         clip = self.trainer.gradient_clip_val
@@ -205,11 +241,15 @@ class SAESweepModule(L.LightningModule):
             sae.norm_scale.copy_(self.trainer.strategy.broadcast(sae.norm_scale, src=0))
 
     def configure_optimizers(self):
-        """One Adam, one parameter group per SAE with that SAE's learning rate."""
+        """One Adam, one parameter group per SAE with that SAE's learning rate and LR schedule (a per-step
+        ``LambdaLR`` with one factor per group: ``lit_sae.schedule``)."""
         groups = [{"params": list(self.members[s["name"]].sae.parameters()), "lr": self.lr_of(s)}
                   for s in self.specs]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
-        return torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused)
+        opt = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused)
+        sched = step_scheduler(opt, self._trainer, [(s.get("warmup_steps", 0), s.get("decay_start"),
+                                                    f"model.saes[{s['name']}].") for s in self.specs])
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -265,47 +305,50 @@ class SAESweepModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         for member in self.members.values():
             member.sae.normalize_decoder_()
+            if member.ema is not None:
+                member.ema.update(member.sae)
+
+    # ------------------------------------------------------------------ EMA weights for evaluation
+    def _enter_eval_weights(self) -> None:
+        for member in self.members.values():
+            self._eval_stack.enter_context(member.eval_weights())
+
+    def on_validation_epoch_start(self) -> None:
+        self._enter_eval_weights()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_stack.close()
+
+    def on_test_epoch_start(self) -> None:
+        self._enter_eval_weights()
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: Any, metrics: nn.ModuleDict, prefix: str) -> None:
+    def _eval_step(self, batch: Any, metrics: nn.ModuleDict, prefix: str) -> dict[str, Any]:
         x = check_acts(batch_acts(batch), self.hparams.d_in, f"{prefix} batch acts").float()
+        outs = {}
         for name, member in self.members.items():
-            out = member.sae(x)
+            out = outs[name] = member.sae(x)
             nmse, l0 = metrics[name]
             nmse.update(x, out.x_hat)
             l0.update(out.latent_values)
             self.log(f"{prefix}/{name}/nmse", nmse)
             self.log(f"{prefix}/{name}/l0", l0)
+        return {"x": x, "saes": outs, "batch": batch}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Every SAE's test metrics; returns {"x", "saes": {name: SAEOutput}, "batch"} for the report callback."""
+        return self._eval_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
-        """One table of every SAE's test NMSE, L0 and dead fraction: ``<run root>/sweep_test.{md,json}``."""
-        rows = []
-        for spec in self.specs:
-            name = spec["name"]
-            nmse, l0 = self.test_metrics[name]
-            rows.append({"name": name, "activation": spec.get("activation", "topk"),
-                         "n_latents": int(spec["n_latents"]), "k": int(spec["k"]), "lr": self.lr_of(spec),
-                         "nmse": float(nmse.compute()), "l0": float(l0.compute()),
-                         "dead_fraction": float(self.dead_latent_mask(name).float().mean())})
-        if not self.trainer.is_global_zero:
-            return
-        root = Path(self.trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        lines = ["| SAE | activation | n_latents | k | lr | NMSE | L0 | dead |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['activation']} | {r['n_latents']} | {r['k']} | {r['lr']:.3g} | "
-                  f"{r['nmse']:.4f} | {r['l0']:.1f} | {r['dead_fraction']:.3f} |" for r in rows]
-        for path, text in ((root / "sweep_test.json", json.dumps(rows, indent=2)),
-                           (root / "sweep_test.md", "\n".join(lines) + "\n")):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
-        log.info("sweep test table written to %s", root / "sweep_test.md")
+        """One table of every SAE's test NMSE, L0 and dead fraction: ``<run root>/sweep_test.{md,json}`` (the
+        ``SweepEvalReport`` callback rewrites it with delta CE, probes and explainability at the end of the test)."""
+        rows = [table_row(self, spec) for spec in self.specs]
+        self._eval_stack.close()
+        if self.trainer.is_global_zero:
+            write_test_table(Path(self.trainer.default_root_dir), rows)
 
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
@@ -316,6 +359,59 @@ class SAESweepModule(L.LightningModule):
 
         out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))
         for name, member in self.members.items():
-            export_sae(member.sae, out / name, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name)
+            with member.eval_weights():
+                export_sae(member.sae, out / name, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name)
         log.info("exported %d SAEs under %s", len(self.members), out)
 
+
+
+#: Columns of the sweep test table: (row key, header, format); a column shows when any row has its value.
+TABLE_COLUMNS = (
+    ("name", "SAE", "{}"), ("activation", "activation", "{}"), ("n_latents", "n_latents", "{}"), ("k", "k", "{}"),
+    ("lr", "lr", "{:.3g}"), ("nmse", "NMSE", "{:.4f}"), ("l0", "L0", "{:.1f}"), ("dead_fraction", "dead", "{:.3f}"),
+    ("delta_ce", "delta CE", "{:.4f}"), ("frac_recovered", "CE recovered", "{:.3f}"),
+    ("probe_ce", "probe CE", "{:.4f}"), ("ablation_sparsity", "ablation sparsity", "{:.3f}"),
+    ("explain_precision", "N2G precision", "{:.3f}"), ("explain_recall", "N2G recall", "{:.3f}"),
+    ("report", "report", "{}"),
+)
+
+
+def table_row(module: "SAESweepModule", spec: dict[str, Any], report: Optional[dict[str, Any]] = None
+              ) -> dict[str, Any]:
+    """The table row of one SAE: its settings, test NMSE / L0 (the report's when given, else the module's test
+    metrics), dead fraction (the report's test-split density when given, else the training counters), and from the
+    report delta CE, fraction of CE recovered, mean probe CE of the best latent, ablation sparsity and mean N2G
+    precision / recall (None where the report lacks them)."""
+    name = spec["name"]
+    row: dict[str, Any] = {"name": name, "activation": spec.get("activation", "topk"),
+                           "n_latents": int(spec["n_latents"]), "k": int(spec["k"]), "lr": module.lr_of(spec)}
+    if report is None:
+        nmse, l0 = module.test_metrics[name]
+        row.update(nmse=float(nmse.compute()), l0=float(l0.compute()),
+                   dead_fraction=float(module.dead_latent_mask(name).float().mean()))
+        return row
+    m, d = report.get("metrics", {}), report.get("downstream") or {}
+    p, a, e = report.get("probes") or {}, report.get("ablation") or {}, report.get("explainability") or {}
+    row.update(nmse=m.get("nmse"), l0=m.get("l0"), dead_fraction=m.get("dead_fraction"),
+               dead_fraction_training=float(module.dead_latent_mask(name).float().mean()),
+               delta_ce=d.get("delta_ce"), frac_recovered=d.get("frac_recovered"), probe_ce=p.get("mean_sae_ce"),
+               ablation_sparsity=a.get("mean"), explain_precision=e.get("mean_precision"),
+               explain_recall=e.get("mean_recall"))
+    return row
+
+
+def write_test_table(root: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` to ``root/sweep_test.json`` (everything) and ``root/sweep_test.md`` (the ``TABLE_COLUMNS``
+    that any row has), each through a temporary file and a rename."""
+    root.mkdir(parents=True, exist_ok=True)
+    cols = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in cols)
+                     + " |")
+    for path, text in ((root / "sweep_test.json", json.dumps(rows, indent=2)),
+                       (root / "sweep_test.md", "\n".join(lines) + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    log.info("sweep test table written to %s", root / "sweep_test.md")

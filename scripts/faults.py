@@ -74,6 +74,19 @@ def make_shards(out: Path, n_train: int = 24 * BATCH, n_val: int = 2 * BATCH, d_
     return out
 
 
+BASE_MODEL = {"n_latents": N_LATENTS, "k": K, "lr": 0.003, "warmup_steps": 5, "decay_start": 0.5, "ema_decay": 0.9,
+              "normalize": "scalar", "dead_after_tokens": 2048, "k_aux": 8, "init_tokens": 2048, "export_dir": "none"}
+
+
+def _model_section(model: str) -> str:
+    """The recipe's model keys, each replaced by the same key of ``model`` (YAML lines) if it has it, then the rest
+    of ``model``."""
+    extra = textwrap.dedent(model)
+    given = {line.split(":", 1)[0].strip() for line in extra.splitlines() if ":" in line and not line.startswith(" ")}
+    base = "".join(f"  {k}: {v}\n" for k, v in BASE_MODEL.items() if k not in given)
+    return base + textwrap.indent(extra, "  ")
+
+
 def write_config(path: Path, shards: Path, run: Path, losses: Optional[Path] = None, extra_callbacks: str = "",
                  model: str = "", data: str = "", trainer: str = "") -> Path:
     """A complete fit recipe: ModelCheckpoint(save_last, every CKPT_EVERY steps), EMA, LR schedule, AuxK, workers."""
@@ -100,18 +113,7 @@ trainer:
         save_top_k: 0
 {recorder}{extra_callbacks}{textwrap.indent(textwrap.dedent(trainer), "  ")}
 model:
-  n_latents: {N_LATENTS}
-  k: {K}
-  lr: 0.003
-  warmup_steps: 5
-  decay_start: 0.5
-  ema_decay: 0.9
-  normalize: scalar
-  dead_after_tokens: 2048
-  k_aux: 8
-  init_tokens: 2048
-  export_dir: none
-{textwrap.indent(textwrap.dedent(model), "  ")}
+{_model_section(model)}
 data:
   class_path: lit_sae.data.datamodule.ActivationDataModule
   init_args:
@@ -260,12 +262,13 @@ class Result(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------------- scenarios
-def resume_after_kill(tmp: Path, kill_after_steps: int = 14) -> Result:
-    """kill -9 a fit at an arbitrary step, resume with --ckpt_path last: same batches and losses from there on."""
+def resume_after_kill(tmp: Path, kill_after_steps: int = 14, model: str = "") -> Result:
+    """kill -9 a fit at an arbitrary step, resume with --ckpt_path last: same batches and losses from there on.
+    ``model``: YAML lines that override the recipe's model keys (e.g. another activation)."""
     shards = make_shards(tmp / "shards")
-    full_cfg = write_config(tmp / "full.yaml", shards, tmp / "full", tmp / "full.tsv")
-    part_cfg = write_config(tmp / "part.yaml", shards, tmp / "part", tmp / "part.tsv")
-    res_cfg = write_config(tmp / "res.yaml", shards, tmp / "part", tmp / "resumed.tsv")
+    full_cfg = write_config(tmp / "full.yaml", shards, tmp / "full", tmp / "full.tsv", model=model)
+    part_cfg = write_config(tmp / "part.yaml", shards, tmp / "part", tmp / "part.tsv", model=model)
+    res_cfg = write_config(tmp / "res.yaml", shards, tmp / "part", tmp / "resumed.tsv", model=model)
     full = fit_subprocess(full_cfg)
     part = fit_subprocess(part_cfg)
 

@@ -67,8 +67,10 @@ def lit_sae_sae(d_in: int, n: int, k: int, seed: int, **kw) -> TopKSAE:
     with torch.no_grad():
         sae.W_dec.mul_(1 + 0.01 * torch.rand(n, 1))  # an EMA of unit rows is slightly off unit norm
         sae.b_enc.normal_(0, 0.3)
-        if kw.get("activation") == "batchtopk":
+        if kw.get("activation") in ("batchtopk", "matryoshka_batchtopk"):
             sae.threshold.fill_(0.4)
+        elif kw.get("activation") == "jumprelu":  # a learned threshold per latent, some above typical pre-acts
+            sae.threshold.copy_(torch.rand(n) * 0.8)
     sae.fold_decoder_norms_()  # what lit-sae's EMA swap and read_checkpoint do
     return sae.eval()
 
@@ -116,9 +118,17 @@ def saelens_cases(work: Path, d_in: int, hook: str) -> None:
         report("SAELens batchtopk save_inference_model -> load_sae", sl.decode(sl.encode(x)),
                load_sae(work / "saelens" / "batchtopk_inference").reconstruct(x), x)
 
-    # lit-sae export -> SAELens
-    for name, kw in {"topk": {}, "topk, scalar scale folded": {"normalize": "scalar"},
-                     "topk, layernorm": {"normalize": "layernorm"}, "batchtopk": {"activation": "batchtopk"}}.items():
+    # lit-sae export -> SAELens (relu as standard; jumprelu with its per-latent thresholds; batchtopk and matryoshka
+    # BatchTopK as jumprelu with the learned threshold on every latent)
+    exports = {"topk": {}, "topk, scalar scale folded": {"normalize": "scalar"},
+               "topk, layernorm": {"normalize": "layernorm"}, "batchtopk": {"activation": "batchtopk"},
+               "relu": {"activation": "relu"}, "relu, scalar scale folded": {"activation": "relu", "normalize": "scalar"},
+               "jumprelu": {"activation": "jumprelu"},
+               "jumprelu, scalar scale folded": {"activation": "jumprelu", "normalize": "scalar"},
+               "matryoshka_batchtopk": {"activation": "matryoshka_batchtopk", "matryoshka_prefixes": [16, 64]}}
+    expected_class = {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "relu": "StandardSAE", "jumprelu": "JumpReLUSAE",
+                      "matryoshka_batchtopk": "JumpReLUSAE"}
+    for name, kw in exports.items():
         ours = lit_sae_sae(d, n, 8, 3, **kw)
         folder = work / "lit_sae_to_saelens" / name.replace(" ", "_").replace(",", "")
         ours.save_pretrained(folder, meta)
@@ -126,6 +136,11 @@ def saelens_cases(work: Path, d_in: int, hook: str) -> None:
         norms = theirs.W_dec.norm(dim=1)
         unit = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-5))  # SAEBench check_decoder_norms
         results.append(unit)
+        arch = expected_class[kw.get("activation", "topk")]
+        results.append(type(theirs).__name__ == arch)  # loaded as the architecture it is saved as
+        if arch == "JumpReLUSAE":  # the thresholds SAELens applies are lit-sae's (scale folded), per latent
+            want = ours.threshold.detach().expand(n) / (ours.norm_scale if ours.normalize == "scalar" else 1)
+            results.append(bool(torch.allclose(theirs.threshold.detach(), want, rtol=1e-5, atol=1e-6)))
         with torch.no_grad():
             report(f"lit-sae {name} save_pretrained -> SAELens SAE.load_from_disk",
                    theirs.decode(theirs.encode(x)), ours.reconstruct(x), x,

@@ -1,4 +1,4 @@
-"""ReLU + L1, JumpReLU and Matryoshka BatchTopK against float64 dense references: code, loss and gradients (including
+"""ReLU + L1, JumpReLU, BatchTopK and Matryoshka BatchTopK against float64 dense references: code, loss and gradients (including
 the JumpReLU straight-through pseudo-derivative, computed by hand), the L1 warm-up, exports, bad settings."""
 
 import pytest
@@ -110,6 +110,36 @@ def test_matryoshka_prefix_losses_match_dense_reference():
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
     assert float(sae.threshold) > 0  # inference threshold learned as for batchtopk
+
+
+def test_batchtopk_with_auxk_matches_dense_reference():
+    """BatchTopK's code (the k*B largest ReLU'd pre-activations of the batch), reconstruction, AuxK on the dead
+    latents and every gradient, against a dense float64 computation."""
+    sae = make("batchtopk", k_aux=5)
+    x = torch.randn(B, D, dtype=torch.float64)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead)
+    got = grads(sae, out.loss)
+    pre = pre_acts(sae, x)
+    acts = torch.relu(pre)
+    mask = torch.zeros(B * N, dtype=torch.bool)
+    mask[acts.flatten().topk(4 * B).indices] = True
+    z = acts * mask.view(B, N)
+    recon = z @ sae.W_dec + sae.b_pre
+    nmse = normalized_mse(recon, x)
+    aux_idx = pre.masked_fill(~dead, float("-inf")).topk(5, dim=1).indices
+    aux_z = torch.zeros_like(pre).scatter(1, aux_idx, torch.relu(pre.gather(1, aux_idx)))
+    aux = normalized_mse(aux_z @ sae.W_dec, (x - recon).detach())
+    ref_loss = nmse + sae.auxk_coef * aux
+    assert float(aux) > 0 and int((z > 0).sum()) == 4 * B
+    torch.testing.assert_close(out.x_hat, recon, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.auxk_loss, aux, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-12, atol=1e-12)
+    want = grads(sae, ref_loss)
+    assert set(got) == set(want) == {"W_enc", "b_enc", "W_dec", "b_pre"}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation, kw", [("relu", {"sparsity_coef": 0.1}),

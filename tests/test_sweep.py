@@ -32,7 +32,8 @@ def data(shards):
 
 
 def test_grid_expands_every_entry_with_names_and_rejects_bad_keys():
-    specs = expand_specs([{"name": "t"}, {"activation": "relu"}], {"k": [8, 16], "lr": [1e-3]}, {"n_latents": 64})
+    specs = expand_specs([{"name": "t"}, {"activation": "relu"}], {"k": [8, 16], "lr": [1e-3]},
+                         {"n_latents": 64, "sparsity_coef": 0.1})
     assert [s["name"] for s in specs] == ["t-k8-lr0_001", "t-k16-lr0_001", "activationrelu-k8-lr0_001",
                                           "activationrelu-k16-lr0_001"]  # "." is not a module name
     assert all(s["n_latents"] == 64 for s in specs) and specs[3]["activation"] == "relu"
@@ -40,7 +41,9 @@ def test_grid_expands_every_entry_with_names_and_rejects_bad_keys():
         expand_specs(None, {"kk": [1]}, {})
     with pytest.raises(ValueError, match="model.saes: duplicate"):
         expand_specs([{"name": "x"}, {"name": "x"}], None, {})
-    with pytest.raises(ValueError, match=r"model.saes\[b\].activation='gated'"):
+    with pytest.raises(ValueError, match=r"model.saes\[r\].sparsity_coef is required with activation='relu'"):
+        expand_specs([{"name": "r", "activation": "relu"}], None, {})
+    with pytest.raises(ValueError, match=r"model.saes\[b\].activation='gated' is unknown"):
         SAESweepModule(16, saes=[{"name": "b", "activation": "gated"}], defaults=DEFAULTS)
 
 
@@ -65,6 +68,55 @@ def test_each_sae_of_a_sweep_trains_exactly_as_alone(tmp_path):
     assert exported.activation == "relu"
 
 
+def test_per_sae_schedule_and_ema_train_as_sae_module_alone(tmp_path):
+    """Each SAE of a sweep has its own LR warm-up, decay and EMA: a JumpReLU SAE with warm-up 2, decay from half the
+    run and EMA 0.9 beside a TopK SAE with a constant lr and no EMA ends exactly where ``SAEModule`` with the same
+    settings ends alone (weights, thresholds, EMA shadows, dead counters); its export holds the EMA weights."""
+    from lit_sae.module import SAEModule
+    from lit_sae.schedule import lr_factor
+
+    shards = faults.make_shards(tmp_path / "shards")
+    jump = {"name": "j", "activation": "jumprelu", "sparsity_coef": 0.01, "jumprelu_init_threshold": 0.05,
+            "lr": 2e-3, "warmup_steps": 2, "decay_start": 0.5, "ema_decay": 0.9}
+    L.seed_everything(0)
+    sweep = SAESweepModule(16, saes=[SAES[0], jump], defaults=DEFAULTS, dead_after_tokens=256, init_tokens=256)
+    init = {k: v.clone() for k, v in sweep.members["j"].state_dict().items()}
+    t = trainer(tmp_path / "sweep", 6, enable_checkpointing=False)
+    t.fit(sweep, data(shards))
+    sched = t.lr_scheduler_configs[0].scheduler
+    assert sched.get_last_lr() == pytest.approx([1e-3, 2e-3 * lr_factor(2, 0.5, 6)(6)])  # constant / decayed by hand
+    assert sweep.members["a"].ema is None and int(sweep.members["j"].ema.steps) == 6
+
+    settings = {k: v for k, v in jump.items() if k != "name"}
+    alone = SAEModule(d_in=16, n_latents=32, k=4, dead_after_tokens=256, init_tokens=256, export_dir="none",
+                      **settings)
+    alone.sae.load_state_dict({k[len("sae."):]: v for k, v in init.items() if k.startswith("sae.")})
+    trainer(tmp_path / "alone", 6, enable_checkpointing=False).fit(alone, data(shards))
+    got, want = sweep.members["j"].state_dict(), alone.state_dict()
+    keys = [k for k in want if k.startswith(("sae.", "ema.")) or k == "tokens_since_fired"]
+    assert "sae.threshold" in keys and "ema.shadow_threshold" in keys
+    for key in keys:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
+    exported = TopKSAE.from_pretrained(tmp_path / "sweep" / "sae" / "j")
+    with alone.ema.swapped_into(alone.sae):
+        x = torch.randn(64, 16)
+        torch.testing.assert_close(exported.reconstruct(x), alone.sae.eval().reconstruct(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_per_sae_settings_name_the_sae_and_key():
+    for spec, match in [({"ema_decay": 1.5}, r"model.saes\[x\].ema_decay=1.5"),
+                        ({"warmup_steps": -1}, r"model.saes\[x\].warmup_steps=-1"),
+                        ({"decay_start": 2.0}, r"model.saes\[x\].decay_start=2.0"),
+                        ({"activation": "topk", "sparsity_coef": 0.1},
+                         r"model.saes\[x\].sparsity_coef=0.1 does not apply to activation='topk'"),
+                        ({"activation": "relu", "sparsity_coef": -1.0}, r"model.saes\[x\].sparsity_coef=-1.0")]:
+        with pytest.raises(ValueError, match=match):
+            SAESweepModule(16, saes=[{"name": "x", **spec}], defaults=DEFAULTS)
+    # defaults may hold settings of several architectures: they apply where they mean something
+    SAESweepModule(16, saes=[{"name": "t"}, {"name": "r", "activation": "relu"}],
+                   defaults={**DEFAULTS, "sparsity_coef": 0.1})
+
+
 def test_a_sweep_that_does_not_fit_is_refused_before_training(tmp_path):
     shards = faults.make_shards(tmp_path / "shards")
     model = SAESweepModule(16, saes=SAES, defaults=DEFAULTS, memory_budget_gib=1e-6)
@@ -74,6 +126,10 @@ def test_a_sweep_that_does_not_fit_is_refused_before_training(tmp_path):
         trainer(tmp_path / "run", 2).fit(model, data(shards))
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "sae").exists()
 
+
+# a third SAE for the kill -9 test: its own LR warm-up and decay, EMA, a learned per-latent threshold
+RESUMED = {"name": "c", "activation": "jumprelu", "sparsity_coef": 0.01, "sparsity_warmup_steps": 4,
+           "jumprelu_init_threshold": 0.05, "warmup_steps": 3, "decay_start": 0.5, "ema_decay": 0.9}
 
 SCRIPT = """
 import os, sys, torch, lightning as L
@@ -93,10 +149,13 @@ trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_progre
                     enable_model_summary=False, default_root_dir=root, callbacks=[ckpt] + ([Kill()] if kill_at else []))
 trainer.fit(model, dm, ckpt_path="last" if resume else None)
 torch.save(model.state_dict(), root + "/final.pt")
-""" % (SAES, DEFAULTS)
+""" % (SAES + [RESUMED], DEFAULTS)
 
 
 def test_kill_9_resumes_every_sae_of_a_sweep_exactly(tmp_path):
+    """TopK, ReLU + L1 and JumpReLU (with its own LR schedule and EMA) in one sweep, killed after step 5 with a
+    checkpoint at step 4: the resumed run ends bit-exactly where the uninterrupted one does, every SAE's weights,
+    thresholds, EMA, dead counters and penalty warm-up step included."""
     shards = faults.make_shards(tmp_path / "shards")
     (tmp_path / "run.py").write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -113,7 +172,7 @@ def test_kill_9_resumes_every_sae_of_a_sweep_exactly(tmp_path):
     straight = run(tmp_path / "s", 0, False)
     assert straight.returncode == 0, straight.stderr[-2000:]
     got, want = torch.load(tmp_path / "k" / "final.pt"), torch.load(tmp_path / "s" / "final.pt")
-    assert any(k.startswith("members.b.") for k in want)
+    assert any(k.startswith("members.b.") for k in want) and "members.c.ema.shadow_threshold" in want
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
 

@@ -74,5 +74,13 @@ def stack_codes(batches) -> CodeBatch:
     batches = list(batches)
     if not batches:
         raise ValueError("no contexts to encode")
-    return CodeBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in ("ctx", "tokens", "values", "indices",
-                                                                              "valid")))
+    # SAEs without a fixed k (relu, jumprelu, batchtopk at inference) give each batch its own code width: pad the
+    # narrower ones with zero values (latent 0, not firing) to the widest.
+    k = max(b.values.shape[-1] for b in batches)
+
+    def padded(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, k - t.shape[-1]))
+
+    return CodeBatch(torch.cat([b.ctx for b in batches]), torch.cat([b.tokens for b in batches]),
+                     torch.cat([padded(b.values) for b in batches]), torch.cat([padded(b.indices) for b in batches]),
+                     torch.cat([b.valid for b in batches]))
