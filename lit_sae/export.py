@@ -157,8 +157,12 @@ def _find_manifest(where: str | Path, ckpt: Path) -> Optional[Path]:
 
 
 def _sha256(path: Path) -> str:
+    """sha256 of a file; of a sharded checkpoint folder, of its files' names and contents in name order."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    for file in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:
+        if path.is_dir():
+            h.update(file.name.encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
     return h.hexdigest()

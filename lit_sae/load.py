@@ -100,9 +100,14 @@ def read_checkpoint(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     ``{"hparams", "global_step", "tokens_seen", "ema_steps", "datamodule"}`` (the DataModule's saved arguments).
     Needs no Lightning module: the SAE is rebuilt from the saved hyperparameters and ``sae.*`` weights."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():  # a sharded checkpoint folder (lit_sae.parallel.strategy), reassembled in this process
+        from lit_sae.parallel.checkpoint import read_strategy_checkpoint
+
+        ckpt = read_strategy_checkpoint(p)
+    elif not p.is_file():
         raise FileNotFoundError(f"{p}: no such checkpoint")
-    ckpt = _torch_load(p)
+    else:
+        ckpt = _torch_load(p)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{p}: not a Lightning checkpoint (no state_dict)")
     hp = dict(ckpt.get("hyper_parameters") or {})

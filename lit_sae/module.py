@@ -23,6 +23,8 @@ from lit_sae.checks import check_acts
 from lit_sae.ema import EMA
 from lit_sae.metrics import L0, NormalizedMSE
 from lit_sae.module_resume import RESUME_MUST_MATCH, ResumeChecks, _same  # noqa: F401 (re-exported)
+from lit_sae.parallel.data import data_parallel_size
+from lit_sae.parallel.module import configure_sharded, export_at_fit_end, is_sharded, owned_indices, sae_init_context
 from lit_sae.runs import export_dir
 from lit_sae.sae import ENCODER_INIT_NORM, SAEOutput, TopKSAE
 from lit_sae.schedule import check_schedule, step_scheduler
@@ -125,20 +127,21 @@ class SAEModule(ResumeChecks, L.LightningModule):
                 "jumprelu_bandwidth": jumprelu_bandwidth, "jumprelu_init_threshold": jumprelu_init_threshold,
                 "matryoshka_prefixes": matryoshka_prefixes}
         activations.check_applicable(activation, {**arch, "multi_topk": multi_topk, "k_aux": k_aux}, "model.")
-        try:
-            self.sae = TopKSAE(
-                d_in,
-                n_latents,
-                k,
-                k_aux=k_aux,
-                auxk_coef=auxk_coef,
-                multi_topk=multi_topk,
-                activation=activation,
-                normalize=normalize,
-                encoder_init_norm=encoder_init_norm,
-                fast=fast,
-                **{key: value for key, value in arch.items() if value is not None},
-            )
+        try:  # on the meta device when lit-sae fit shards the SAE over latents (lit_sae.parallel.module)
+            with sae_init_context():
+                self.sae = TopKSAE(
+                    d_in,
+                    n_latents,
+                    k,
+                    k_aux=k_aux,
+                    auxk_coef=auxk_coef,
+                    multi_topk=multi_topk,
+                    activation=activation,
+                    normalize=normalize,
+                    encoder_init_norm=encoder_init_norm,
+                    fast=fast,
+                    **{key: value for key, value in arch.items() if value is not None},
+                )
         except ValueError as exn:  # the SAE names its argument; say it is a key of the config's model section
             raise ValueError(f"model.{exn}") from None
         if self.sae.activation == "jumprelu" and normalize != "scalar":
@@ -198,12 +201,18 @@ class SAEModule(ResumeChecks, L.LightningModule):
         """Advance every latent's counter by this step's tokens (summed over ranks); reset the ones that fired."""
         counts = self.tokens_since_fired
         fired = torch.zeros(counts.numel() + 1, device=counts.device)
-        fired[latent_indices[latent_values > FIRE_THRESHOLD]] = 1.0
+        local, owned = owned_indices(self, latent_indices)  # a latent-sharded SAE counts its own latents only
+        fired[local[owned & (latent_values > FIRE_THRESHOLD)]] = 1.0
         fired[-1] = latent_indices.shape[0]  # this rank's tokens, summed with the masks in one collective
         if self._trainer is not None:
             fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
         counts += fired[-1].to(counts.dtype)  # stays on the device: no host sync per step
         counts[fired[:-1] > 0] = 0
+
+    def configure_model(self) -> None:
+        """Under ``lit_sae.parallel.strategy.SAEModelParallelStrategy``: shard the SAE over the device mesh's
+        tensor-parallel ranks (``lit_sae.parallel.module.configure_sharded``); no-op otherwise."""
+        configure_sharded(self)
 
     def setup(self, stage: str) -> None:
         """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data``): DDP on W ranks of
@@ -267,7 +276,7 @@ class SAEModule(ResumeChecks, L.LightningModule):
                 f"non-finite training loss {out.loss.item()} at step {self.global_step}: stopping before the "
                 "weights are updated; the last checkpoint is still good (try a lower model.lr)"
             )
-        tokens = x.shape[0] * self.trainer.world_size
+        tokens = x.shape[0] * data_parallel_size(self.trainer)
         self.tokens_seen += tokens
         self._count_fired_(out.latent_values.detach(), out.latent_indices)
         metrics = {
@@ -348,11 +357,15 @@ class SAEModule(ResumeChecks, L.LightningModule):
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
         """Export the trained SAE (EMA weights when on) in SAELens's layout."""
-        if self.hparams.export_dir == "none" or not self.trainer.is_global_zero:
+        if self.hparams.export_dir == "none":
+            return
+        out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))
+        if is_sharded(self):  # every rank takes part in gathering the shards
+            return export_at_fit_end(self, out)
+        if not self.trainer.is_global_zero:
             return
         from lit_sae.export import export_sae
 
-        out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))
         with ExitStack() as stack:
             if self.ema is not None:
                 stack.enter_context(self.ema.swapped_into(self.sae))

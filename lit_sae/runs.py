@@ -56,17 +56,22 @@ def checkpoints_in(folders: Iterable[PathLike]) -> list[Path]:
     for folder in folders:
         folder = Path(folder)
         if folder.is_dir():
-            found += sorted(p for p in folder.glob("*.ckpt") if p.is_file() and not p.name.startswith("."))
+            found += sorted(p for p in folder.glob("*.ckpt") if _is_checkpoint(p) and not p.name.startswith("."))
     return found
 
 
 def _last(folders: list[Path]) -> Optional[Path]:
     """``last.ckpt`` in the first folder that has one, else the newest checkpoint file (None if there is none)."""
     for folder in folders:
-        if (folder / LAST).is_file():
+        if _is_checkpoint(folder / LAST):
             return folder / LAST
     found = checkpoints_in(folders)
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or the folder a sharded strategy writes (``lit_sae.parallel.strategy``: its meta.pt)."""
+    return path.is_file() or (path.is_dir() and (path / "meta.pt").is_file())
 
 
 def _where(folders: list[Path]) -> str:
@@ -117,7 +122,7 @@ def resolve_ckpt_path(
     if ckpt_path in ("best", "hpc", "registry") or (ckpt_path and "://" in ckpt_path):
         return ckpt_path  # Lightning resolves these itself
     if ckpt_path is not None:
-        if not Path(ckpt_path).is_file():
+        if not _is_checkpoint(Path(ckpt_path)):
             raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file (use `last` for the run's "
                                     f"latest checkpoint in {_where(dirs)})")
         return ckpt_path

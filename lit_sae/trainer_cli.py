@@ -100,7 +100,8 @@ class SAECLI(LightningCLI):
         """Instantiate data, model and trainer; refuse a model.d_in that differs from the data's."""
         cfg = self.config.get(str(self.subcommand), self.config)
         given_d_in = cfg.get("model.d_in")
-        super().instantiate_classes()
+        with _sae_init_for(cfg.get("trainer.strategy")):
+            super().instantiate_classes()
         data_d_in = getattr(self.datamodule, "d_in", None)
         if given_d_in is not None and data_d_in is not None and int(given_d_in) != int(data_d_in):
             source = getattr(self.datamodule, "manifest_url", None) or "the data"
@@ -161,6 +162,28 @@ class SAECLI(LightningCLI):
 
     def before_test(self) -> None:
         self._resolve_weights("test")
+
+
+def _sae_init_for(strategy: Any):
+    """The SAE's construction context: on the meta device when the strategy shards it (``lit_sae.parallel.module``),
+    so the full matrices are never allocated; the usual one otherwise."""
+    from contextlib import nullcontext
+
+    path = strategy.get("class_path") if hasattr(strategy, "get") else strategy
+    if not isinstance(path, str) or "." not in path:
+        return nullcontext()
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(__import__(module_name, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return nullcontext()
+    if not (isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)):
+        return nullcontext()
+    from lit_sae.parallel.module import deferred_sae_init
+
+    return deferred_sae_init()
 
 
 PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}

@@ -160,8 +160,9 @@ class ActivationDataModule(L.LightningDataModule):
     def _world(self) -> tuple[int, int]:
         """(rank, world_size) from the trainer, else torch.distributed, else (0, 1)."""
         trainer = self._trainer_or_none()
-        if trainer is not None:
-            return int(trainer.global_rank), int(trainer.world_size)
+        if trainer is not None:  # the data-parallel rank (under tensor parallelism, a group of ranks shares a batch)
+            kwargs = trainer.distributed_sampler_kwargs
+            return (int(kwargs["rank"]), int(kwargs["num_replicas"])) if kwargs else (0, 1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1

@@ -172,3 +172,38 @@ def export_sharded(path: str | Path, out_dir: str | Path, hook_point: Optional[s
     extra = info.get("extra", {})
     return export_sae(sae, out_dir, hook_point=hook_point or extra.get("hook_point"),
                       lm_name=lm_name or extra.get("lm_name"))
+
+
+def read_strategy_checkpoint(path: str | Path) -> dict[str, Any]:
+    """One process, no process group: a checkpoint folder of ``SAEModelParallelStrategy`` as one Lightning checkpoint
+    dict with full tensors (DCP reassembles the row blocks): ``state_dict`` (``sae.W_enc`` (n_latents, d_in), ...,
+    ``tokens_since_fired`` (n_latents,)), ``optimizer_states`` ([{"state": {param name: {exp_avg, exp_avg_sq,
+    step}}, "param_groups": ...}]) and Lightning's own entries (``global_step``, ``hyper_parameters``, ...).
+
+    Raises:
+        FileNotFoundError: ``path`` is not such a folder (names the file that is missing)."""
+    from lit_sae.parallel.strategy import MESH_FILE, META_FILE
+
+    path = Path(path)
+    for name in (META_FILE, MESH_FILE, ".metadata"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: not a sharded lit-sae checkpoint folder (no {name})")
+    ckpt = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    flat = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in meta.state_dict_metadata.items()
+            if isinstance(md, dcp.metadata.TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(flat, checkpoint_id=str(path), no_dist=True)
+    ckpt["state_dict"] = {k[len("state_dict."):]: v for k, v in flat.items() if k.startswith("state_dict.")}
+    groups = [g["param_groups"] for g in ckpt.get("optimizer_states", [])]
+    states: list[dict] = []
+    for i in range(len(groups)):
+        prefix, per_param = f"optimizer_{i}.", {}
+        for k, v in flat.items():
+            if k.startswith(prefix):
+                name, slot = k[len(prefix):].rsplit(".", 1)
+                per_param.setdefault(name, {})[slot] = v
+        states.append({"state": per_param, "param_groups": groups[i]})
+    ckpt["optimizer_states"] = states
+    return ckpt

@@ -38,3 +38,9 @@ def use_data_parallel_losses(sae, group: Optional[dist.ProcessGroup] = None) -> 
     """Make ``sae``'s training losses those of the global batch of the data-parallel ``group`` (no-op for 1 rank)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         sae.batch_sum = GroupSum(group)
+
+
+def data_parallel_size(trainer) -> int:
+    """Data-parallel ranks of a trainer: DDP's world size, a model-parallel mesh's data dimension, else 1."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None)
+    return int(kwargs["num_replicas"]) if kwargs else 1
