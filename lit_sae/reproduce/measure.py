@@ -21,10 +21,10 @@ from lit_sae.eval.downstream import reconstructor, splice_mask, token_losses
 
 log = logging.getLogger(__name__)
 
-__all__ = ["test_activations", "recon_metrics", "at_k", "delta_ce_many"]
+__all__ = ["read_test_split", "recon_metrics", "at_k", "delta_ce_many"]
 
 
-def test_activations(dm) -> Tensor:
+def read_test_split(dm) -> Tensor:
     """Every activation of the harvest's test split, (N, d_in) float32 (manifest order)."""
     dm.setup("test")
     rows = [b["acts"].float() if isinstance(b, dict) else b.float() for b in dm.test_dataloader()]

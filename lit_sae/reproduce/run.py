@@ -82,10 +82,10 @@ def reproduce(harvest: str, out: str, quick: bool = False, seed: int = 0, device
 
 
 def _measure_reconstruction(r, module, dm, specs, groups, timing) -> None:
-    from lit_sae.reproduce.measure import at_k, recon_metrics, test_activations
+    from lit_sae.reproduce.measure import at_k, read_test_split, recon_metrics
 
     t = time.perf_counter()
-    x = test_activations(dm).to(next(module.parameters()).device)
+    x = read_test_split(dm).to(next(module.parameters()).device)
     r["test_tokens"] = int(len(x))
     for spec in specs:
         name = spec["name"]
