@@ -16,6 +16,7 @@ ARCH_STYLE = {"topk": "o-", "batchtopk": "s-", "relu": "^-", "jumprelu": "v-"}
 def _save(fig, folder: Path, name: str) -> Path:
     path = folder / f"{name}.png"
     tmp = folder / f".{name}.png.tmp"
+    fig.tight_layout()
     fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     os.replace(tmp, path)
     return path
