@@ -36,6 +36,8 @@ TOOLS = {
     "features": ("lit_sae.features.run", "features",
                  "Collect per-latent statistics of an SAE and write the feature browser; returns the path of "
                  "index.html."),
+    "reproduce": ("lit_sae.reproduce.run", "reproduce",
+                  "Reproduce the claims of Gao et al. (2024) on a harvest: figures, reproduce.md and reproduce.json."),
 }
 
 

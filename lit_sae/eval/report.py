@@ -266,9 +266,10 @@ def render_markdown(report: dict) -> str:
                   f"{_fmt(p['mean_prior_ce'])} |", "", f"Text: {p.get('probe_text', '')}", ""]
     a = report.get("ablation")
     if a:
-        lines += [f"## Ablation sparsity ((L1/L2)^2 / V of the logit change; 1 = dense, 1/V = one logit){_took(a)}", "",
-                  "| | mean | median |", "|---|---|---|",
+        lines += [f"## Ablation sparsity ((L1/L2)^2 / (V T) of the logit change over T positions, Gao et al. s4.5; "
+                  f"lower is sparser){_took(a)}", "", "| | mean | median |", "|---|---|---|",
                   f"| latents ({a['n_latents']}) | {_fmt(a['mean'])} | {_fmt(a['median'])} |",
+                  f"| residual basis directions | {_fmt(a.get('basis_mean'))} | {_fmt(a.get('basis_median'))} |",
                   f"| random directions | {_fmt(a['random_mean'])} | {_fmt(a['random_median'])} |", ""]
     from lit_sae.eval.saebench import saebench_markdown
 
