@@ -85,7 +85,7 @@ class SweepEvalReport(EvalReport):
         if not trainer.is_global_zero:
             return
         from lit_sae.eval.report import write_report
-        from lit_sae.sweep import table_row, write_test_table
+        from lit_sae.sweep_table import table_row, write_test_table
 
         manifest = _manifest(trainer)
         out_dir = Path(self.out_dir or trainer.default_root_dir or ".")
