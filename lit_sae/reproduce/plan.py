@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Setting:
     ablation_latents: int = 32
     ablation_contexts_per_latent: int = 2
     init_tokens: int = 16384
+    max_train_tokens: Optional[int] = None
+    """Cap on the tokens each SAE trains on (None: ``epochs`` passes whatever the harvest's size)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,7 +54,7 @@ class Setting:
 QUICK = Setting(name="quick", epochs=2.0, batch_size_tokens=1024, frontier_n_latents=256, frontier_ks=(8, 16, 32, 64),
                 relu_coefs=(0.03, 0.3, 3.0), jumprelu_coefs=(1e-3, 1e-2, 1e-1), sizes=(64, 128, 256, 512, 1024),
                 k_ref=16, dead_n_latents=512, dead_after_tokens=4096, eval_contexts=4, probe_contexts=24,
-                ablation_latents=4, ablation_contexts_per_latent=1, init_tokens=2048)
+                ablation_latents=4, ablation_contexts_per_latent=1, init_tokens=2048, max_train_tokens=65536)
 # The full setting on the embedded default (d_in 576, ~135k train tokens): see docs/reproduce.md for its cost.
 FULL = Setting(name="full", epochs=2.0, batch_size_tokens=1024, frontier_n_latents=512,
                frontier_ks=(8, 16, 32, 64, 128), relu_coefs=(0.03, 0.1, 0.3, 1.0, 3.0),

@@ -72,5 +72,9 @@ def train_sweep(harvest: str, out: Path, setting: Setting, specs: list[dict[str,
 
 
 def steps_for(setting: Setting, train_tokens: int) -> int:
-    """Training steps: ``setting.epochs`` passes over ``train_tokens`` in batches of batch_size_tokens (>= 1)."""
-    return max(1, math.ceil(setting.epochs * train_tokens / setting.batch_size_tokens))
+    """Training steps: ``setting.epochs`` passes over ``train_tokens`` (at most ``setting.max_train_tokens``) in
+    batches of batch_size_tokens (>= 1)."""
+    tokens = setting.epochs * train_tokens
+    if setting.max_train_tokens is not None:
+        tokens = min(tokens, setting.max_train_tokens)
+    return max(1, math.ceil(tokens / setting.batch_size_tokens))
