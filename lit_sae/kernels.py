@@ -232,17 +232,26 @@ class _TopKEncode(torch.autograd.Function):
             return None, None, None, None, None, None
         g = torch.cat(parts_g, dim=1) if len(parts_g) > 1 else parts_g[0]
         ii = torch.cat(parts_i, dim=1) if len(parts_i) > 1 else parts_i[0]
-        dx = dW = db = None
-        with torch.autocast(x_c.device.type, enabled=False):
-            if need_x:  # dx_c[b] = sum_j g[b, j] W_enc[ii[b, j]]
-                dx = F.embedding_bag(ii, W_enc, per_sample_weights=g, mode="sum").to(x_c.dtype)
-            if need_W:  # dW_enc[i] = sum over (b, j) selecting i of g[b, j] x_c[b]
-                dW = _scatter_rows(ii, g, x_c.to(pt), W_enc.shape[0])
-            if need_b:
-                b_dtype, b_shape = ctx.b_enc_meta
-                db = torch.zeros(b_shape, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
-                db = db.to(b_dtype)
-        return dx, dW, db, None, None, None
+        return (*_encode_grads(x_c, W_enc, ctx.b_enc_meta, g, ii, need_x, need_W, need_b), None, None, None)
+
+
+def _encode_grads(x_c: Tensor, W_enc: Tensor, b_enc_meta, g: Tensor, ii: Tensor, need_x: bool, need_W: bool,
+                  need_b: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of x_c (B, d), W_enc (n, d) and b_enc (n,) from the selected pairs only (shared by the sharded
+    encoder in ``lit_sae.parallel.tensor``): ii (B, m) int64 rows of W_enc, g (B, m) their pre-activation gradients
+    in W_enc's dtype (ReLU's mask applied; 0 for pairs that carry none). b_enc_meta: (dtype, shape) of b_enc."""
+    pt = W_enc.dtype
+    dx = dW = db = None
+    with torch.autocast(x_c.device.type, enabled=False):
+        if need_x:  # dx_c[b] = sum_j g[b, j] W_enc[ii[b, j]]
+            dx = F.embedding_bag(ii, W_enc, per_sample_weights=g, mode="sum").to(x_c.dtype)
+        if need_W:  # dW_enc[i] = sum over (b, j) selecting i of g[b, j] x_c[b]
+            dW = _scatter_rows(ii, g, x_c.to(pt), W_enc.shape[0])
+        if need_b:
+            b_dtype, b_shape = b_enc_meta
+            db = torch.zeros(b_shape, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
+            db = db.to(b_dtype)
+    return dx, dW, db
 
 
 def _dead_indices(dead_mask: Optional[Tensor], k_aux: int, device) -> Optional[Tensor]:

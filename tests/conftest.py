@@ -6,7 +6,7 @@ import pytest
 
 SLOW = (  # node-id prefixes, measured with `pytest --durations`
     "test_cli_console.py::", "test_ddp.py::", "test_ddp_eval.py::", "test_faults.py::", "test_interrupts.py::",
-    "test_resume.py::", "test_sweep.py::", "test_tensor_parallel.py::", "test_reproduce.py::",
+    "test_resume.py::", "test_sweep.py::", "test_tensor_parallel.py::", "test_reproduce.py::", "test_model_parallel.py::",
     "test_datamodule.py::test_real_ddp_two_ranks_two_workers", "test_harvest.py::test_sigkill_then_resume",
     "test_metrics.py::test_ddp_two_ranks_equal_single", "test_module.py::test_auxk_revives_dead_latents",
     "test_module.py::test_short_fit_recovers_known_features", "test_plan.py::test_real_ddp_test_matches_one_process",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from test_ddp import HERE, _losses, _write_shards
 
@@ -135,6 +136,14 @@ def test_sharded_fit_equals_one_process(runs, ref, run):
 def test_each_rank_writes_its_shard_and_resume_is_exact(runs):
     folder = runs / "mesh22" / "checkpoints" / "last.ckpt"
     assert folder.is_dir() and len(list(folder.glob("*.distcp"))) == 4
+    # the latent-sharded tensors are stored as row blocks of n_latents / 2, one per tensor-parallel rank
+    meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    for key in ("state_dict.sae.W_enc", "state_dict.sae.W_dec", "state_dict.sae.b_enc", "state_dict.ema.shadow_W_dec",
+                "state_dict.tokens_since_fired", "optimizer_0.sae.W_enc.exp_avg", "optimizer_0.sae.W_dec.exp_avg_sq"):
+        chunks = meta[key].chunks
+        assert meta[key].size[0] == N and sorted(c.offsets[0] for c in chunks) == [0, N // 2], key
+        assert all(c.sizes[0] == N // 2 for c in chunks), key
+    assert len(meta["state_dict.sae.b_pre"].chunks) == 1  # replicated: stored once
     _assert_same(_state(runs / "mesh22"), _state(runs / "half"), tol=1e-6)
 
 

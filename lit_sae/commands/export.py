@@ -15,7 +15,9 @@ def export(ckpt: str, *, out: str, format: Literal["saelens", "sparsify", "opena
     cfg.json records the checkpoint's sha256, step and tokens seen, and the shards' manifest hash.
 
     Args:
-        ckpt: a checkpoint written by ``lit-sae fit`` (e.g. ``runs/demo/checkpoints/last.ckpt``).
+        ckpt: a checkpoint written by ``lit-sae fit`` (e.g. ``runs/demo/checkpoints/last.ckpt``); the checkpoint
+            folder of a latent-sharded fit (``SAEModelParallelStrategy``: one file per rank) is reassembled into one
+            SAE in this process (no process group needed).
         out: the output folder; it must be new or empty unless ``--overwrite``.
         format: the layout to write.
         overwrite: replace an earlier export in ``out`` (a folder holding other files is never touched).

@@ -93,6 +93,7 @@ def configure_sharded(module) -> None:
     try:
         if full.W_dec.is_meta:  # shard-local init: each rank draws its own rows only
             seed = int(torch.randint(0, 2**31 - 1, (), generator=torch.Generator().manual_seed(torch.initial_seed())))
+            seed = module.trainer.strategy.broadcast(seed, src=0)  # every data-parallel replica draws the same rows
             sae = ShardedTopKSAE(full.d_in, full.n_latents, full.k, tp_group=tp_mesh.get_group(), seed=seed,
                                  encoder_init_norm=hp.encoder_init_norm, k_aux=hp.k_aux, auxk_coef=hp.auxk_coef,
                                  multi_topk=hp.multi_topk, activation=hp.activation, normalize=hp.normalize)

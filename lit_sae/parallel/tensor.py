@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_sae import kernels
@@ -108,17 +107,9 @@ class _ShardedTopKEncode(torch.autograd.Function):
         if not parts_g:
             return (None,) * 9
         g, ii = torch.cat(parts_g, dim=1), torch.cat(parts_i, dim=1)
-        dx = dW = db = None
-        with torch.autocast(x_c.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:  # this shard's part; copy_to_shards sums the parts
-                dx = F.embedding_bag(ii, W_enc, per_sample_weights=g, mode="sum").to(x_c.dtype)
-            if ctx.needs_input_grad[1]:
-                dW = kernels._scatter_rows(ii, g, x_c.to(pt), ctx.n_local)
-            if ctx.needs_input_grad[2]:
-                b_dtype, b_shape = ctx.b_enc_meta
-                db = torch.zeros(b_shape, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
-                db = db.to(b_dtype)
-        return dx, dW, db, None, None, None, None, None, None
+        # this shard's part of dx; copy_to_shards sums the parts over the tensor-parallel group
+        grads = kernels._encode_grads(x_c, W_enc, ctx.b_enc_meta, g, ii, *ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None, None)
 
 
 class ShardedTopKSAE(TopKSAE):
