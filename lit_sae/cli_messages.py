@@ -14,6 +14,7 @@ from typing import Any
 from lit_sae.cli import LIGHTNING_COMMANDS, ConfigError
 
 _UNKNOWN_KEY = (  # how jsonargparse 4.x names an unknown key
+    r"unknown key ([\w.]+) in the config",
     r"does not accept option '([\w.]+)'",
     r"unrecognized arguments: --([\w.]+)",
     r"No action for key \"?'?([\w.]+)",
@@ -24,6 +25,9 @@ def config_error(exn: BaseException, command: str, parser: Any) -> ConfigError:
     """The one-line ConfigError for jsonargparse's error ``exn`` while parsing ``lit-sae <command>`` with ``parser``
     (the subcommand's parser: its option names are the valid keys)."""
     message = shorten_union(str(exn).strip().rstrip("."))
+    # A YAML section's unknown key, named with its section (as the command line would name it)
+    message = re.sub(r"Group '([\w.]+)' does not accept option '([\w.]+)'", r"unknown key \1.\2 in the config",
+                     message)
     text = f"{message}{suggest_key(message, parser)} (`lit-sae {command} --help` lists the options)"
     return ConfigError(" ".join(text.split()))
 

@@ -169,3 +169,13 @@ def test_console_fails_on_a_bad_key_without_importing_torch_or_lightning():
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert lines[0] == ("error: unrecognized arguments: --model.bogus 1 (`lit-sae fit --help` lists the options)")
     assert len(lines) == 2 and "LIT_SAE_TRACEBACK" in lines[1]
+
+
+def test_unknown_key_in_a_yaml_section_is_named_with_its_section(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load(Path(QUICKSTART).read_text())
+    cfg["model"]["n_latnets"] = 32
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"unknown key model\.n_latnets in the config; did you mean 'model\.n_latents'"):
+        cli_check.check(["fit", "--config", str(tmp_path / "c.yaml")])
