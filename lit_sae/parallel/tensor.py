@@ -32,6 +32,7 @@ from lit_sae import kernels
 from lit_sae.losses import LOCAL
 from lit_sae.parallel.collectives import all_gather_cat, copy_to_shards, sum_over_shards
 from lit_sae.sae import ENCODER_INIT_NORM, TopKSAE, _check_config
+from lit_sae.selection import topk_exact
 
 _CONFIG = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "multi_topk_factor", "activation",
            "normalize", "threshold_momentum", "fast")
@@ -55,12 +56,12 @@ def check_mesh(world_size: int, data_parallel_size: int, tensor_parallel_size: i
 def _merge_candidates(vals: Tensor, gidx: Tensor, K: int, group) -> tuple[Tensor, Tensor]:
     """Global exact top-K from every shard's candidates: (values (B, K), global indices (B, K) int64).
 
-    Candidate columns are put in ascending latent index, so ``kernels._topk_exact``'s tie rule (lower column first)
+    Candidate columns are put in ascending latent index, so ``selection.topk_exact``'s tie rule (lower column first)
     is the single-device rule (lower latent index first)."""
     cand_v, cand_i = all_gather_cat(vals, group), all_gather_cat(gidx, group)
     order = cand_i.argsort(dim=1)
     cand_v, cand_i = cand_v.gather(1, order), cand_i.gather(1, order)
-    v, pos = kernels._topk_exact(cand_v, K)
+    v, pos = topk_exact(cand_v, K)
     return v, cand_i.gather(1, pos)
 
 
