@@ -122,13 +122,15 @@ def main() -> int:
     p.add_argument("--compute-dtype", default="float32")
     p.add_argument("--multi-topk", action="store_true")
     p.add_argument("--ema", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda",
+                   help="the pre-activation chunk budget of this device type (kernels.preact_budget)")
     p.add_argument("--gpus", type=float, help="print the tensor-parallel size that fits a device of this many GB")
     p.add_argument("--validate", action="store_true")
     a = p.parse_args()
     if a.validate:
         return validate()
     kw = dict(param_dtype=a.param_dtype, compute_dtype=a.compute_dtype, multi_topk_factor=4 if a.multi_topk else 1,
-              ema=a.ema)
+              ema=a.ema, device=a.device)
     if a.gpus:
         per_rank = a.batch // a.data
         T = gpus_needed(a.d_in, a.n_latents, a.k, per_rank, int(a.gpus * 1e9), **kw)

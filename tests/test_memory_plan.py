@@ -2,7 +2,7 @@
 
 import pytest
 
-from lit_sae.kernels import MAX_PREACT_BYTES
+from lit_sae.kernels import MAX_PREACT_BYTES, MAX_PREACT_BYTES_CUDA
 from lit_sae.parallel.memory import ACT_COPIES, gpus_needed, plan_memory
 from lit_sae.parallel.tensor import check_mesh, check_shardable
 
@@ -18,6 +18,9 @@ def test_plan_counts_by_hand():
     # a wide shard: the chunk stays under MAX_PREACT_BYTES
     wide = plan_memory(512, 2**22, 32, 4096)
     assert wide.preact == (MAX_PREACT_BYTES // (2**22 * 4)) * 2**22 * 4
+    # on CUDA the chunk budget is larger (fewer top-k launches): 2 GiB of bf16 at 2^22 latents is 256 rows
+    wide_cuda = plan_memory(512, 2**22, 32, 4096, compute_dtype="bfloat16", device="cuda")
+    assert wide_cuda.preact == (MAX_PREACT_BYTES_CUDA // (2**22 * 2)) * 2**22 * 2 == 256 * 2**22 * 2
 
 
 def test_gpus_needed_for_16m_latents_on_80gb():

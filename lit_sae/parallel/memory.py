@@ -8,8 +8,8 @@ against measured peak memory on CPU by ``scripts/plan_memory.py --validate``). S
     adam         two moments per parameter (exp_avg, exp_avg_sq), in the parameter dtype
     ema          one more copy of the parameters when ``ema`` is on
     preact       the encoder's pre-activation chunk: rows x n/T in the compute dtype, rows = the per-device batch
-                 or fewer so that it stays under ``kernels.MAX_PREACT_BYTES`` (plus its dead columns for AuxK,
-                 ``dead_fraction`` of them)
+                 or fewer so that it stays under ``kernels.preact_budget(device)`` (plus its dead columns for AuxK,
+                 ``dead_fraction`` of them; on CUDA in bf16 the exact top-k's tie repair adds up to 7/16 of the chunk)
     batch        ``ACT_COPIES`` (B/D x d) activations alive during the step (input, centred input, reconstructions,
                  residuals, their gradients) in the compute dtype, and the (B/D x K x T) selection candidates
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lit_sae.kernels import MAX_PREACT_BYTES
+from lit_sae.kernels import preact_budget
 
 ACT_COPIES = 16  # (B, d) tensors alive at the peak: TopKSAE.forward keeps about 14 for backward with AuxK and
 # Multi-TopK on (centred input, reconstructions, residuals, differences), plus gradients in flight; 8 (the count
@@ -51,7 +51,7 @@ class MemoryPlan:
 def plan_memory(d_in: int, n_latents: int, k: int, batch_size_tokens: int, *, data_parallel_size: int = 1,
                 tensor_parallel_size: int = 1, param_dtype: str = "float32", compute_dtype: str = "float32",
                 multi_topk_factor: int = 1, ema: bool = False, dead_fraction: float = 0.0,
-                batch_is_global: bool = True) -> MemoryPlan:
+                batch_is_global: bool = True, device: str = "cpu") -> MemoryPlan:
     """Memory per device of one training step.
 
     Args:
@@ -62,6 +62,7 @@ def plan_memory(d_in: int, n_latents: int, k: int, batch_size_tokens: int, *, da
         param_dtype: parameters, gradients and Adam moments (float32 in lit-sae: bf16-mixed keeps fp32 masters).
         compute_dtype: pre-activations and activations (bfloat16 under bf16-mixed).
         dead_fraction: fraction of latents dead (AuxK selects among a copy of their pre-activation columns).
+        device: "cpu" or "cuda": the pre-activation chunk's budget differs (``kernels.preact_budget``).
 
     Raises:
         ValueError: n_latents not divisible by tensor_parallel_size, or a batch that does not split over the
@@ -76,7 +77,7 @@ def plan_memory(d_in: int, n_latents: int, k: int, batch_size_tokens: int, *, da
     n_l = n_latents // T
     b = batch_size_tokens // D if batch_is_global else batch_size_tokens
     params = (2 * n_l * d_in + n_l + d_in) * p
-    rows = min(b, max(1, MAX_PREACT_BYTES // (n_l * c)))
+    rows = min(b, max(1, preact_budget(device) // (n_l * c)))
     preact = rows * n_l * c + (rows * int(n_l * dead_fraction) * c if dead_fraction else 0)
     K = k * multi_topk_factor
     candidates = b * min(K, n_l) * T * (c + 8) * 2  # gathered (values, indices), sorted copy
