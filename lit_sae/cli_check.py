@@ -274,7 +274,10 @@ def check(argv: list[str], model: str = "module") -> None:
         return
     try:
         with _standins() as finder:
-            parser = build_parser(argv[0], model)
+            try:
+                parser = build_parser(argv[0], model)
+            except Exception:  # sources it cannot read as expected (another Lightning, say): LightningCLI decides
+                return
             try:
                 parser.parse_args(argv[1:])
             except Exception as exn:  # jsonargparse's ArgumentError, or a TypeError of a bad value

@@ -155,6 +155,17 @@ def test_a_datamodule_outside_lit_sae_is_left_to_lightningcli(tmp_path, monkeypa
     assert not any(isinstance(f, cli_check._StandIns) for f in sys.meta_path)
 
 
+def test_sources_it_cannot_read_leave_the_command_to_lightningcli(monkeypatch):
+    # e.g. another Lightning whose Trainer source does not read as expected: the check stands aside, restores the
+    # import machinery, and LightningCLI judges the command (its own one-line error path)
+    def unreadable(*args, **kwargs):
+        raise TypeError("a signature this check cannot read")
+
+    monkeypatch.setattr(cli_check, "build_parser", unreadable)
+    assert cli_check.check(["fit", "--config", QUICKSTART, "--model.bogus", "1"]) is None
+    assert not any(isinstance(f, cli_check._StandIns) for f in sys.meta_path)
+
+
 def test_console_fails_on_a_bad_key_without_importing_torch_or_lightning():
     code = textwrap.dedent(f"""
         import sys
