@@ -41,3 +41,10 @@ def harvest_tiny(root: Path) -> Path:
                 source=str(texts), total_tokens=6000, context_length=32, batch_size=16, block_tokens=256,
                 tokens_per_shard=1024, val_fraction=0.1, test_fraction=0.3, progress=False)
     return root
+
+
+def tiny_datamodule(root: Path):
+    """The ActivationDataModule over :func:`harvest_tiny`'s shards with the small batches the report tests use."""
+    from lit_sae.data.datamodule import ActivationDataModule
+
+    return ActivationDataModule(str(root / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256, num_workers=0)

@@ -21,3 +21,11 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(str(v).startswith("cuda") for v in params.values()):
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(scope="session")
+def harvested(tmp_path_factory):
+    """One tiny-LM harvest (``_tiny_lm.harvest_tiny``) shared, read-only, by the evaluation-report tests."""
+    from _tiny_lm import harvest_tiny
+
+    return harvest_tiny(tmp_path_factory.mktemp("tiny_harvest"))

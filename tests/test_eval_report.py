@@ -7,23 +7,16 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from _tiny_lm import harvest_tiny
+from _tiny_lm import tiny_datamodule
 
 from lit_sae.callbacks.eval_report import EvalReport
 from lit_sae.eval.report import render_markdown, write_report
 
 
-@pytest.fixture(scope="module")
-def harvested(tmp_path_factory):
-    return harvest_tiny(tmp_path_factory.mktemp("e2e"))
-
-
 def test_trainer_test_writes_report(harvested, tmp_path):
-    from lit_sae.data.datamodule import ActivationDataModule
     from lit_sae.module import SAEModule
 
-    dm = ActivationDataModule(str(harvested / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256,
-                              num_workers=0)
+    dm = tiny_datamodule(harvested)
     module = SAEModule(d_in=32, n_latents=64, k=4, init_tokens=256, export_dir="none")
     cb = EvalReport(out_dir=str(tmp_path / "report"), n_contexts=8, probe_contexts=24, n_ablation_latents=4,
                     ablation_contexts_per_latent=2, progress=False)
@@ -66,11 +59,9 @@ def test_downstream_during_fit_logs_delta_ce(harvested, tmp_path):
     import csv
 
     from lit_sae.callbacks.eval_report import DownstreamDuringFit
-    from lit_sae.data.datamodule import ActivationDataModule
     from lit_sae.module import SAEModule
 
-    dm = ActivationDataModule(str(harvested / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256,
-                              num_workers=0)
+    dm = tiny_datamodule(harvested)
     module = SAEModule(d_in=32, n_latents=64, k=4, init_tokens=256, export_dir="none")
     logger = L.pytorch.loggers.CSVLogger(str(tmp_path))
     trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=logger,
@@ -87,15 +78,13 @@ def test_report_is_written_section_by_section_and_an_interruption_keeps_the_fini
     """Reconstruction first, then each section as it finishes, with its wall time; a stop in the middle
     leaves a report (marked incomplete) holding every finished section."""
     import lit_sae.eval.report as report_mod
-    from lit_sae.data.datamodule import ActivationDataModule
     from lit_sae.module import SAEModule
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C during ablation sparsity
 
     monkeypatch.setattr(report_mod, "ablation_sparsity", stopped)
-    dm = ActivationDataModule(str(harvested / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256,
-                              num_workers=0)
+    dm = tiny_datamodule(harvested)
     module = SAEModule(d_in=32, n_latents=64, k=4, init_tokens=256, export_dir="none")
     cb = EvalReport(out_dir=str(tmp_path / "report"), n_contexts=8, probe_contexts=24, n_ablation_latents=4,
                     ablation_contexts_per_latent=2, progress=False)

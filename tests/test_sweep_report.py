@@ -6,24 +6,17 @@ import math
 
 import lightning as L
 import pytest
-from _tiny_lm import harvest_tiny
+from _tiny_lm import tiny_datamodule
 
 from lit_sae.callbacks.eval_report import EvalReport
 from lit_sae.callbacks.sweep_report import SweepEvalReport
 from lit_sae.eval.report import run_eval_suite
 
 
-@pytest.fixture(scope="module")
-def harvested(tmp_path_factory):
-    return harvest_tiny(tmp_path_factory.mktemp("sweep_e2e"))
-
-
 def test_sweep_test_writes_each_saes_report_and_one_table(harvested, tmp_path):
-    from lit_sae.data.datamodule import ActivationDataModule
     from lit_sae.sweep import SAESweepModule
 
-    dm = ActivationDataModule(str(harvested / "shards"), batch_size_tokens=128, shuffle_buffer_tokens=256,
-                              num_workers=0)
+    dm = tiny_datamodule(harvested)
     saes = [{"name": "topk", "activation": "topk"},
             {"name": "relu", "activation": "relu", "sparsity_coef": 0.05, "ema_decay": 0.9}]
     module = SAESweepModule(32, saes=saes, defaults={"n_latents": 64, "k": 4, "lr": 1e-3}, init_tokens=256,
