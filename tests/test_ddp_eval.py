@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from test_eval_report import harvested  # noqa: F401  (the tiny LM + harvested shards fixture)
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
 
@@ -28,7 +27,7 @@ def _run(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-6000:]
 
 
-def test_eval_under_ddp_runs_on_rank_0_without_hanging(harvested, tmp_path):  # noqa: F811
+def test_eval_under_ddp_runs_on_rank_0_without_hanging(harvested, tmp_path):
     root = tmp_path / "run"
     cfg = {
         "seed_everything": 0,
