@@ -385,10 +385,9 @@ def test_shard_writing_overlaps_the_forward(tiny_gpt2, corpus, tmp_path, monkeyp
 
     class SlowWriter(ShardWriter):
         def add(self, *a, **kw):
-            if not overlapped:  # the first rows: wait until a later forward begins
-                with started:
-                    seen = forwards["n"]
-                    overlapped.append(started.wait_for(lambda: forwards["n"] > seen, timeout=30))
+            if not overlapped:  # the first rows (from forward 1): wait until a later forward begins
+                with started:  # ">= 2", not "more than now": forward 2 may already have begun
+                    overlapped.append(started.wait_for(lambda: forwards["n"] >= 2, timeout=30))
             super().add(*a, **kw)
 
     monkeypatch.setattr(harvest_mod, "truncated_forward", counting)
