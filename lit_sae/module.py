@@ -27,7 +27,7 @@ from lit_sae.parallel.data import data_parallel_size
 from lit_sae.parallel.module import configure_sharded, export_at_fit_end, is_sharded, owned_indices, sae_init_context
 from lit_sae.runs import export_dir
 from lit_sae.sae import ENCODER_INIT_NORM, SAEOutput, TopKSAE
-from lit_sae.schedule import check_schedule, step_scheduler
+from lit_sae.schedule import check_schedule, check_threshold_lr_scale, param_groups, step_scheduler
 from lit_sae.schedule import lr_factor as _schedule  # noqa: F401 (the former name, kept for callers)
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class SAEModule(ResumeChecks, L.LightningModule):
         jumprelu_bandwidth: jumprelu: the straight-through estimator's kernel width (default 0.001, the paper's).
         jumprelu_init_threshold: jumprelu: every latent's initial threshold (default 0.001, Gemma Scope's; the
             scale of both assumes ``normalize: scalar``).
+        jumprelu_threshold_lr_scale: jumprelu: the thresholds' learning rate as a multiple of ``lr`` (default 30;
+            the measured reason is beside ``lit_sae.activations.JUMPRELU_THRESHOLD_LR_SCALE``).
         matryoshka_prefixes: matryoshka: increasing prefix sizes, each of which reconstructs the input (n_latents
             is added as the last; required).
         normalize: input normalisation, ``none`` / ``scalar`` / ``layernorm``.
@@ -101,6 +103,7 @@ class SAEModule(ResumeChecks, L.LightningModule):
         sparsity_warmup_steps: Optional[int] = None,
         jumprelu_bandwidth: Optional[float] = None,
         jumprelu_init_threshold: Optional[float] = None,
+        jumprelu_threshold_lr_scale: Optional[float] = None,
         matryoshka_prefixes: Optional[list[int]] = None,
         normalize: Literal["none", "scalar", "layernorm"] = "none",
         encoder_init_norm: float = ENCODER_INIT_NORM,
@@ -122,11 +125,13 @@ class SAEModule(ResumeChecks, L.LightningModule):
         if lr is not None and lr <= 0:
             raise ValueError(f"model.lr={lr} must be positive (or null for the paper's default)")
         check_schedule(warmup_steps, decay_start)
+        check_threshold_lr_scale(jumprelu_threshold_lr_scale)
         self.save_hyperparameters()
         arch = {"sparsity_coef": sparsity_coef, "sparsity_warmup_steps": sparsity_warmup_steps,
                 "jumprelu_bandwidth": jumprelu_bandwidth, "jumprelu_init_threshold": jumprelu_init_threshold,
                 "matryoshka_prefixes": matryoshka_prefixes}
-        activations.check_applicable(activation, {**arch, "multi_topk": multi_topk, "k_aux": k_aux}, "model.")
+        activations.check_applicable(activation, {**arch, "multi_topk": multi_topk, "k_aux": k_aux,
+                                                  "jumprelu_threshold_lr_scale": jumprelu_threshold_lr_scale}, "model.")
         try:  # on the meta device when lit-sae fit shards the SAE over latents (lit_sae.parallel.module)
             with sae_init_context():
                 self.sae = TopKSAE(
@@ -249,11 +254,10 @@ class SAEModule(ResumeChecks, L.LightningModule):
     def configure_optimizers(self):
         """Adam with the paper's betas and epsilon; optional linear warm-up and linear decay, per step."""
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
-        opt = torch.optim.Adam(
-            self.sae.parameters(), lr=self.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused
-        )
+        groups = param_groups(self.sae, self.lr, self.hparams.get("jumprelu_threshold_lr_scale"))
+        opt = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused)
         schedule = (self.hparams.warmup_steps, self.hparams.decay_start, "model.")
-        sched = step_scheduler(opt, self._trainer, [schedule])
+        sched = step_scheduler(opt, self._trainer, [schedule] * len(groups))
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     @staticmethod

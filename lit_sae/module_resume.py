@@ -78,18 +78,20 @@ class ResumeChecks:
         changed ``model.lr`` (the usual fix after a divergence): rewrite the saved values to this config's."""
         old_lr = saved.get("lr") or self.default_lr_of(saved)
         ratio = self.lr / old_lr
+        # jumprelu's second group (its thresholds) also follows a changed jumprelu_threshold_lr_scale
+        ratios = [ratio, ratio * _threshold_lr_scale(self.hparams) / _threshold_lr_scale(saved)]
         for state in checkpoint.get("optimizer_states", []):
-            for group in state.get("param_groups", []):
+            for i, group in enumerate(state.get("param_groups", [])):
                 for key in ("lr", "initial_lr"):
                     if key in group:
-                        group[key] = group[key] * ratio
+                        group[key] = group[key] * ratios[min(i, 1)]
                 group["betas"] = tuple(self.hparams.betas)
                 group["eps"] = self.hparams.eps
-        if ratio != 1.0:
+        if ratios != [1.0, 1.0]:
             for sched in checkpoint.get("lr_schedulers", []):
                 for key in ("base_lrs", "_last_lr"):
                     if key in sched:
-                        sched[key] = [v * ratio for v in sched[key]]
+                        sched[key] = [v * ratios[min(i, 1)] for i, v in enumerate(sched[key])]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """After a resume, continue the random streams where the checkpoint left them (at the first step)."""
@@ -111,3 +113,7 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def _threshold_lr_scale(hparams: dict[str, Any]) -> float:
+    return hparams.get("jumprelu_threshold_lr_scale") or activations.JUMPRELU_THRESHOLD_LR_SCALE

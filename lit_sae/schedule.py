@@ -1,7 +1,8 @@
 """Learning-rate schedules per optimizer step: linear warm-up and linear decay to 0 (the paper's recipe, section 2.3
 of Gao et al. 2024; OpenAI's training code warms up and SAELens calls these ``lr_warm_up_steps`` / ``lr_decay_steps``).
 
-Shared by ``SAEModule`` (one SAE) and ``SAESweepModule`` (one schedule per SAE, i.e. per parameter group).
+Shared by ``SAEModule`` (one SAE) and ``SAESweepModule`` (one schedule per SAE, applied to each of its parameter
+groups), with the parameter groups of one SAE (``param_groups``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from lit_sae.activations import JUMPRELU_THRESHOLD_LR_SCALE
 
 
 def lr_factor(warmup: int, decay_start: Optional[float], total: int) -> Callable[[int], float]:
@@ -26,6 +29,25 @@ def lr_factor(warmup: int, decay_start: Optional[float], total: int) -> Callable
         return f
 
     return factor
+
+
+def param_groups(sae, lr: float, threshold_lr_scale: Optional[float], key: str = "model.") -> list[dict]:
+    """Adam parameter groups of one SAE: every parameter at ``lr``; a jumprelu SAE's learned thresholds in a
+    second group at ``lr * threshold_lr_scale`` (None: ``activations.JUMPRELU_THRESHOLD_LR_SCALE``, where the reason
+    is measured). ValueError naming ``key`` for a scale that is not > 0."""
+    if sae.activation != "jumprelu":
+        return [{"params": list(sae.parameters()), "lr": lr}]
+    check_threshold_lr_scale(threshold_lr_scale, key)
+    scale = JUMPRELU_THRESHOLD_LR_SCALE if threshold_lr_scale is None else threshold_lr_scale
+    rest = [p for name, p in sae.named_parameters() if name != "threshold"]
+    return [{"params": rest, "lr": lr}, {"params": [sae.threshold], "lr": lr * scale}]
+
+
+def check_threshold_lr_scale(value: Optional[float], key: str = "model.") -> None:
+    """ValueError naming the key for a jumprelu threshold learning-rate multiple that is set and not > 0."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{key}jumprelu_threshold_lr_scale={value} must be > 0 (a multiple of lr; default "
+                         f"{JUMPRELU_THRESHOLD_LR_SCALE:g})")
 
 
 def check_schedule(warmup_steps: int, decay_start: Optional[float], key: str = "model.") -> None:

@@ -38,7 +38,7 @@ from lit_sae.module import PAPER_EPS, batch_acts, default_lr
 from lit_sae.resume_state import rng_states, set_rng_states
 from lit_sae.runs import export_dir
 from lit_sae.sae import TopKSAE
-from lit_sae.schedule import check_schedule, step_scheduler
+from lit_sae.schedule import check_schedule, check_threshold_lr_scale, param_groups, step_scheduler
 from lit_sae.sweep_table import TABLE_COLUMNS, table_row, write_test_table  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ SAE_KEYS = ("n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "activation", 
             "matryoshka_prefixes")
 #: Per-SAE optimisation settings (as ``SAEModule``'s): Adam's lr, linear warm-up steps, the fraction of the run after
 #: which the lr decays linearly to 0, and the decay of an EMA of the weights used for validation, test and export.
-TRAINING_KEYS = ("lr", "warmup_steps", "decay_start", "ema_decay")
+TRAINING_KEYS = ("lr", "warmup_steps", "decay_start", "ema_decay", "jumprelu_threshold_lr_scale")
 # Bytes per SAE parameter during training: fp32 weight, gradient and Adam's two moments.
 BYTES_PER_PARAM = 16
 # Dense (B, n_latents) fp32 temporaries alive at once in a step (pre-activations, their gradient, the code's mask).
@@ -97,11 +97,13 @@ def expand_specs(saes: Optional[list[dict[str, Any]]], grid: Optional[dict[str, 
 
 
 def estimate_bytes(d_in: int, spec: dict[str, Any], batch_tokens: int) -> int:
-    """Training memory of one SAE: parameters x 16 bytes (weight, grad, Adam moments) plus the dense
-    (B, n_latents) fp32 temporaries of a step. An estimate (a lower bound: the allocator and the data add more)."""
+    """Training memory of one SAE: parameters x 16 bytes (weight, grad, Adam moments; 4 more with ``ema_decay``,
+    the EMA's shadow copy) plus the dense (B, n_latents) fp32 temporaries of a step. An estimate (a lower bound: the
+    allocator and the data add more; a relu / jumprelu code wider than its final L0 early in training adds more)."""
     n = int(spec["n_latents"])
     params = 2 * n * d_in + n + d_in + n
-    return BYTES_PER_PARAM * params + DENSE_BUFFERS * 4 * batch_tokens * n
+    per_param = BYTES_PER_PARAM + (4 if spec.get("ema_decay") is not None else 0)
+    return per_param * params + DENSE_BUFFERS * 4 * batch_tokens * n
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
@@ -170,6 +172,7 @@ class SAESweepModule(L.LightningModule):
             if spec.get("lr") is not None and not spec["lr"] > 0:
                 raise ValueError(f"{key}lr={spec['lr']} must be positive")
             check_schedule(spec.get("warmup_steps", 0), spec.get("decay_start"), key)
+            check_threshold_lr_scale(spec.get("jumprelu_threshold_lr_scale"), key)
             try:
                 sae = TopKSAE(d_in, kwargs.pop("n_latents"), kwargs.pop("k"), **kwargs)
                 members[spec["name"]] = SweepMember(sae, spec.get("ema_decay"))
@@ -241,14 +244,18 @@ class SAESweepModule(L.LightningModule):
             sae.norm_scale.copy_(self.trainer.strategy.broadcast(sae.norm_scale, src=0))
 
     def configure_optimizers(self):
-        """One Adam, one parameter group per SAE with that SAE's learning rate and LR schedule (a per-step
-        ``LambdaLR`` with one factor per group: ``lit_sae.schedule``)."""
-        groups = [{"params": list(self.members[s["name"]].sae.parameters()), "lr": self.lr_of(s)}
-                  for s in self.specs]
+        """One Adam, one parameter group per SAE (two for jumprelu: its thresholds have their own learning rate,
+        ``lit_sae.schedule.param_groups``) with that SAE's learning rate and LR schedule (a per-step ``LambdaLR``
+        with one factor per group: ``lit_sae.schedule``)."""
+        groups, schedules = [], []
+        for s in self.specs:
+            key = f"model.saes[{s['name']}]."
+            own = param_groups(self.members[s["name"]].sae, self.lr_of(s), s.get("jumprelu_threshold_lr_scale"), key)
+            groups += own
+            schedules += [(s.get("warmup_steps", 0), s.get("decay_start"), key)] * len(own)
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
         opt = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused)
-        sched = step_scheduler(opt, self._trainer, [(s.get("warmup_steps", 0), s.get("decay_start"),
-                                                    f"model.saes[{s['name']}].") for s in self.specs])
+        sched = step_scheduler(opt, self._trainer, schedules)
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     # ------------------------------------------------------------------ checkpoints

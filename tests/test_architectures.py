@@ -71,6 +71,10 @@ def test_jumprelu_resumes_exactly_after_kill_9(tmp_path):
     ({"activation": "matryoshka"}, r"model.matryoshka_prefixes is required"),
     ({"activation": "matryoshka", "matryoshka_prefixes": [64, 16]}, r"model.matryoshka_prefixes=\[64, 16\]"),
     ({"activation": "relu", "sparsity_coef": 0.1, "sparsity_warmup_steps": -1}, r"model.sparsity_warmup_steps=-1"),
+    ({"activation": "jumprelu", "sparsity_coef": 0.1, "jumprelu_threshold_lr_scale": 0.0},
+     r"model.jumprelu_threshold_lr_scale=0.0 must be > 0"),
+    ({"activation": "topk", "jumprelu_threshold_lr_scale": 10.0},
+     r"model.jumprelu_threshold_lr_scale=10.0 does not apply to activation='topk'"),
 ])
 def test_bad_architecture_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key) as info:
@@ -106,3 +110,60 @@ def test_codes_of_a_variable_width_sae_stack_across_batches():
     assert out.values.shape == out.indices.shape == (4, 3, 5)
     assert torch.equal(out.values[:2, :, :2], a.values) and torch.equal(out.values[2:], b.values)
     assert not out.values[:2, :, 2:].any() and torch.equal(out.ctx, torch.tensor([0, 1, 2, 3]))
+
+
+def test_jumprelu_thresholds_step_at_their_own_learning_rate():
+    """The thresholds are Adam's second parameter group at lr * jumprelu_threshold_lr_scale (default 30): Adam's first
+    step moves each parameter with a gradient by lr * sign(gradient) (bias-corrected moments), so after one step
+    every threshold that got a gradient moved by exactly lr * scale and the other weights by at most lr."""
+    from lit_sae.activations import JUMPRELU_THRESHOLD_LR_SCALE
+
+    for scale in (None, 7.0):
+        torch.manual_seed(0)
+        module = SAEModule(d_in=16, n_latents=64, k=1, activation="jumprelu", sparsity_coef=0.1, normalize="scalar",
+                           jumprelu_init_threshold=0.3, jumprelu_bandwidth=0.5, lr=1e-3, eps=1e-12,
+                           jumprelu_threshold_lr_scale=scale)
+        opt = module.configure_optimizers()
+        assert [len(g["params"]) for g in opt.param_groups] == [4, 1]
+        want = 1e-3 * (JUMPRELU_THRESHOLD_LR_SCALE if scale is None else scale)
+        assert opt.param_groups[1]["params"][0] is module.sae.threshold and opt.param_groups[1]["lr"] == want
+        module.sae.init_from_data_(torch.randn(256, 16))
+        before = {n: p.detach().clone() for n, p in module.sae.named_parameters()}
+        module.sae(torch.randn(256, 16)).loss.backward()
+        got_grad = module.sae.threshold.grad != 0
+        assert got_grad.sum() > 10
+        opt.step()
+        moved = (module.sae.threshold.detach() - before["threshold"]).abs()
+        torch.testing.assert_close(moved[got_grad], torch.full_like(moved[got_grad], want), rtol=1e-4, atol=0)
+        assert not moved[~got_grad].any()
+        for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
+            assert (getattr(module.sae, name).detach() - before[name]).abs().max() <= 1e-3 * (1 + 1e-4)
+
+
+def test_jumprelu_l0_follows_its_penalty_in_a_short_run():
+    """In a short run (120 Adam steps) the L0 weight sets the code's L0: with the thresholds at the SAE's own lr it
+    could not (a pre-activation, a sum over d_in weights, outruns a threshold that moves by lr a step)."""
+    g = torch.Generator().manual_seed(0)
+    dictionary = torch.nn.functional.normalize(torch.randn(128, 32, generator=g), dim=1)
+
+    def batch(n=512):
+        code = torch.rand(n, 128, generator=g) * (torch.rand(n, 128, generator=g) < 0.05)
+        return code @ dictionary * 4
+
+    def l0_after(coef, scale):
+        torch.manual_seed(0)
+        module = SAEModule(d_in=32, n_latents=128, k=1, activation="jumprelu", sparsity_coef=coef, lr=3e-3,
+                           normalize="scalar", sparsity_warmup_steps=10, jumprelu_threshold_lr_scale=scale)
+        module.sae.init_from_data_(batch(2048))
+        opt = module.configure_optimizers()
+        for _ in range(120):
+            opt.zero_grad()
+            module.sae(batch()).loss.backward()
+            opt.step()
+        with torch.no_grad():
+            values, _ = module.sae.eval().encode(batch(2048))
+        return float((values > 0).sum(dim=1).float().mean())
+
+    low, high = l0_after(1e-3, 30.0), l0_after(1e-1, 30.0)
+    assert high < 0.5 * low, (low, high)
+    assert l0_after(1e-1, 1.0) > 2 * high  # at the SAE's own lr the same penalty leaves the code much denser

@@ -77,14 +77,16 @@ def test_per_sae_schedule_and_ema_train_as_sae_module_alone(tmp_path):
 
     shards = faults.make_shards(tmp_path / "shards")
     jump = {"name": "j", "activation": "jumprelu", "sparsity_coef": 0.01, "jumprelu_init_threshold": 0.05,
-            "lr": 2e-3, "warmup_steps": 2, "decay_start": 0.5, "ema_decay": 0.9}
+            "lr": 2e-3, "warmup_steps": 2, "decay_start": 0.5, "ema_decay": 0.9, "jumprelu_threshold_lr_scale": 5.0}
     L.seed_everything(0)
     sweep = SAESweepModule(16, saes=[SAES[0], jump], defaults=DEFAULTS, dead_after_tokens=256, init_tokens=256)
     init = {k: v.clone() for k, v in sweep.members["j"].state_dict().items()}
     t = trainer(tmp_path / "sweep", 6, enable_checkpointing=False)
     t.fit(sweep, data(shards))
     sched = t.lr_scheduler_configs[0].scheduler
-    assert sched.get_last_lr() == pytest.approx([1e-3, 2e-3 * lr_factor(2, 0.5, 6)(6)])  # constant / decayed by hand
+    # constant / decayed by hand; j's thresholds (its second group) at 5x its lr, with the same schedule
+    f = lr_factor(2, 0.5, 6)(6)
+    assert sched.get_last_lr() == pytest.approx([1e-3, 2e-3 * f, 5 * 2e-3 * f])
     assert sweep.members["a"].ema is None and int(sweep.members["j"].ema.steps) == 6
 
     settings = {k: v for k, v in jump.items() if k != "name"}
@@ -109,7 +111,11 @@ def test_bad_per_sae_settings_name_the_sae_and_key():
                         ({"decay_start": 2.0}, r"model.saes\[x\].decay_start=2.0"),
                         ({"activation": "topk", "sparsity_coef": 0.1},
                          r"model.saes\[x\].sparsity_coef=0.1 does not apply to activation='topk'"),
-                        ({"activation": "relu", "sparsity_coef": -1.0}, r"model.saes\[x\].sparsity_coef=-1.0")]:
+                        ({"activation": "relu", "sparsity_coef": -1.0}, r"model.saes\[x\].sparsity_coef=-1.0"),
+                        ({"activation": "jumprelu", "sparsity_coef": 0.1, "jumprelu_threshold_lr_scale": -2.0},
+                         r"model.saes\[x\].jumprelu_threshold_lr_scale=-2.0 must be > 0"),
+                        ({"activation": "relu", "sparsity_coef": 0.1, "jumprelu_threshold_lr_scale": 2.0},
+                         r"model.saes\[x\].jumprelu_threshold_lr_scale=2.0 does not apply")]:
         with pytest.raises(ValueError, match=match):
             SAESweepModule(16, saes=[{"name": "x", **spec}], defaults=DEFAULTS)
     # defaults may hold settings of several architectures: they apply where they mean something
@@ -192,3 +198,13 @@ def test_sweep_test_writes_one_table(tmp_path):
         assert r["l0"] == pytest.approx(results[f"test/{r['name']}/l0"], rel=1e-6)
     assert rows[0]["l0"] == pytest.approx(4.0)  # TopK: exactly k on every token
     assert "| b | relu | 32 | 4 | 0.003 |" in (tmp_path / "sweep_test.md").read_text()
+
+
+def test_memory_estimate_by_hand():
+    """16 bytes a parameter (weight, gradient, two Adam moments), 4 more for an EMA shadow, plus three dense
+    (B, n_latents) fp32 buffers: d_in 16, n 32, B 128 by hand."""
+    from lit_sae.sweep import estimate_bytes
+
+    params = 2 * 32 * 16 + 32 + 16 + 32  # W_enc, W_dec, b_enc, b_pre, threshold-sized vector
+    assert estimate_bytes(16, {"n_latents": 32}, 128) == 16 * params + 3 * 4 * 128 * 32
+    assert estimate_bytes(16, {"n_latents": 32, "ema_decay": 0.999}, 128) == 20 * params + 3 * 4 * 128 * 32

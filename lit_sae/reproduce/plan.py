@@ -52,13 +52,13 @@ class Setting:
 
 
 QUICK = Setting(name="quick", epochs=2.0, batch_size_tokens=1024, frontier_n_latents=256, frontier_ks=(8, 16, 32, 64),
-                relu_coefs=(0.03, 0.3, 3.0), jumprelu_coefs=(1e-3, 1e-2, 1e-1), sizes=(64, 128, 256, 512, 1024),
+                relu_coefs=(0.03, 0.3, 3.0), jumprelu_coefs=(1e-3, 3e-3, 1e-2), sizes=(64, 128, 256, 512, 1024),
                 k_ref=16, dead_n_latents=512, dead_after_tokens=4096, eval_contexts=4, probe_contexts=24,
                 ablation_latents=4, ablation_contexts_per_latent=1, init_tokens=2048, max_train_tokens=65536)
 # The full setting on the embedded default (d_in 576, ~135k train tokens): see docs/reproduce.md for its cost.
 FULL = Setting(name="full", epochs=2.0, batch_size_tokens=1024, frontier_n_latents=512,
                frontier_ks=(8, 16, 32, 64, 128), relu_coefs=(0.03, 0.1, 0.3, 1.0, 3.0),
-               jumprelu_coefs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), sizes=(256, 512, 1024, 2048, 4096), k_ref=32,
+               jumprelu_coefs=(5e-4, 1e-3, 3e-3, 1e-2, 3e-2), sizes=(256, 512, 1024, 2048, 4096), k_ref=32,
                dead_n_latents=1024, dead_after_tokens=32768, eval_contexts=24, probe_contexts=96,
                ablation_latents=24)
 SETTINGS = {"quick": QUICK, "full": FULL}
