@@ -69,6 +69,18 @@ def test_test_metrics_match_a_float64_hand_computation():
     assert 0 < want["dead_fraction"] < 1 and want["l0"] < 3
 
 
+def test_never_firing_in_the_top_4k_by_hand():
+    """k = 1 over 24 latents whose pre-activations are their biases 5, 4, 3, 2, 1, -1, ...: latent 0 is every
+    token's top 1, latents 0-3 its top 4k = 4 (latent 4 is positive but ranks 5th): 23/24 never fire at k, 20/24
+    never in the top 4k."""
+    sae = TopKSAE(8, 24, 1)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.tensor([5.0, 4, 3, 2, 1] + [-1.0] * 19))
+    got = cr.test_metrics(sae, np.random.default_rng(0).standard_normal((50, 8)).astype(np.float16))
+    assert got["dead_fraction"] == pytest.approx(23 / 24) and got["dead_fraction_4k"] == pytest.approx(20 / 24)
+
+
 def test_extra_levers_mean_b_pre_and_data_encoder_scale():
     torch.manual_seed(1)
     module = SAEModule(d_in=6, n_latents=32, k=4)
