@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.faults, when run as a script
 
 from lit_sae.sweep import SAESweepModule
 
