@@ -36,9 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_sae import compat
-from lit_sae.selection import order_ties_ as _order_ties_  # noqa: F401 (the former private names)
-from lit_sae.selection import repair_boundary_ties_ as _repair_boundary_ties_  # noqa: F401
-from lit_sae.selection import stable_topk_reference as _stable_topk_reference  # noqa: F401
+from lit_sae.selection import stable_topk_reference as _stable_topk_reference
 from lit_sae.selection import topk_exact as _topk_exact
 
 MAX_PREACT_BYTES = 256 * 2**20

@@ -10,6 +10,7 @@ import torch
 
 from lit_sae import activations
 from lit_sae.resume_state import nonfinite_entries, rng_states, set_rng_states
+from lit_sae.schedule import threshold_lr_scale_of
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class ResumeChecks:
         old_lr = saved.get("lr") or self.default_lr_of(saved)
         ratio = self.lr / old_lr
         # jumprelu's second group (its thresholds) also follows a changed jumprelu_threshold_lr_scale
-        ratios = [ratio, ratio * _threshold_lr_scale(self.hparams) / _threshold_lr_scale(saved)]
+        ratios = [ratio, ratio * threshold_lr_scale_of(self.hparams.get("jumprelu_threshold_lr_scale"))
+                  / threshold_lr_scale_of(saved.get("jumprelu_threshold_lr_scale"))]
         for state in checkpoint.get("optimizer_states", []):
             for i, group in enumerate(state.get("param_groups", [])):
                 for key in ("lr", "initial_lr"):
@@ -113,7 +115,3 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
-
-
-def _threshold_lr_scale(hparams: dict[str, Any]) -> float:
-    return hparams.get("jumprelu_threshold_lr_scale") or activations.JUMPRELU_THRESHOLD_LR_SCALE

@@ -31,16 +31,21 @@ def lr_factor(warmup: int, decay_start: Optional[float], total: int) -> Callable
     return factor
 
 
-def param_groups(sae, lr: float, threshold_lr_scale: Optional[float], key: str = "model.") -> list[dict]:
+def param_groups(sae, lr: float, threshold_lr_scale: Optional[float]) -> list[dict]:
     """Adam parameter groups of one SAE: every parameter at ``lr``; a jumprelu SAE's learned thresholds in a
-    second group at ``lr * threshold_lr_scale`` (None: ``activations.JUMPRELU_THRESHOLD_LR_SCALE``, where the reason
-    is measured). ValueError naming ``key`` for a scale that is not > 0."""
+    second group at ``lr * threshold_lr_scale(...)``. The scale is validated where the settings are read
+    (``check_threshold_lr_scale`` in ``SAEModule`` and ``SAESweepModule``)."""
     if sae.activation != "jumprelu":
         return [{"params": list(sae.parameters()), "lr": lr}]
-    check_threshold_lr_scale(threshold_lr_scale, key)
-    scale = JUMPRELU_THRESHOLD_LR_SCALE if threshold_lr_scale is None else threshold_lr_scale
     rest = [p for name, p in sae.named_parameters() if name != "threshold"]
+    scale = threshold_lr_scale_of(threshold_lr_scale)
     return [{"params": rest, "lr": lr}, {"params": [sae.threshold], "lr": lr * scale}]
+
+
+def threshold_lr_scale_of(value: Optional[float]) -> float:
+    """The thresholds' learning-rate multiple a setting means: ``value``, or when unset (None)
+    ``activations.JUMPRELU_THRESHOLD_LR_SCALE`` (where the reason for it is measured)."""
+    return JUMPRELU_THRESHOLD_LR_SCALE if value is None else value
 
 
 def check_threshold_lr_scale(value: Optional[float], key: str = "model.") -> None:

@@ -47,7 +47,8 @@ SAE_KEYS = ("n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "activation", 
             "sparsity_coef", "sparsity_warmup_steps", "jumprelu_bandwidth", "jumprelu_init_threshold",
             "matryoshka_prefixes")
 #: Per-SAE optimisation settings (as ``SAEModule``'s): Adam's lr, linear warm-up steps, the fraction of the run after
-#: which the lr decays linearly to 0, and the decay of an EMA of the weights used for validation, test and export.
+#: which the lr decays linearly to 0, the decay of an EMA of the weights used for validation, test and export, and
+#: a jumprelu SAE's threshold learning rate as a multiple of its lr.
 TRAINING_KEYS = ("lr", "warmup_steps", "decay_start", "ema_decay", "jumprelu_threshold_lr_scale")
 # Bytes per SAE parameter during training: fp32 weight, gradient and Adam's two moments.
 BYTES_PER_PARAM = 16
@@ -140,8 +141,8 @@ class SAESweepModule(L.LightningModule):
     Args:
         d_in: width of the activations (linked from the data by the CLI).
         saes: a list of SAEs, each a dict of TopKSAE settings (``SAE_KEYS``) plus optional ``name`` and training
-            settings (``TRAINING_KEYS``: ``lr``, ``warmup_steps``, ``decay_start``, ``ema_decay``, with
-            ``SAEModule``'s meaning, each SAE its own).
+            settings (``TRAINING_KEYS``: ``lr``, ``warmup_steps``, ``decay_start``, ``ema_decay``,
+            ``jumprelu_threshold_lr_scale``, with ``SAEModule``'s meaning, each SAE its own).
         grid: lists of values whose Cartesian product is applied to every entry of ``saes`` (e.g.
             ``{k: [16, 32], activation: [topk, batchtopk]}``).
         defaults: settings every SAE starts from (entries of ``saes`` and ``grid`` override them).
@@ -250,7 +251,7 @@ class SAESweepModule(L.LightningModule):
         groups, schedules = [], []
         for s in self.specs:
             key = f"model.saes[{s['name']}]."
-            own = param_groups(self.members[s["name"]].sae, self.lr_of(s), s.get("jumprelu_threshold_lr_scale"), key)
+            own = param_groups(self.members[s["name"]].sae, self.lr_of(s), s.get("jumprelu_threshold_lr_scale"))
             groups += own
             schedules += [(s.get("warmup_steps", 0), s.get("decay_start"), key)] * len(own)
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
