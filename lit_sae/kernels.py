@@ -9,7 +9,8 @@ The only dense work a TopK SAE needs in training is the encoder's product ``x_c 
 
 - computes the pre-activations in row chunks of at most ``preact_budget(device)`` bytes (so the step never holds
   more than one (B, n) buffer, and less for very wide dictionaries), selects top-k / top-k_multi / the AuxK
-  top-k_aux among dead latents from that same buffer, and drops it;
+  top-k_aux among dead latents from that same buffer (``selection.topk_exact``), and writes the next chunk over it
+  (on CPU the buffer is kept from one call to the next: ``_chunk_buffer``);
 - computes the encoder's backward (grads of x_c, W_enc, b_enc) from the selected (index, grad) pairs only, with
   ``embedding_bag`` (a gather-and-sum forward whose weight-gradient is the scatter-add we need);
 - decodes with ``embedding_bag`` (gather-and-sum), whose backward touches only the selected rows of W_dec and
@@ -29,6 +30,7 @@ equivalence tests and the benchmark on a machine that has one (docs/performance.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -53,6 +55,42 @@ matters there: on an H200 (batch 131,072, n_latents 65,536, bf16) 2-4 GiB chunks
 def preact_budget(device: torch.device | str) -> int:
     """Bytes of pre-activations the encoder may hold at once on ``device`` (``MAX_PREACT_BYTES[_CUDA]``)."""
     return MAX_PREACT_BYTES_CUDA if torch.device(device).type == "cuda" else MAX_PREACT_BYTES
+
+
+_workspace = threading.local()
+
+
+def _chunk_buffer(slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A (rows, cols) scratch buffer for one pre-activation chunk (``slot`` "pre", or "dead" for its AuxK columns).
+
+    On CPU the buffer is kept between calls, per thread: a fresh 256 MiB tensor is fresh memory from the operating
+    system, and its page faults cost ~60 ms a step at n 16384 (a sixth of the encoder product; the bare matmul of
+    ``scripts/benchmark.py`` writes into a reused buffer too). It holds at most ``MAX_PREACT_BYTES`` a slot, and is
+    never returned to callers or saved for backward. On CUDA the caching allocator already reuses memory.
+    ``release_workspace`` frees it.
+    """
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    numel = rows * cols
+    buf = getattr(_workspace, slot, None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        setattr(_workspace, slot, None)  # drop the old one before allocating its successor
+        with torch.inference_mode(False):  # a normal tensor: usable both inside and outside inference mode
+            buf = torch.empty(numel, dtype=dtype)
+        setattr(_workspace, slot, buf)
+    return buf[:numel].view(rows, cols)
+
+
+def release_workspace() -> None:
+    """Free the pre-activation buffers this thread keeps between encoder calls on CPU (``_chunk_buffer``)."""
+    for slot in ("pre", "dead"):
+        setattr(_workspace, slot, None)
+
+
+def workspace_bytes() -> int:
+    """Bytes of the buffers this thread keeps between encoder calls (0 after ``release_workspace``)."""
+    bufs = [getattr(_workspace, slot, None) for slot in ("pre", "dead")]
+    return sum(b.numel() * b.element_size() for b in bufs if b is not None)
 
 
 class EncodeOut(NamedTuple):
@@ -128,11 +166,12 @@ def _select_chunks(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, K: int, dead_idx: 
     with torch.autocast(x_c.device.type, enabled=False):
         for r0 in range(0, B, rows_per_chunk):
             r1 = min(B, r0 + rows_per_chunk)
-            pre = torch.addmm(bc, xc[r0:r1], Wc.t())
+            pre = torch.addmm(bc, xc[r0:r1], Wc.t(), out=_chunk_buffer("pre", r1 - r0, n, dt, x_c.device))
             vals[r0:r1], idx[r0:r1] = _topk_exact(pre, K)
             if ka:
                 # dead_idx is ascending, so "lower local index" is "lower latent index": the tie order carries over.
-                av, ai = _topk_exact(pre.index_select(1, dead_idx), ka)
+                dead = _chunk_buffer("dead", r1 - r0, dead_idx.numel(), dt, x_c.device)
+                av, ai = _topk_exact(torch.index_select(pre, 1, dead_idx, out=dead), ka)
                 aux_vals[r0:r1], aux_idx[r0:r1] = av, dead_idx[ai]
             del pre
     return vals, idx, aux_vals, aux_idx

@@ -29,9 +29,9 @@ n-dependent part (``n-part MiB``) and what is left (``rest MiB``): the rest must
 loader worker) for ``--fit-steps`` steps, and compares its tokens/s (timed after a warm-up) with the bare step rate
 of the same model on an in-memory batch, measured in the same process: the data path's cost.
 
-CPU runs in fp32; on a CUDA device the step and the matmul run under bf16 autocast. Timings on a shared machine are
-noisy: the matmul is timed in the same process, right before the steps, so the ratio is the number to read; the
-last column is the same ratio in process CPU time (less sensitive to other jobs; on GPU it means little).
+CPU runs in fp32 (``--bf16``: bf16 autocast, as on a CUDA device, where the step and the matmul always run in bf16).
+Timings on a shared machine are noisy: the matmul is timed in the same process, right before the steps, so the ratio
+is the number to read; the last column is the same ratio in process CPU time (less sensitive to other jobs; on GPU it means little).
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def worker(args) -> dict:
 
     torch.manual_seed(0)
     dev = args.device
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    bf16 = dev == "cuda" or args.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
     B, d, n, k = args.batch, args.d_in, args.n_latents, args.k
     x = (torch.randn(B, d) + 0.3).to(dev)  # activations have a large mean; the SAE's b_pre absorbs it
 
@@ -168,7 +169,7 @@ def worker(args) -> dict:
         dead_mask[::2] = True  # worst case: half the latents dead at every step, each row picks k_aux of them
 
     def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             out = sae(x, dead_mask)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -185,7 +186,9 @@ def worker(args) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         _reset_peak_rss()
-        base = _rss_bytes()
+        # The encoder's reused chunk buffers (``kernels._chunk_buffer``) were allocated by the warm-up step: they are
+        # part of the step's memory, so they are added back to the peak measured above this base.
+        base = _rss_bytes() - kernels.workspace_bytes()
     times, cpu_times = [], []
     for _ in range(args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -325,7 +328,7 @@ def _run_config(args, n: int, k: int, path: str, fit: bool = False, regime: str 
         "--d-in", str(args.d_in), "--n-latents", str(n), "--k", str(k), "--path", path, "--steps", str(args.steps),
         "--fit-steps", str(args.fit_steps), "--fit-warmup", str(args.fit_warmup), "--fit-workers", str(args.fit_workers),
         "--preact-mib", str(args.preact_mib),
-    ] + (["--fit"] if fit else []) + (["--profile"] if args.profile else [])  # fmt: skip
+    ] + (["--fit"] if fit else []) + (["--profile"] if args.profile else []) + (["--bf16"] if args.bf16 else [])  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"benchmark worker {n=} {k=} {path=} failed:\n{res.stderr[-3000:]}")
@@ -389,6 +392,10 @@ def main(argv=None) -> int:
         default=0,
         help="pre-activation chunk budget in MiB (default: lit_sae.kernels.MAX_PREACT_BYTES)",
     )
+    p.add_argument(
+        "--bf16", action="store_true",
+        help="on CPU too: the step under bf16 autocast and the bare matmul in bf16 (AMX where the CPU has it)",
+    )
     p.add_argument("--list", action="store_true", help="print the configurations that would run, then exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=["naive", "fast"], help=argparse.SUPPRESS)
@@ -410,7 +417,8 @@ def main(argv=None) -> int:
         args.fit_steps = min(args.fit_steps, 20)
     if args.list:
         for regime, n, k in plan:
-            mib = n_dependent_bytes(args.batch, args.d_in, n, 2 if args.device == "cuda" else 4, args.device) / 2**20
+            elem = 2 if args.device == "cuda" or args.bf16 else 4
+            mib = n_dependent_bytes(args.batch, args.d_in, n, elem, args.device) / 2**20
             print(f"{regime} n_latents={n} k={k} batch={args.batch} paths={args.paths} n-part {mib:,.0f} MiB")
         return 0
     rows = []

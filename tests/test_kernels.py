@@ -121,6 +121,46 @@ def test_topk_exact_bf16_rows_with_many_boundary_ties(device, K):
     assert torch.equal(idx[:5], torch.arange(K, device=device).expand(5, -1))
 
 
+@pytest.mark.parametrize("group", [4, 16])
+@pytest.mark.parametrize("K", [1, 7, 40])
+@pytest.mark.parametrize("m", [1024, 1000])  # 1000: columns beyond the last whole group are always candidates
+def test_topk_prefiltered_equals_the_stable_sort_with_ties(K, group, m):
+    # Small integers tie everywhere: between group maxima (the fallback path), at the selection boundary (the repair),
+    # and inside the selection. Rows of one value and rows where the winner sits in the tail cover the edge cases.
+    g = torch.Generator().manual_seed(11)
+    pre = torch.randint(-20, 20, (64, m), generator=g).double()
+    pre[:3] = 2.0
+    pre[3:6, -1] = 50.0
+    pre[6:40] = torch.randn(34, m, generator=g).double()  # distinct values: the pre-filter's own path
+    vals, idx = selection.topk_prefiltered(pre, K, group)
+    ref_vals, ref_idx = selection.stable_topk_reference(pre, K)
+    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+    assert torch.equal(idx[:3], torch.arange(K).expand(3, -1))
+    assert bool((idx[3:6, 0] == m - 1).all())
+
+
+def test_topk_exact_uses_the_prefilter_on_wide_cpu_rows_only():
+    wide = torch.randn(200, 4096, generator=torch.Generator().manual_seed(4))
+    assert selection.prefilter_group_size(4096, 8, wide) == 16
+    assert selection.prefilter_group_size(4096, 32, wide) == 8  # 512 groups of 8 >= 12 x 33
+    assert selection.prefilter_group_size(4096, 384, wide) == 0  # too few groups: plain top-k
+    assert selection.prefilter_group_size(4096, 8, wide.bfloat16()) == 0  # bf16: group maxima tie too often
+    assert selection.prefilter_group_size(4096, 0, wide) == 0
+    for K in (8, 32):
+        vals, idx = selection.topk_exact(wide, K)
+        ref_vals, ref_idx = selection.stable_topk_reference(wide, K)
+        assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_encode_on_wide_rows_through_the_prefilter_matches_reference(integer):
+    x, W, b = _inputs(40, 16, 2048, "cpu", integer=integer, seed=9)
+    assert selection.prefilter_group_size(2048, 12, x.detach()) > 0
+    dead = torch.zeros(2048, dtype=torch.bool)
+    dead[::2] = True  # the AuxK selection among 1024 dead columns goes through it as well
+    _compare_encode(x, W, b, 4, 12, 6, dead)
+
+
 def test_encode_chunked_rows_match(monkeypatch):
     x, W, b = _inputs(37, 16, 100, "cpu", integer=True, seed=7)
     dead = torch.rand(100, generator=torch.Generator().manual_seed(2)) < 0.3
@@ -283,3 +323,19 @@ def test_topksae_fast_and_naive_train_identically():
     fast, naive = _sae_loss_curve(True), _sae_loss_curve(False)
     assert fast[-1] < fast[0], "loss did not go down"
     assert torch.allclose(fast, naive, rtol=1e-9, atol=0), f"max diff {(fast - naive).abs().max():.3g}"
+
+
+def test_reused_chunk_buffer_serves_inference_mode_then_training():
+    # Lightning validates under inference mode: a chunk buffer first allocated there must still be writable by the
+    # next training step, and the results must not alias it (a later call overwrites the buffer).
+    kernels.release_workspace()
+    x, W, b = _inputs(16, 8, 64, "cpu", seed=4)
+    with torch.inference_mode():
+        first = kernels.topk_encode(x, W, b, 4)
+    assert kernels.workspace_bytes() == 16 * 64 * 8
+    kept = first.values.clone()
+    _compare_encode(x, W, b, 4)
+    kernels.topk_encode(x * 3, W, b, 4)
+    assert torch.equal(first.values, kept)
+    kernels.release_workspace()
+    assert kernels.workspace_bytes() == 0
