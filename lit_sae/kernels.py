@@ -58,6 +58,7 @@ def preact_budget(device: torch.device | str) -> int:
 
 
 _workspace = threading.local()
+_WORKSPACE_SLOTS = ("pre", "dead")
 
 
 def _chunk_buffer(slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -83,13 +84,13 @@ def _chunk_buffer(slot: str, rows: int, cols: int, dtype: torch.dtype, device: t
 
 def release_workspace() -> None:
     """Free the pre-activation buffers this thread keeps between encoder calls on CPU (``_chunk_buffer``)."""
-    for slot in ("pre", "dead"):
+    for slot in _WORKSPACE_SLOTS:
         setattr(_workspace, slot, None)
 
 
 def workspace_bytes() -> int:
     """Bytes of the buffers this thread keeps between encoder calls (0 after ``release_workspace``)."""
-    bufs = [getattr(_workspace, slot, None) for slot in ("pre", "dead")]
+    bufs = [getattr(_workspace, slot, None) for slot in _WORKSPACE_SLOTS]
     return sum(b.numel() * b.element_size() for b in bufs if b is not None)
 
 

@@ -42,8 +42,8 @@ def prefilter_group_size(m: int, K: int, pre: Tensor) -> int:
     CPU for float32/float64 rows only: on CUDA ``torch.topk`` is a radix select that the extra passes would not beat
     (not measured), and in bf16/fp16 ties between group maxima (8 significant bits) would send most rows to the
     fallback. The group size is the largest power of two up to 16 that leaves ``PREFILTER_GROUPS_PER_K`` groups per
-    selected element. ``scripts/bench_topk.py`` on a 2-core CPU: 16 was the fastest at K 33 (n 16384 to 262144), 8 at
-    K 129 (n 16384); where fewer than 12 groups of 4 per element fit (AuxK's 384 among 8192 dead columns) every
+    selected element. ``scripts/bench_topk.py`` on a 2-core CPU: 16 was the fastest at K 32 (n 16384 to 262144), 8 at
+    K 128 (n 16384); where fewer than 12 groups of 4 per element fit (AuxK's 384 among 8192 dead columns) every
     group size was slower than no pre-filter."""
     if K < 1 or pre.device.type != "cpu" or pre.dtype not in (torch.float32, torch.float64) or pre.shape[0] == 0:
         return 0
@@ -82,7 +82,8 @@ def topk_prefiltered(pre: Tensor, K: int, group: int) -> tuple[Tensor, Tensor]:
     above t no other column can enter the selection or tie at its boundary. Rows where it is not (ties between
     group maxima, rows of equal values) are selected again from the whole row. Rows holding NaN have no defined
     selection here either. Measured on a 2-core CPU (``scripts/bench_topk.py``), as a fraction of ``torch.topk``'s
-    time: 0.67 at (4096, 16384) K 33, 0.78 at K 129, 0.40 at (1024, 65536) and 0.31 at (256, 262144), K 33.
+    time: 0.53-0.67 at (4096, 16384) K 32, 0.72-0.78 at K 128, 0.35-0.40 at (1024, 65536) and 0.26-0.31 at
+    (256, 262144), K 32.
     """
     R, m = pre.shape
     G = m // group

@@ -2,7 +2,7 @@
 with and without its group-maximum pre-filter, at the chunk shapes of ``scripts/benchmark.py``'s regimes.
 
     .venv/bin/python scripts/bench_topk.py                 # the default shapes, group sizes 4-32
-    .venv/bin/python scripts/bench_topk.py --shape 4096:16384:33 --groups 8 16
+    .venv/bin/python scripts/bench_topk.py --shape 4096:16384:32 --groups 8 16
 
 Prints milliseconds (the median of --repeats calls after one warm-up) and each time as a ratio to ``torch.topk`` of
 K + 1 in the same run; checks that every variant returns the same indices as the unfiltered selection.
@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from lit_sae import selection
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.benchmark, when run as a script
+
+from lit_sae import selection  # noqa: E402
+from scripts.benchmark import _time  # noqa: E402
 
 # (rows, columns, K) of one chunk as the encoder selects from it: steady n 16384 (k 32), Multi-TopK's 4k = 128 (and
 # k 128), n 65536 and 262144 at the CPU chunk budget of 256 MiB, and AuxK's dead half (k_aux 384 of 8192 columns).
@@ -24,13 +28,7 @@ SHAPES = ("4096:16384:32", "4096:16384:128", "1024:65536:32", "256:262144:32", "
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(_time(fn, "cpu", repeats)) * 1e3
 
 
 def main(argv=None) -> None:

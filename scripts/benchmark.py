@@ -31,7 +31,8 @@ of the same model on an in-memory batch, measured in the same process: the data 
 
 CPU runs in fp32 (``--bf16``: bf16 autocast, as on a CUDA device, where the step and the matmul always run in bf16).
 Timings on a shared machine are noisy: the matmul is timed in the same process, right before the steps, so the ratio
-is the number to read; the last column is the same ratio in process CPU time (less sensitive to other jobs; on GPU it means little).
+is the number to read; the last column is the same ratio in process CPU time (less sensitive to other jobs; on GPU
+it means little).
 """
 
 from __future__ import annotations
