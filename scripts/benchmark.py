@@ -19,11 +19,12 @@ Regimes (``--plan regime:n_latents:k ...``; the default is every regime of the s
     auxk    AuxK's worst case: half the latents (every other one) dead at every step, k_aux = d_in / 2
     multi   Multi-TopK (top-4k decoded too, the paper's L(4k) / 8 term)
 
-Peak memory of the fast step above weights + Adam state (fp32 parameters): the larger of one pre-activation chunk
-C = min(B, rows_per_chunk) * n * e <= ``kernels.preact_budget(device)`` (e = 4 in fp32, 2 under bf16 autocast) plus
-the tie repair's (e + 5) / 16 * C (forward; freed before the backward) and the gradients of W_enc and W_dec,
-2 * n * d * 4 (backward), plus terms in B * (d + k + k_aux) only. The table prints that
-n-dependent part (``n-part MiB``) and what is left (``rest MiB``): the rest must not grow with n.
+Peak memory of the fast step above weights + Adam state (fp32 parameters): the gradients of W_enc and W_dec,
+2 * n * d * 4 (the previous step's are held while the next forward runs), plus one pre-activation chunk
+C = min(B, rows_per_chunk) * n * e <= ``kernels.preact_budget(device)`` (e = 4 in fp32, 2 under bf16 autocast), plus
+AuxK's copy of the chunk's dead columns (n_dead / n of C), plus the tie repair's (e + 5) / 16 * C where boundary ties
+are common (bf16), plus terms in B * (d + k + k_aux) only. The table prints that n-dependent part (``n-part MiB``)
+and what is left (``rest MiB``): the rest must not grow with n.
 
 ``--fit`` writes synthetic fp16 shards, runs ``Trainer.fit`` (SAEModule + ActivationDataModule, its default single
 loader worker) for ``--fit-steps`` steps, and compares its tokens/s (timed after a warm-up) with the bare step rate
@@ -120,15 +121,20 @@ ISSUE_PLAN = (
 )
 
 
-def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4, device: str = "cpu") -> int:
-    """The part of the fast step's peak (above weights and Adam state) that grows with n: the larger of the forward's
-    (one pre-activation chunk of ``elem``-byte elements, at most ``kernels.preact_budget(device)`` bytes, plus the
-    tie repair's copy, mask and int32 counts of at most a sixteenth of the chunk's rows: (elem + 5) / 16 of it) and
-    the backward's (the fp32 gradients of W_enc and W_dec)."""
+def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4, device: str = "cpu", n_dead: int = 0) -> int:
+    """The part of the fast step's peak (above weights and Adam state) that grows with n, in bytes: the fp32
+    gradients of W_enc and W_dec (``2 * n * d * 4``; the previous step's are still held while the next forward runs,
+    as in Lightning's closure, which zeroes them after the forward), plus one pre-activation chunk of ``elem``-byte
+    elements (at most ``kernels.preact_budget(device)`` bytes, ``rows`` of them), plus AuxK's copy of the chunk's
+    ``n_dead`` dead columns. Where ties at the top-k boundary are common (bf16, ``elem == 2``) the tie repair's
+    copy, mask and int32 counts of at most a sixteenth of the chunk's rows add ``(elem + 5) / 16`` of the chunk;
+    in fp32 the repair almost never runs and is not counted."""
     from lit_sae import kernels
 
     rows = min(B, max(1, kernels.preact_budget(device) // (n * elem)))
-    return max(2 * n * d * 4, rows * n * elem * (16 + elem + 5) // 16)
+    chunk = rows * n * elem
+    repair = chunk * (elem + 5) // 16 if elem == 2 else 0
+    return 2 * n * d * 4 + chunk + rows * n_dead * elem + repair
 
 
 def worker(args) -> dict:
@@ -181,6 +187,9 @@ def worker(args) -> dict:
 
     # Warm-up step first: Adam's state is allocated there and belongs to the model's memory, not the step's.
     step()
+    # The gradients belong to the step's peak (the formula of n_dependent_bytes counts them): drop the warm-up's
+    # before the base is read, so that the timed steps allocate them again above it.
+    opt.zero_grad(set_to_none=True)
     _sync(dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -214,7 +223,7 @@ def worker(args) -> dict:
             _sync(dev)
         key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
         profile = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
-    n_part = n_dependent_bytes(B, d, n, torch.finfo(dtype).bits // 8, dev)
+    n_part = n_dependent_bytes(B, d, n, torch.finfo(dtype).bits // 8, dev, int(dead_mask.sum()))
     return {
         "regime": args.regime,
         "n_latents": n,
@@ -419,7 +428,8 @@ def main(argv=None) -> int:
     if args.list:
         for regime, n, k in plan:
             elem = 2 if args.device == "cuda" or args.bf16 else 4
-            mib = n_dependent_bytes(args.batch, args.d_in, n, elem, args.device) / 2**20
+            n_dead = n // 2 if regime == "auxk" else 0
+            mib = n_dependent_bytes(args.batch, args.d_in, n, elem, args.device, n_dead) / 2**20
             print(f"{regime} n_latents={n} k={k} batch={args.batch} paths={args.paths} n-part {mib:,.0f} MiB")
         return 0
     rows = []
