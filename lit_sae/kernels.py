@@ -83,9 +83,11 @@ def _chunk_buffer(slot: str, rows: int, cols: int, dtype: torch.dtype, device: t
 
 
 def release_workspace() -> None:
-    """Free the pre-activation buffers this thread keeps between encoder calls on CPU (``_chunk_buffer``)."""
+    """Free the pre-activation buffers this thread keeps between encoder calls on CPU (``_chunk_buffer``) and the
+    scatter order kept for the encoder's backward (``_latent_order``)."""
     for slot in _WORKSPACE_SLOTS:
         setattr(_workspace, slot, None)
+    _workspace.order = None
 
 
 def workspace_bytes() -> int:
@@ -128,10 +130,30 @@ def _scatter_rows(idx: Tensor, g: Tensor, X: Tensor, n: int) -> Tensor:
 def _scatter_pairs(flat: Tensor, g: Tensor, row_of, X: Tensor, n: int) -> Tensor:
     """(n, d): out[i] = sum over positions p with flat[p] == i of g[p] * X[row_of(p)] (``row_of`` maps positions,
     an int64 tensor, to rows of X). The shared body of ``_scatter_rows`` and the multi-set decoder's backward."""
+    order, offsets = _latent_order(flat, n)
+    return F.embedding_bag(row_of(order), X, offsets, per_sample_weights=g[order], mode="sum")
+
+
+def _latent_order(flat: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Positions of ``flat`` (int64 latent indices) grouped by ascending latent, and each latent's first slot (n,).
+
+    The decoder's backward and then the encoder's scatter the same (token, latent) pairs: the decoded sets,
+    concatenated per row, are the encoder's selection (k-code, Multi-TopK's extra, AuxK's code, in that order). So
+    the second call reuses the first one's sort (a 1.7M-pair sort is ~8% of an AuxK step on 2 CPU cores): a
+    one-entry memo per thread, matched by content (``torch.equal``, ~1 ms) and dropped once used or replaced.
+    """
+    memo = getattr(_workspace, "order", None)
+    _workspace.order = None
+    if memo is not None:
+        key, version, order, offsets = memo
+        if (key.shape == flat.shape and key.device == flat.device and key._version == version
+                and offsets.numel() == n and torch.equal(key, flat)):
+            return order, offsets
     order = flat.sort(descending=True).indices.flip(0)  # ascending latent index; order within a latent is free
     offsets = torch.zeros(n, dtype=torch.long, device=flat.device)
     torch.cumsum(torch.bincount(flat, minlength=n)[:-1], 0, out=offsets[1:])
-    return F.embedding_bag(row_of(order), X, offsets, per_sample_weights=g[order], mode="sum")
+    _workspace.order = (flat, flat._version, order, offsets)
+    return order, offsets
 
 
 def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
@@ -182,12 +204,14 @@ class _TopKEncode(torch.autograd.Function):
     """values = ReLU(top-K of x_c @ W_enc.T + b_enc) (and AuxK values), backward from the selected pairs only."""
 
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, K: int, k_aux: int, dead_idx: Optional[Tensor]):
+    def forward(ctx, x, W_enc, b_enc, K: int, k_aux: int, dead_idx: Optional[Tensor], b_pre: Optional[Tensor]):
+        x_c = x if b_pre is None else x - b_pre
         vals, idx, aux_vals, aux_idx = _select_chunks(x_c, W_enc, b_enc, K, dead_idx, k_aux)
         vals.relu_()
         aux_vals.relu_()
         ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.b_enc_meta = (b_enc.dtype, b_enc.shape)
+        ctx.b_pre_dtype = None if b_pre is None else b_pre.dtype
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
 
@@ -195,6 +219,7 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
         x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
+        need_pre = ctx.needs_input_grad[6]
         pt = W_enc.dtype
         # d ReLU: the gradient passes where the kept value is > 0 (i.e. the pre-activation was > 0).
         parts_g, parts_i = [], []
@@ -205,10 +230,19 @@ class _TopKEncode(torch.autograd.Function):
             parts_g.append((g_aux * (aux_vals > 0)).to(pt))
             parts_i.append(aux_idx)
         if not parts_g:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         g = torch.cat(parts_g, dim=1) if len(parts_g) > 1 else parts_g[0]
         ii = torch.cat(parts_i, dim=1) if len(parts_i) > 1 else parts_i[0]
-        return (*_encode_grads(x_c, W_enc, ctx.b_enc_meta, g, ii, need_x, need_W, need_b), None, None, None)
+        # b_pre's gradient is minus the sum over rows of x_c's: sum_b sum_j g[b, j] W_enc[ii[b, j]] = db_enc @ W_enc,
+        # one (n,) x (n, d) product instead of gathering B * m rows of W_enc (which only a per-row dx needs).
+        b_meta = (pt, ctx.b_enc_meta[1]) if need_pre else ctx.b_enc_meta
+        dx, dW, db = _encode_grads(x_c, W_enc, b_meta, g, ii, need_x, need_W, need_b or need_pre)
+        d_pre = None
+        if need_pre:
+            with torch.autocast(x_c.device.type, enabled=False):
+                d_pre = (db @ W_enc).neg_().to(ctx.b_pre_dtype)
+            db = db.to(ctx.b_enc_meta[0]) if need_b else None
+        return dx, dW, db, None, None, None, d_pre
 
 
 def _encode_grads(x_c: Tensor, W_enc: Tensor, b_enc_meta, g: Tensor, ii: Tensor, need_x: bool, need_W: bool,
@@ -238,10 +272,12 @@ def _dead_indices(dead_mask: Optional[Tensor], k_aux: int, device) -> Optional[T
     return dead_idx if dead_idx.numel() else None
 
 
-def _check_encode_args(x_c: Tensor, W_enc: Tensor, k: int, k_multi: int) -> None:
+def _check_encode_args(x_c: Tensor, W_enc: Tensor, k: int, k_multi: int, b_pre: Optional[Tensor] = None) -> None:
     """Shape and k checks shared by both encoders (errors name the argument)."""
     if x_c.dim() != 2 or W_enc.dim() != 2 or x_c.shape[1] != W_enc.shape[1]:
         raise ValueError(f"x_c {tuple(x_c.shape)} and W_enc {tuple(W_enc.shape)} must be (B, d) and (n_latents, d)")
+    if b_pre is not None and tuple(b_pre.shape) != (W_enc.shape[1],):
+        raise ValueError(f"b_pre {tuple(b_pre.shape)} must be (d,) = ({W_enc.shape[1]},), the input's width")
     if not 0 < k <= W_enc.shape[0]:
         raise ValueError(f"k={k} must satisfy 0 < k <= n_latents={W_enc.shape[0]}")
     if k_multi and not k <= k_multi <= W_enc.shape[0]:
@@ -257,17 +293,24 @@ def topk_encode(
     k_multi: int = 0,
     k_aux: int = 0,
     dead_mask: Optional[Tensor] = None,
+    b_pre: Optional[Tensor] = None,
 ) -> EncodeOut:
     """Fast TopK encoder: one dense product, exact top-k / top-k_multi / AuxK selection, sparse backward.
 
-    x_c: (B, d) centred input (x_n - b_pre; the gradient reaches b_pre through that subtraction).
-    W_enc: (n, d); b_enc: (n,); dead_mask: (n,) bool or None. See ``EncodeOut`` for the outputs. Gradients flow
-    to x_c, W_enc and b_enc from values, multi_values and aux_values, computed from the selected indices only.
+    x_c: (B, d) input, centred by the caller (x_n - b_pre) or, when ``b_pre`` (d,) is given, here: the product is
+    then (x_c - b_pre) @ W_enc.T + b_enc, and b_pre's gradient is -(sum of the pre-activation gradients per latent)
+    @ W_enc, a (n,) x (n, d) product, where centring outside needs x_c's per-row gradient (a gather of B * m rows
+    of W_enc; x_c still gets it when it requires a gradient). W_enc: (n, d); b_enc: (n,); dead_mask: (n,) bool or
+    None. See ``EncodeOut`` for the outputs. Gradients flow to x_c, W_enc, b_enc (and b_pre) from values,
+    multi_values and aux_values, computed from the selected indices only.
+
+    Raises:
+        ValueError: shapes or k out of range (``_check_encode_args``), or ``b_pre`` not of shape (d,).
     """
-    _check_encode_args(x_c, W_enc, k, k_multi)
+    _check_encode_args(x_c, W_enc, k, k_multi, b_pre)
     K = max(k, k_multi)
     dead_idx = _dead_indices(dead_mask, k_aux, x_c.device)
-    vals, idx, aux_vals, aux_idx = _TopKEncode.apply(x_c, W_enc, b_enc, K, k_aux, dead_idx)
+    vals, idx, aux_vals, aux_idx = _TopKEncode.apply(x_c, W_enc, b_enc, K, k_aux, dead_idx, b_pre)
     multi = (vals, idx) if k_multi else (None, None)
     aux = (aux_vals, aux_idx) if dead_idx is not None else (None, None)
     return EncodeOut(vals[:, :k], idx[:, :k], *multi, *aux)
@@ -399,11 +442,12 @@ def naive_topk_encode(
     k_multi: int = 0,
     k_aux: int = 0,
     dead_mask: Optional[Tensor] = None,
+    b_pre: Optional[Tensor] = None,
 ) -> EncodeOut:
     """Dense reference of ``topk_encode`` (same signature and outputs); plain autograd through a dense product,
     so its backward builds dense (B, n) gradients. For tests and the benchmark's baseline."""
-    _check_encode_args(x_c, W_enc, k, k_multi)
-    pre = F.linear(x_c, W_enc, b_enc)
+    _check_encode_args(x_c, W_enc, k, k_multi, b_pre)
+    pre = F.linear(x_c if b_pre is None else x_c - b_pre, W_enc, b_enc)
     _, idx = _topk_reference(pre.detach(), max(k, k_multi))
     values = F.relu(pre.gather(1, idx))
     mv = mi = av = ai = None

@@ -251,13 +251,14 @@ class TopKSAE(nn.Module):
                                                   dead_mask if use_aux else None, self.k_aux), None)
         encode = kernels.topk_encode if self.fast else kernels.naive_topk_encode
         out = encode(
-            x_n - self.b_pre,
+            x_n,
             self.W_enc,
             self.b_enc,
             self.k,
             k_multi=self.k * self.multi_topk_factor if self.multi_topk else 0,
             k_aux=self.k_aux if use_aux else 0,
             dead_mask=dead_mask if use_aux else None,
+            b_pre=self.b_pre,
         )
         return out.values, out.indices, out.multi_values, out.multi_indices, out.aux_values, out.aux_indices, None
 

@@ -89,6 +89,46 @@ def test_encode_matches_reference(device, k, k_multi, k_aux, n_dead):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_grad", [False, True])
+@pytest.mark.parametrize("k,k_multi,k_aux", [(8, 0, 0), (8, 32, 16)])
+def test_encode_centres_with_b_pre_inside(device, x_grad, k, k_multi, k_aux):
+    """b_pre passed in: the same outputs as centring outside, and b_pre's gradient (computed as -db_enc @ W_enc, no
+    per-row gather) equal to the reference's sum of x_c's per-row gradients, in float64; x's gradient when asked."""
+    x, W, b = _inputs(48, 24, 200, device, seed=7)
+    x = x.detach().requires_grad_(x_grad)
+    b_pre = (torch.randn(24, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 0.5).to(device)
+    dead = torch.zeros(200, dtype=torch.bool, device=device)
+    dead[1::4] = True
+    results = []
+    for fn, inside in ((kernels.topk_encode, True), (kernels.naive_topk_encode, True), (kernels.naive_topk_encode,
+                                                                                       False)):
+        bp = b_pre.clone().requires_grad_()
+        xin, extra = (x, {"b_pre": bp}) if inside else (x - bp, {})
+        out = fn(xin, W, b, k, k_multi=k_multi, k_aux=k_aux, dead_mask=dead, **extra)
+        g = torch.Generator().manual_seed(9)
+        loss = sum((v * torch.randn(v.shape, generator=g, dtype=v.dtype).to(device)).sum()
+                   for v in (out.values, out.multi_values, out.aux_values) if v is not None)
+        wrt = (W, b, bp) + ((x,) if x_grad else ())
+        results.append((out, torch.autograd.grad(loss, wrt)))
+    (fast, gf), *refs = results
+    assert gf[2].abs().max() > 0.1, "b_pre's gradient should not vanish on these inputs"
+    for ref, gr in refs:
+        assert torch.equal(fast.indices, ref.indices)
+        assert (fast.aux_indices is None) == (k_aux == 0) == (ref.aux_indices is None)
+        assert k_aux == 0 or torch.equal(fast.aux_indices, ref.aux_indices)
+        _close(fast.values, ref.values, "values")
+        for name, a, r in zip(("W_enc", "b_enc", "b_pre", "x"), gf, gr):
+            _close(a, r, f"grad {name}")
+
+
+def test_encode_rejects_b_pre_of_the_wrong_width():
+    x, W, b = _inputs(4, 6, 20, "cpu")
+    for fn in (kernels.topk_encode, kernels.naive_topk_encode):
+        with pytest.raises(ValueError, match=r"b_pre \(5,\) must be \(d,\) = \(6,\)"):
+            fn(x, W, b, 4, b_pre=torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("integer,dup_rows", [(True, 0), (False, 30), (True, 30)])
 def test_encode_ties_match_reference_and_definition(device, integer, dup_rows):
     x, W, b = _inputs(64, 12, 150, device, integer=integer, dup_rows=dup_rows, seed=5)
@@ -339,3 +379,56 @@ def test_reused_chunk_buffer_serves_inference_mode_then_training():
     assert torch.equal(first.values, kept)
     kernels.release_workspace()
     assert kernels.workspace_bytes() == 0
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts calls of each aten overload packet run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket] = self.calls.get(func.overloadpacket, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("multi_topk,auxk", [(False, False), (False, True), (True, True)])
+def test_sae_backward_sorts_its_pairs_once(multi_topk, auxk):
+    # The decoder's W_dec scatter and the encoder's W_enc scatter group the same (token, latent) pairs by latent:
+    # one sort serves both, and the gradients still equal the dense reference's (float64).
+    sae_mod = pytest.importorskip("lit_sae.sae")
+    grads = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        sae = sae_mod.TopKSAE(16, 96, 4, k_aux=8, multi_topk=multi_topk, fast=fast).double()
+        x = torch.randn(40, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+        dead = torch.zeros(96, dtype=torch.bool)
+        dead[::3] = True
+        out = sae(x, dead_mask=dead if auxk else None)
+        counter = _OpCount()
+        with counter:
+            out.loss.backward()
+        if fast:
+            assert counter.calls.get(torch.ops.aten.sort, 0) == 1, counter.calls.get(torch.ops.aten.sort)
+        grads[fast] = {name: p.grad for name, p in sae.named_parameters()}
+    for name, g in grads[True].items():
+        _close(g, grads[False][name], f"grad {name}")
+
+
+def test_latent_order_memo_is_used_once_and_only_for_equal_pairs():
+    kernels.release_workspace()
+    a = torch.tensor([3, 1, 3, 0, 2, 1])
+    order, offsets = kernels._latent_order(a, 5)
+    assert a[order].tolist() == [0, 1, 1, 2, 3, 3] and offsets.tolist() == [0, 1, 3, 4, 6]
+    b = torch.tensor([4, 4, 0, 2, 2, 1])  # same shape, other pairs: sorted afresh, not the memo's answer
+    order_b, offsets_b = kernels._latent_order(b, 5)
+    assert b[order_b].tolist() == [0, 1, 2, 2, 4, 4] and offsets_b.tolist() == [0, 1, 2, 4, 4]
+    again = kernels._latent_order(b.clone(), 5)  # equal content: the memo's tensors, then the memo is gone
+    assert again[0] is order_b and again[1] is offsets_b
+    assert kernels._latent_order(b.clone(), 5)[0] is not order_b
+    b2 = b.clone()
+    kernels._latent_order(b2, 5)
+    b2[0] = 0  # changed in place after it was sorted: the memo no longer describes it
+    assert b2[kernels._latent_order(b2, 5)[0]].tolist() == [0, 0, 1, 2, 2, 4]
+    kernels.release_workspace()
