@@ -107,30 +107,17 @@ class OrderedBatches(torch.utils.data.Dataset):
 def test_metrics(sae, test: np.ndarray, chunk: int = 8192) -> dict[str, float]:
     """Test NMSE (whole-split variance as denominator), L0 and the fraction of latents never firing on ``test``;
     for a TopK SAE also the fraction never among a token's top 4k positive pre-activations (``dead_fraction_4k``:
-    alive there is alive for Multi-TopK's L(4k) term, as sparsify counts it).
+    alive there is alive for Multi-TopK's L(4k) term, as sparsify counts it). ``lit_sae.reproduce.measure.
+    recon_metrics`` under this table's column names.
 
     ``sae``: anything with ``encode(x, return_info=True)`` and ``decode(values, indices, info)`` (``TopKSAE``)."""
-    sq_err, n, total, total_sq, l0 = 0.0, 0, None, 0.0, 0.0
-    fired = torch.zeros(sae.n_latents, dtype=torch.bool)
-    wide = torch.zeros(sae.n_latents, dtype=torch.bool) if getattr(sae, "activation", "topk") == "topk" else None
-    for s in range(0, len(test), chunk):
-        x = torch.from_numpy(np.array(test[s : s + chunk])).double()
-        values, indices, info = sae.encode(x.float(), return_info=True)
-        x_hat = sae.decode(values, indices, info).double()
-        sq_err += float((x - x_hat).pow(2).sum())
-        total = x.sum(0) if total is None else total + x.sum(0)
-        total_sq += float(x.pow(2).sum())
-        n += x.shape[0]
-        active = values > 0
-        l0 += float(active.sum())
-        fired[indices[active]] = True
-        if wide is not None:  # the top-4k of the pre-activations: Multi-TopK's second code
-            top = sae.pre_acts(x.float()).topk(min(4 * sae.k, sae.n_latents), dim=1)
-            wide[top.indices[top.values > 0]] = True
-    variance = total_sq - float(total.pow(2).sum()) / n  # sum ||x - mean||^2
-    out = {"nmse": sq_err / variance, "l0": l0 / n, "dead_fraction": 1.0 - float(fired.float().mean())}
-    if wide is not None:
-        out["dead_fraction_4k"] = 1.0 - float(wide.float().mean())
+    from lit_sae.reproduce.measure import recon_metrics
+
+    four_k = getattr(sae, "activation", "topk") == "topk"
+    m = recon_metrics(sae, test, chunk, dead_at_4k=four_k)
+    out = {"nmse": m["nmse"], "l0": m["l0"], "dead_fraction": m["dead_on_test"]}
+    if four_k:
+        out["dead_fraction_4k"] = m["dead_on_test_4k"]
     return out
 
 

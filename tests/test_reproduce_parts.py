@@ -104,3 +104,24 @@ def test_delta_ce_many_matches_downstream_loss(tmp_path):
         assert many[name]["delta_ce"] == pytest.approx(one["delta_ce"], rel=1e-6, abs=1e-9)
         assert many[name]["clean_ce"] == pytest.approx(one["clean_ce"], rel=1e-9)
     assert many["a"]["delta_ce"] != pytest.approx(many["b"]["delta_ce"])
+
+
+def test_recon_metrics_streams_numpy_rows_and_counts_top_4k():
+    # A float16 numpy split (as memory-mapped shards hold) read in uneven chunks: the same NMSE as the whole float32
+    # tensor at once; "alive at 4k" is a hand count of latents among some token's top-8 positive pre-activations.
+    import numpy as np
+
+    torch.manual_seed(1)
+    sae = TopKSAE(8, 64, 2).eval().requires_grad_(False)
+    xs = (np.random.default_rng(3).standard_normal((30, 8)) * 2 + 1).astype(np.float16)
+    whole = recon_metrics(sae, torch.from_numpy(xs).float(), batch_size=4096)
+    m = recon_metrics(sae, xs, batch_size=16, dead_at_4k=True)
+    assert m["nmse"] == pytest.approx(whole["nmse"], rel=1e-9)
+    assert m["l0"] == whole["l0"] and m["dead_on_test"] == whole["dead_on_test"]
+    pre = sae.pre_acts(torch.from_numpy(xs).float())
+    v, i = pre.topk(8, dim=1)
+    alive = set(i[v > 0].tolist())
+    assert m["dead_on_test_4k"] == pytest.approx(1 - len(alive) / 64)
+    assert 0 < len(alive) < 64 and m["dead_on_test_4k"] < m["dead_on_test"]
+    with pytest.raises(ValueError, match="no rows"):
+        recon_metrics(sae, xs[:0])

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -46,22 +47,50 @@ def at_k(sae: nn.Module, k: int) -> Iterator[None]:
         sae.k = old
 
 
+def _rows(x, start: int, stop: int) -> Tensor:
+    """Rows start:stop of ``x`` (a Tensor or a numpy array, e.g. a memory-mapped split) as a float32 tensor."""
+    chunk = x[start:stop]
+    return (chunk if isinstance(chunk, Tensor) else torch.from_numpy(np.array(chunk))).float()
+
+
 @torch.no_grad()
-def recon_metrics(sae: nn.Module, x: Tensor, batch_size: int = 4096) -> dict:
-    """{"nmse": sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (the paper's normalized MSE), "l0": mean active latents
-    per token, "dead_on_test": fraction of latents that never fire on ``x`` (N, d_in)}, float64 sums."""
-    err = 0.0
+def recon_metrics(sae: nn.Module, x, batch_size: int = 4096, *, dead_at_4k: bool = False) -> dict:
+    """Test metrics of ``sae`` on ``x`` (N, d_in), a Tensor or a numpy array read ``batch_size`` rows at a time:
+
+    - "nmse": sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the whole of ``x`` (the paper's normalized MSE;
+      the mean is taken in a first pass, so memory-mapped splits are never loaded whole);
+    - "l0": mean active latents per token;
+    - "dead_on_test": fraction of latents that never fire on ``x``;
+    - "dead_on_test_4k" (``dead_at_4k``, TopK SAEs): fraction never among a token's top 4k positive
+      pre-activations: alive there is alive for Multi-TopK's L(4k) term, as sparsify counts it.
+
+    Sums in float64; inputs reach ``sae.encode`` as float32. ``sae``: anything with ``encode(x, return_info=True)``,
+    ``decode(values, indices, info)``, ``n_latents`` (and ``k``, ``pre_acts`` for ``dead_at_4k``), as ``TopKSAE``.
+    """
+    n = len(x)
+    if n == 0:
+        raise ValueError("recon_metrics: x has no rows")
+    total = sum(_rows(x, s, s + batch_size).double().sum(0) for s in range(0, n, batch_size))
+    mean = total / n
+    err = var = 0.0
     active = 0
     fired = torch.zeros(sae.n_latents, dtype=torch.bool)
-    for s in range(0, len(x), batch_size):
-        xb = x[s: s + batch_size]
+    wide = torch.zeros(sae.n_latents, dtype=torch.bool) if dead_at_4k else None
+    for s in range(0, n, batch_size):
+        xb = _rows(x, s, s + batch_size)
         values, indices, info = sae.encode(xb, return_info=True)
         err += float((sae.decode(values, indices, info).double() - xb.double()).pow(2).sum())
+        var += float((xb.double() - mean).pow(2).sum())
         on = values > 0
         active += int(on.sum())
         fired[indices[on]] = True
-    var = float((x.double() - x.double().mean(0)).pow(2).sum())
-    return {"nmse": err / var, "l0": active / len(x), "dead_on_test": 1.0 - float(fired.float().mean())}
+        if wide is not None:  # the top-4k of the pre-activations: Multi-TopK's second code
+            top = sae.pre_acts(xb).topk(min(4 * sae.k, sae.n_latents), dim=1)
+            wide[top.indices[top.values > 0]] = True
+    out = {"nmse": err / var, "l0": active / n, "dead_on_test": 1.0 - float(fired.float().mean())}
+    if wide is not None:
+        out["dead_on_test_4k"] = 1.0 - float(wide.float().mean())
+    return out
 
 
 @torch.no_grad()
