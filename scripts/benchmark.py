@@ -137,6 +137,15 @@ def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4, device: str = "cpu"
     return 2 * n * d * 4 + chunk + rows * n_dead * elem + repair
 
 
+def regime_dead_mask(regime: str, n: int) -> torch.Tensor:
+    """(n,) bool: the latents a regime's steps treat as dead. Steady and Multi-TopK: none (AuxK off); auxk: its
+    worst case, every other latent dead at every step, so each row picks k_aux of them."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    if regime == "auxk":
+        mask[::2] = True
+    return mask
+
+
 def worker(args) -> dict:
     """Time one configuration in this process; returns the row as a dict."""
     from lit_sae.sae import TopKSAE
@@ -171,9 +180,7 @@ def worker(args) -> dict:
     sae = TopKSAE(d, n, k, k_aux=d // 2, multi_topk=args.regime == "multi", fast=args.path == "fast").to(dev)
     fused = dev in ("cpu", "cuda")
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=PAPER_EPS, fused=fused)
-    dead_mask = torch.zeros(n, dtype=torch.bool, device=dev)  # steady state: nothing dead, AuxK off
-    if args.regime == "auxk":
-        dead_mask[::2] = True  # worst case: half the latents dead at every step, each row picks k_aux of them
+    dead_mask = regime_dead_mask(args.regime, n).to(dev)
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
@@ -428,7 +435,7 @@ def main(argv=None) -> int:
     if args.list:
         for regime, n, k in plan:
             elem = 2 if args.device == "cuda" or args.bf16 else 4
-            n_dead = n // 2 if regime == "auxk" else 0
+            n_dead = int(regime_dead_mask(regime, n).sum())
             mib = n_dependent_bytes(args.batch, args.d_in, n, elem, args.device, n_dead) / 2**20
             print(f"{regime} n_latents={n} k={k} batch={args.batch} paths={args.paths} n-part {mib:,.0f} MiB")
         return 0

@@ -3,6 +3,8 @@ them fast: no dense (B, n_latents) tensor in the backward, bounded pre-activatio
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -273,14 +275,17 @@ def test_decode_sets_match_separate_reference_decodes(device, widths, used):
             _close(a, r, name)
 
 
-class _ShapeLog(TorchDispatchMode):
-    """Records the shape of every tensor an op produces (to prove no dense (B, n) tensor is built)."""
+class _OpLog(TorchDispatchMode):
+    """Records the shape of every tensor an op produces (to prove no dense (B, n) tensor is built) and counts the
+    calls of each aten overload packet."""
 
     def __init__(self):
         super().__init__()
         self.shapes = []
+        self.calls = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket] += 1
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
@@ -295,7 +300,7 @@ def test_no_dense_latent_tensor_in_backward_and_chunked_forward(monkeypatch):
     dead = torch.zeros(n, dtype=torch.bool)
     dead[:100] = True
     monkeypatch.setattr(kernels, "MAX_PREACT_BYTES", 16 * n * 8)  # 16-row chunks
-    fwd, bwd = _ShapeLog(), _ShapeLog()
+    fwd, bwd = _OpLog(), _OpLog()
     with fwd:
         out = kernels.topk_encode(x, W, b, 8, k_multi=32, k_aux=16, dead_mask=dead)
         loss = kernels.sparse_decode(out.values, out.indices, Wd).square().sum()
@@ -381,18 +386,6 @@ def test_reused_chunk_buffer_serves_inference_mode_then_training():
     assert kernels.workspace_bytes() == 0
 
 
-class _OpCount(TorchDispatchMode):
-    """Counts calls of each aten overload packet run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.overloadpacket] = self.calls.get(func.overloadpacket, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("multi_topk,auxk", [(False, False), (False, True), (True, True)])
 def test_sae_backward_sorts_its_pairs_once(multi_topk, auxk):
     # The decoder's W_dec scatter and the encoder's W_enc scatter group the same (token, latent) pairs by latent:
@@ -406,11 +399,11 @@ def test_sae_backward_sorts_its_pairs_once(multi_topk, auxk):
         dead = torch.zeros(96, dtype=torch.bool)
         dead[::3] = True
         out = sae(x, dead_mask=dead if auxk else None)
-        counter = _OpCount()
-        with counter:
+        log = _OpLog()
+        with log:
             out.loss.backward()
         if fast:
-            assert counter.calls.get(torch.ops.aten.sort, 0) == 1, counter.calls.get(torch.ops.aten.sort)
+            assert log.calls[torch.ops.aten.sort] == 1, log.calls[torch.ops.aten.sort]
         grads[fast] = {name: p.grad for name, p in sae.named_parameters()}
     for name, g in grads[True].items():
         _close(g, grads[False][name], f"grad {name}")
