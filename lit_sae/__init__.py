@@ -2,23 +2,27 @@
 
 from importlib import import_module
 
+from lit_sae._moved import install as _install_moved
+
 __version__ = "0.1.0"
 
 # Lazy attributes: `import lit_sae` stays cheap, and `lit_sae.X` works for every public class.
 _EXPORTS = {
-    "TopKSAE": "lit_sae.sae",
-    "SAEOutput": "lit_sae.sae",
-    "SAEModule": "lit_sae.module",
+    "TopKSAE": "lit_sae.sae.model",
+    "SAEOutput": "lit_sae.sae.model",
+    "SAEModule": "lit_sae.train.module",
     "DeadLatentTracker": "lit_sae.callbacks.dead_latents",
     "FeatureHistograms": "lit_sae.callbacks.histograms",
     "ActivationDataModule": "lit_sae.data.datamodule",
     "SyntheticDataModule": "lit_sae.data.synthetic",
-    "export_sae": "lit_sae.export",
-    "load_sae": "lit_sae.load",
-    "load_exported": "lit_sae.export",
+    "export_sae": "lit_sae.artifacts.export",
+    "load_sae": "lit_sae.artifacts.load",
+    "load_exported": "lit_sae.artifacts.export",
 }
 
 __all__ = list(_EXPORTS)
+
+_install_moved()
 
 
 def __getattr__(name: str):

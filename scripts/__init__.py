@@ -1,1 +1,1 @@
-"""Benchmarks and fault scenarios; a package so that tests import ``scripts.faults`` without path tricks."""
+"""Benchmarks and tools, run from the repository root (`python scripts/NAME.py`); never imported by the tests."""

@@ -32,7 +32,7 @@ def main() -> None:
     from lit_sae.features.collect import memory_estimate
 
     out = args.out or tempfile.mkdtemp(prefix="features-bench-")
-    cmd = [sys.executable, "-m", "lit_sae.cli", "features", "--ckpt_path", args.ckpt, "--out_dir", out, *args.extra]
+    cmd = [sys.executable, "-m", "lit_sae.cli.main", "features", "--ckpt_path", args.ckpt, "--out_dir", out, *args.extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

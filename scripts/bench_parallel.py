@@ -41,7 +41,7 @@ def _free_port() -> int:
 def _run(rank: int, world: int, mode: str, args, port: int, out) -> None:
     from lit_sae.parallel.data import GroupSum
     from lit_sae.parallel.tensor import ShardedTopKSAE, average_gradients_
-    from lit_sae.sae import TopKSAE
+    from lit_sae.sae.model import TopKSAE
 
     torch.set_num_threads(2 if mode == "single-2t" else 1)
     if world > 1:

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.faults, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support.faults, when run as a script
 
-from lit_sae.sweep import SAESweepModule
+from lit_sae.train.sweep import SAESweepModule
 
 
 def step_fn(module: SAESweepModule, x: torch.Tensor):
@@ -56,7 +56,7 @@ def step_fn(module: SAESweepModule, x: torch.Tensor):
 def time_read(d_in: int, batch: int, n_batches: int) -> float:
     """Median seconds to read one batch from fp16 shards (in-process loader)."""
     from lit_sae.data.datamodule import ActivationDataModule
-    from scripts.faults import make_shards
+    from tests.support.faults import make_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp) / "shards", n_train=batch * (n_batches + 2), n_val=batch, d_in=d_in)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.benchmark, when run as a script
 
-from lit_sae import selection  # noqa: E402
+from lit_sae.sae import selection  # noqa: E402
 from scripts.benchmark import _time  # noqa: E402
 
 # (rows, columns, K) of one chunk as the encoder selects from it: steady n 16384 (k 32), Multi-TopK's 4k = 128 (and

@@ -1,7 +1,7 @@
 """Training-step speed and memory of lit-sae's fast TopK path against the dense reference path.
 
 One table: for each configuration (regime, n_latents, k) and each path (naive = dense reference, fast =
-lit_sae.kernels), the time of a full training step as ``SAEModule`` runs it (TopKSAE forward + backward, decoder gradient projection, fused Adam,
+lit_sae.sae.kernels), the time of a full training step as ``SAEModule`` runs it (TopKSAE forward + backward, decoder gradient projection, fused Adam,
 decoder renormalisation), tokens/s, the step's peak memory above what the model and optimizer already hold, the
 time of one bare (B x d_in) x (d_in x n) matmul measured in the same process, and the ratio step / matmul.
 
@@ -53,7 +53,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PAPER_EPS = 6.25e-10  # Adam epsilon of OpenAI's training code, as lit_sae.module uses
+PAPER_EPS = 6.25e-10  # Adam epsilon of OpenAI's training code, as lit_sae.train.module uses
 
 
 def _sync(device: str) -> None:
@@ -129,7 +129,7 @@ def n_dependent_bytes(B: int, d: int, n: int, elem: int = 4, device: str = "cpu"
     ``n_dead`` dead columns. Where ties at the top-k boundary are common (bf16, ``elem == 2``) the tie repair's
     copy, mask and int32 counts of at most a sixteenth of the chunk's rows add ``(elem + 5) / 16`` of the chunk;
     in fp32 the repair almost never runs and is not counted."""
-    from lit_sae import kernels
+    from lit_sae.sae import kernels
 
     rows = min(B, max(1, kernels.preact_budget(device) // (n * elem)))
     chunk = rows * n * elem
@@ -148,7 +148,7 @@ def regime_dead_mask(regime: str, n: int) -> torch.Tensor:
 
 def worker(args) -> dict:
     """Time one configuration in this process; returns the row as a dict."""
-    from lit_sae.sae import TopKSAE
+    from lit_sae.sae.model import TopKSAE
 
     torch.manual_seed(0)
     dev = args.device
@@ -157,7 +157,7 @@ def worker(args) -> dict:
     B, d, n, k = args.batch, args.d_in, args.n_latents, args.k
     x = (torch.randn(B, d) + 0.3).to(dev)  # activations have a large mean; the SAE's b_pre absorbs it
 
-    from lit_sae import kernels
+    from lit_sae.sae import kernels
 
     if args.preact_mib:
         kernels.MAX_PREACT_BYTES = kernels.MAX_PREACT_BYTES_CUDA = args.preact_mib * 2**20
@@ -260,7 +260,7 @@ def fit_worker(args) -> dict:
 
     from lit_sae.data.datamodule import ActivationDataModule
     from lit_sae.data.shards import LMInfo, Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest_atomic
-    from lit_sae.module import SAEModule
+    from lit_sae.train.module import SAEModule
 
     dev = args.device
     B, d, n, k, steps, warm = args.batch, args.d_in, args.n_latents, args.k, args.fit_steps, args.fit_warmup
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
         "--preact-mib",
         type=int,
         default=0,
-        help="pre-activation chunk budget in MiB (default: lit_sae.kernels.MAX_PREACT_BYTES)",
+        help="pre-activation chunk budget in MiB (default: lit_sae.sae.kernels.MAX_PREACT_BYTES)",
     )
     p.add_argument(
         "--bf16", action="store_true",

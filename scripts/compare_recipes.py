@@ -202,7 +202,7 @@ def train_lit_sae(train: np.ndarray, order: np.ndarray, settings: dict[str, Any]
     module's SAE (the EMA weights when ``ema_decay`` is set), in eval mode on the CPU."""
     import lightning as L
 
-    from lit_sae.module import SAEModule
+    from lit_sae.train.module import SAEModule
 
     settings = dict(settings)
     extra = {key: settings.pop(key) for key in EXTRA_LEVERS if key in settings}
@@ -267,7 +267,7 @@ def start_sparsify(
 
 def finish_sparsify(proc: Optional[subprocess.Popen], out: Path):
     """The trained sparsify SAE at ``out`` (loaded by lit-sae), after ``proc`` (None: trained by an earlier run)."""
-    from lit_sae.load import load_sae
+    from lit_sae.artifacts.load import load_sae
 
     if proc is not None and proc.wait() != 0:
         raise RuntimeError(f"the sparsify runner failed (exit {proc.returncode}); see {out.with_suffix('.log')}")

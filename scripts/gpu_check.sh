@@ -46,7 +46,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - <<'PYEOF'
 import sys, torch
-import lit_sae.kernels, lit_sae.sae, lit_sae.module, lit_sae.data.datamodule, lit_sae.data.harvest  # noqa: F401
+import lit_sae.sae.kernels, lit_sae.sae.model, lit_sae.train.module, lit_sae.data.datamodule, lit_sae.data.harvest  # noqa: F401
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PYEOF
@@ -56,14 +56,14 @@ PLAN_N=(steady:32768:32 steady:65536:32 steady:131072:32 steady:262144:32 steady
 PLAN_R=(auxk:65536:32 multi:65536:32 steady:65536:128)
 if [ "$DRY" = 1 ]; then
   "$PY" scripts/benchmark.py --device cuda --batch 131072 --plan "${PLAN_N[@]}" "${PLAN_R[@]}" --list
-  echo "dry run: would run pytest tests/test_kernels.py tests/test_sae.py, then ${BENCH[*]} --plan ..."
+  echo "dry run: would run pytest tests/sae/test_kernels.py tests/sae/test_sae.py, then ${BENCH[*]} --plan ..."
   exit 0
 fi
 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "gpu_check.sh: torch sees no CUDA device")'
 
 # 2. equivalence tests (float64, CPU and CUDA parametrisations)
 status=0  # a failed test is reported, and the timings still run
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sae.py 2>&1 | tee "$OUTDIR/tests.log" \
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/sae/test_kernels.py tests/sae/test_sae.py 2>&1 | tee "$OUTDIR/tests.log" \
   || status=1
 # 3. the benchmark, bf16 autocast; one subprocess per configuration (its own peak memory)
 timeout 280 "$PY" "${BENCH[@]}" --plan "${PLAN_N[@]}" "${PLAN_R[@]}" --json "$OUTDIR/bench_gpu.json" \

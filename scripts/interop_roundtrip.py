@@ -1,6 +1,6 @@
 """Round-trip SAEs between lit-sae and a real SAELens or sparsify install (run by scripts/check_interop.sh).
 
-Runs inside the other library's own venv with lit-sae's source on PYTHONPATH (``lit_sae.sae``, ``lit_sae.load`` and
+Runs inside the other library's own venv with lit-sae's source on PYTHONPATH (``lit_sae.sae.model``, ``lit_sae.artifacts.load`` and
 ``lit_sae.formats`` need only torch and safetensors). Both directions, on the same random inputs with a realistic
 offset (activations with a large mean, as residual streams have):
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lit_sae.load import load_sae
-from lit_sae.sae import TopKSAE
+from lit_sae.artifacts.load import load_sae
+from lit_sae.sae.model import TopKSAE
 
 TOL = 1e-5
 results: list[bool] = []
@@ -165,7 +165,7 @@ def sparsify_cases(work: Path, d_in: int, hook: str) -> None:
         enc = reloaded.encode(x)
         report("sparsify SparseCoder.save_to_disk -> lit_sae.load_sae",
                reloaded.decode(enc.top_acts, enc.top_indices), load_sae(work / "sparsify").reconstruct(x), x)
-    from lit_sae.export import export_sae
+    from lit_sae.artifacts.export import export_sae
 
     for name, kw in {"topk": {}, "topk, scalar scale folded": {"normalize": "scalar"}}.items():
         ours = lit_sae_sae(d, n, 8, 4, **kw)

@@ -41,7 +41,7 @@ d, n, k, b, tp = map(int, sys.argv[1:6])
 if tp > 1:
     import torch.distributed as dist
     dist.init_process_group("gloo")
-from lit_sae.sae import TopKSAE
+from lit_sae.sae.model import TopKSAE
 from lit_sae.parallel.tensor import ShardedTopKSAE
 x = torch.randn(b, d) + 0.5
 dead_all = torch.rand(n) < 0.1

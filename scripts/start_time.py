@@ -5,7 +5,7 @@
 Each command runs as a fresh process (the console script of this venv); the table gives the median wall time, the
 exit status and the first line of the error, against the 2 s target, and the load average when it ran. Quote the
 numbers as measured on one machine at one time, next to the ``import torch`` reference of the same run: on a loaded
-machine every import is slower. A bad key or value is caught by ``lit_sae.cli_check`` before torch and Lightning load;
+machine every import is slower. A bad key or value is caught by ``lit_sae.cli.check`` before torch and Lightning load;
 ``fit --help`` still builds LightningCLI's parser.
 """
 

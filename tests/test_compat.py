@@ -6,7 +6,7 @@ import torch
 from lit_sae import compat
 from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.data.synthetic import SyntheticDataModule
-from lit_sae.module import SAEModule
+from lit_sae.train.module import SAEModule
 
 
 def tiny_fit(tmp_path, steps=3, callbacks=(), **kw):
@@ -61,7 +61,7 @@ def test_train_dataloader_and_cluster_environment(tmp_path):
 
 def test_lightning_cli_parse_ckpt_path_and_subcommand_parsers(tmp_path):
     """Lightning's own _parse_ckpt_path loads a checkpoint file's hyperparameters into the test config."""
-    from lit_sae.trainer_cli import SAECLI, run_lightning
+    from lit_sae.cli.trainer import SAECLI, run_lightning
 
     trainer, module = tiny_fit(tmp_path, steps=1, enable_checkpointing=False)
     trainer.save_checkpoint(tmp_path / "m.ckpt")

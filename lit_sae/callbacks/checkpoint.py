@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional, Union
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_sae import compat
-from lit_sae.runs import checkpoint_dir
+from lit_sae.train.runs import checkpoint_dir
 
 
 class Checkpoint(ModelCheckpoint):

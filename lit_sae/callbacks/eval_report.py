@@ -22,8 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_sae.eval.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 from lit_sae.eval.saebench import CoreMetrics, saebench_section
-from lit_sae.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ class SaveOnInterrupt(L.Callback):
     ``SLURMEnvironment(auto_requeue=True)`` (``requeue_signal``, SIGUSR1 by default) to this callback, and SIGTERM
     is taken back from Lightning's notifier at ``on_train_start`` (see there). At the step boundary this callback
     then runs Lightning's own SLURM routine, which writes ``hpc_ckpt_N.ckpt`` into the run's root and requeues the
-    job; the requeued job runs the same command line and continues from it (``lit_sae.runs.resolve_ckpt_path``).
+    job; the requeued job runs the same command line and continues from it (``lit_sae.train.runs.resolve_ckpt_path``).
     """
 
     def __init__(self) -> None:
@@ -118,7 +118,7 @@ class SaveOnInterrupt(L.Callback):
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
                 compat.save_last_checkpoint(cb, trainer)
                 return cb.last_model_path
-        from lit_sae.runs import LAST, checkpoint_dir
+        from lit_sae.train.runs import LAST, checkpoint_dir
 
         path = str(checkpoint_dir(trainer.default_root_dir) / LAST)
         trainer.save_checkpoint(path)

@@ -4,7 +4,7 @@
 stream: reconstruction and sparsity metrics accumulate for every SAE from the same batches, then on rank 0 the LM is
 loaded once and each SAE gets the single-SAE suite (downstream loss, ablation, probes, explainability:
 ``lit_sae.eval.report.run_eval_suite``) and its own ``report.json`` / ``report.md`` in ``<out_dir>/reports/<name>/``.
-One table of every SAE (``sweep_test.md`` / ``.json`` in ``out_dir``, ``lit_sae.sweep.write_test_table``) gets the
+One table of every SAE (``sweep_test.md`` / ``.json`` in ``out_dir``, ``lit_sae.train.sweep.write_test_table``) gets the
 delta CE, probe loss and explainability columns. ``lit-sae sweep test --config ... --config callbacks/eval.yaml``
 uses it: the sweep module replaces an ``EvalReport`` by this callback with the same settings.
 """
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from lit_sae.callbacks.eval_report import EvalReport, _flat_numbers, _manifest
+from lit_sae.eval.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 from lit_sae.eval.saebench import CoreMetrics, saebench_section
-from lit_sae.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class SweepEvalReport(EvalReport):
         if not trainer.is_global_zero:
             return
         from lit_sae.eval.report import write_report
-        from lit_sae.sweep_table import table_row, write_test_table
+        from lit_sae.train.sweep_table import table_row, write_test_table
 
         manifest = _manifest(trainer)
         out_dir = Path(self.out_dir or trainer.default_root_dir or ".")

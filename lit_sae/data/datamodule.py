@@ -1,6 +1,6 @@
 """Streaming activation shards into training: ``ActivationDataModule``.
 
-The layers below it, one job per file: :mod:`~lit_sae.data.format` (bytes of a block), :mod:`~lit_sae.data.manifest`
+The layers below it, one job per file: :mod:`~lit_sae.data.shard_format` (block bytes), :mod:`~lit_sae.data.manifest`
 (the typed manifest), :mod:`~lit_sae.data.reader` (row ranges out of tars), :mod:`~lit_sae.data.plan` (which tokens
 each rank and worker reads, and the drop rule of the train split), :mod:`~lit_sae.data.stream` (one rank's batches),
 :mod:`~lit_sae.data.transport` (the DataLoader and its shared-memory ring) and
@@ -26,9 +26,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_sae.data.format import ShardError
 from lit_sae.data.manifest import Manifest, manifest_location, read_manifest
 from lit_sae.data.reader import ShardRef, read_range, read_range_with_refs, read_shard
+from lit_sae.data.shard_format import ShardError
 from lit_sae.data.shard_set import resolve_shards, sample_activations, verify_shards
 from lit_sae.data.stream import ActivationStream
 from lit_sae.data.transport import StreamLoader

@@ -40,12 +40,12 @@ from lit_sae.data.harvest_state import (
     refresh_totals,
     validate_settings,
 )
+from lit_sae.data.hub import check_model_available
 from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_hook, truncated_forward
 from lit_sae.data.manifest import Exclusions, LMInfo, Manifest, ShardInfo, SourceInfo, SplitInfo, write_manifest_atomic
 from lit_sae.data.overlap import BackgroundWorker, Prefetch
 from lit_sae.data.text import ContentHash, open_source
 from lit_sae.data.writer import ShardWriter
-from lit_sae.hub import check_model_available
 
 __all__ = ["run_harvest", "HarvestConfigError", "iter_contexts", "split_of"]
 

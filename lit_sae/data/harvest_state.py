@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from lit_sae.data.contexts import SPLITS
-from lit_sae.data.format import MANIFEST_NAME, ShardError
 from lit_sae.data.manifest import Manifest
+from lit_sae.data.shard_format import MANIFEST_NAME, ShardError
 
 __all__ = ["HarvestConfigError", "SplitProgress", "clean_output", "config_diff", "existing_manifest",
            "refresh_totals", "validate_settings"]

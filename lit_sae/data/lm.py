@@ -85,7 +85,7 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
         gguf_file = gguf_file or EMBEDDED_GGUF
         name_or_path, load_path = EMBEDDED_MODEL, str(folder)
     else:
-        from lit_sae.hub import check_model_available
+        from lit_sae.data.hub import check_model_available
 
         check_model_available(name_or_path)  # one line at once, not retries and tracebacks
         load_path = name_or_path

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
-from lit_sae.data.format import DTYPES, FIX_HINT, FORMAT, MANIFEST_NAME, ShardError, ShardNotFoundError, is_url
+from lit_sae.data.shard_format import DTYPES, FIX_HINT, FORMAT, MANIFEST_NAME, ShardError, ShardNotFoundError, is_url
 from lit_sae.fsync import fsync_dir
 
 

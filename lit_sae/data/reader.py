@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from lit_sae.data.format import FIX_HINT as _FIX_HINT
-from lit_sae.data.format import ShardError, ShardNotFoundError, decode_block_arrays, is_url, layout_of
+from lit_sae.data.shard_format import FIX_HINT as _FIX_HINT
+from lit_sae.data.shard_format import ShardError, ShardNotFoundError, decode_block_arrays, is_url, layout_of
 
 _FIX = "re-run `lit-sae harvest` for this folder (it resumes after the last complete shard) or restore the file"
 

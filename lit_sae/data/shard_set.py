@@ -16,10 +16,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lit_sae.data.format import ShardError, ShardNotFoundError, from_storage, is_url, nonfinite_error, nonfinite_rows
 from lit_sae.data.manifest import Manifest, manifest_location
 from lit_sae.data.plan import shard_order
 from lit_sae.data.reader import ShardRef, open_shard, read_range_with_refs
+from lit_sae.data.shard_format import (
+    ShardError,
+    ShardNotFoundError,
+    from_storage,
+    is_url,
+    nonfinite_error,
+    nonfinite_rows,
+)
 
 __all__ = ["FIX", "resolve_shards", "sample_activations", "shard_base", "verify_shards"]
 

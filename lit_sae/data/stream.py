@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lit_sae.data.format import ShardError, from_storage, layout_of, nonfinite_error, nonfinite_rows
 from lit_sae.data.plan import EpochPlan, resume_share, shard_order, window_permutation, window_pieces, window_size
 from lit_sae.data.reader import ShardRef, read_range
+from lit_sae.data.shard_format import ShardError, from_storage, layout_of, nonfinite_error, nonfinite_rows
 
 log = logging.getLogger(__name__)
 

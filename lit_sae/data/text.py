@@ -144,8 +144,8 @@ def hf_documents(name: str, split: str = "train", config: str | None = None, tex
     """A document iterator factory over a Hugging Face dataset (needs the optional ``datasets`` package).
 
     Raises FileNotFoundError at once (before any download attempt) when the dataset is neither local nor cached and
-    the hub cannot be reached (``lit_sae.hub.check_dataset_available``)."""
-    from lit_sae.hub import check_dataset_available
+    the hub cannot be reached (``lit_sae.data.hub.check_dataset_available``)."""
+    from lit_sae.data.hub import check_dataset_available
 
     check_dataset_available(name)
     try:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from lit_sae.data.format import DTYPES, MEMBERS, block_key, npy_bytes, shard_name, to_storage
+from lit_sae.data.shard_format import DTYPES, MEMBERS, block_key, npy_bytes, shard_name, to_storage
 from lit_sae.fsync import fsync_dir
 
 log = logging.getLogger(__name__)

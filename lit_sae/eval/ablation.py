@@ -35,9 +35,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lit_sae.checks import check_token_ids
 from lit_sae.data.lm import splice, truncated_forward
 from lit_sae.eval.downstream import splice_mask
+from lit_sae.sae.checks import check_token_ids
 
 log = logging.getLogger(__name__)
 

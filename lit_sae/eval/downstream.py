@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lit_sae.checks import check_token_ids
 from lit_sae.data.lm import splice, truncated_forward
+from lit_sae.sae.checks import check_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lit_sae.checks import check_probe_data
 from lit_sae.data.lm import truncated_forward
 from lit_sae.eval.downstream import splice_mask
+from lit_sae.sae.checks import check_probe_data
 
 log = logging.getLogger(__name__)
 

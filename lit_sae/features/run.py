@@ -35,8 +35,8 @@ def load_sae(path: str | Path) -> tuple[nn.Module, dict]:
     checkpoint was trained on, or None), config (dict).
     Raises FileNotFoundError (missing path) or ValueError (unreadable file), naming the file.
     """
-    from lit_sae.load import detect_format, read_checkpoint
-    from lit_sae.load import load_sae as load_any
+    from lit_sae.artifacts.load import detect_format, read_checkpoint
+    from lit_sae.artifacts.load import load_sae as load_any
 
     p = Path(path)
     if not p.exists():

@@ -9,7 +9,7 @@
 - ``strategy``: ``SAEModelParallelStrategy``, Lightning's ``ModelParallelStrategy`` for a latent-sharded SAE
   (data-parallel gradients, sharded checkpoint folders, layout checks); ``lit-sae fit --trainer.strategy ...``.
 
-The SAE (``lit_sae.sae``), its kernels and losses know nothing of distribution; they meet it only through
-``TopKSAE.batch_sum`` (a :class:`lit_sae.losses.BatchSum`) and the ``_encode_n``/``_decode_n`` methods that
+The SAE (``lit_sae.sae.model``), its kernels and losses know nothing of distribution; they meet it only through
+``TopKSAE.batch_sum`` (a :class:`lit_sae.sae.losses.BatchSum`) and the ``_encode_n``/``_decode_n`` methods that
 ``ShardedTopKSAE`` overrides.
 """

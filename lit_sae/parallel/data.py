@@ -3,7 +3,7 @@
 Under DDP each rank holds ``data.batch_size_tokens`` tokens (per process); the global batch is world_size times that.
 The NMSE-type losses divide by the batch's variance, so a rank's own batch would give another loss (and gradient) than
 the global batch. :class:`GroupSum` makes ``TopKSAE``'s losses use the global batch's statistics, so that DDP training
-equals one process on the global batch (``tests/test_ddp.py``).
+equals one process on the global batch (``tests/parallel/test_ddp.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lit_sae.losses import BatchSum
+from lit_sae.sae.losses import BatchSum
 
 
 class GroupSum(BatchSum):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lit_sae.kernels import preact_budget
+from lit_sae.sae.kernels import preact_budget
 
 ACT_COPIES = 16  # (B, d) tensors alive at the peak: TopKSAE.forward keeps about 14 for backward with AuxK and
 # Multi-TopK on (centred input, reconstructions, residuals, differences), plus gradients in flight; 8 (the count

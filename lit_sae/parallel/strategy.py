@@ -1,7 +1,7 @@
 """``SAEModelParallelStrategy``: Lightning's ``ModelParallelStrategy`` for a latent-sharded SAE, CPU/gloo included.
 
 Lightning's ``ModelParallelStrategy`` builds the (data_parallel x tensor_parallel) DeviceMesh, launches the processes
-and calls ``LightningModule.configure_model``, where ``SAEModule`` shards its SAE (``lit_sae.parallel.module``). It
+and calls ``LightningModule.configure_model``, where ``SAEModule`` shards its SAE (``lit_sae.parallel.sharding``). It
 runs on CPU with gloo as it is; this thin subclass adds what a hand-sharded module (plain local tensors, not DTensors
 or FSDP2) needs:
 
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lit_sae.parallel.checkpoint import _wrap
+from lit_sae.parallel.dcp import _wrap
 from lit_sae.parallel.tensor import check_mesh
 
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
@@ -110,7 +110,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
 
     def _dcp_state(self, model_state: dict, optim_states: list[dict]) -> dict:
         """DCP's view: latent-sharded tensors as DTensors (Shard(0) over the tensor dim), the rest replicated."""
-        from lit_sae.parallel.module import latent_sharded_keys
+        from lit_sae.parallel.sharding import latent_sharded_keys
 
         module, mesh = self.lightning_module, self.device_mesh
         sharded = latent_sharded_keys(module)

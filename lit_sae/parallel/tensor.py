@@ -17,7 +17,7 @@ selected (row, latent) pairs only (sparse, as ``kernels``), and one all-reduce (
 the input gradient (which reaches ``b_pre``).
 
 The same module also runs data parallel: the losses' batch statistics are summed over the data-parallel group
-(``lit_sae.losses.BatchSum``) and gradients are averaged over it by :func:`average_gradients_`.
+(``lit_sae.sae.losses.BatchSum``) and gradients are averaged over it by :func:`average_gradients_`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lit_sae import kernels
-from lit_sae.losses import LOCAL
 from lit_sae.parallel.collectives import all_gather_cat, copy_to_shards, sum_over_shards
-from lit_sae.sae import ENCODER_INIT_NORM, TopKSAE, _check_config
-from lit_sae.selection import topk_exact
+from lit_sae.sae import kernels
+from lit_sae.sae.losses import LOCAL
+from lit_sae.sae.model import ENCODER_INIT_NORM, TopKSAE, _check_config
+from lit_sae.sae.selection import topk_exact
 
 _CONFIG = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "multi_topk_factor", "activation",
            "normalize", "threshold_momentum", "fast")
@@ -114,7 +114,7 @@ class _ShardedTopKEncode(torch.autograd.Function):
 
 
 class ShardedTopKSAE(TopKSAE):
-    """A :class:`~lit_sae.sae.TopKSAE` whose latents are split over ``tp_group`` (see the module docstring).
+    """A :class:`~lit_sae.sae.model.TopKSAE` whose latents are split over ``tp_group`` (see the module docstring).
 
     Same ``forward``/``encode``/``decode`` contract and outputs as the unsharded SAE (global latent indices, the
     global batch's losses), but ``W_enc``, ``b_enc``, ``W_dec`` are this rank's rows (n_latents / T, ...) and

@@ -1,6 +1,6 @@
 """Which SAEs the six claims need, and the two settings (``quick``, ``full``) that size them.
 
-Every SAE is one entry of a single sweep (``lit_sae.sweep.SAESweepModule``): all of them read the same batches once.
+Every SAE is one entry of a single sweep (``SAESweepModule``): all of them read the same batches once.
 An SAE that serves two claims (TopK at the reference size and k serves the frontier, the size law, Multi-TopK's
 baseline and the dead-latent study's "tied + AuxK" cell when sizes agree) is trained once.
 """

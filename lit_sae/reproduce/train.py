@@ -44,7 +44,7 @@ def train_sweep(harvest: str, out: Path, setting: Setting, specs: list[dict[str,
     import lightning as L
 
     from lit_sae.data.datamodule import ActivationDataModule
-    from lit_sae.sweep import SAESweepModule
+    from lit_sae.train.sweep import SAESweepModule
 
     L.seed_everything(seed, verbose=False)
     dm = ActivationDataModule(harvest, batch_size_tokens=setting.batch_size_tokens,

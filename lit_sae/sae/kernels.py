@@ -1,0 +1,469 @@
+"""TopK encode and sparse decode: a fast path that costs about one dense matmul per step, and the dense reference.
+
+Shapes (B = tokens, d = d_in, n = n_latents):
+    x_c: (B, d) = x_n - b_pre;  W_enc, W_dec: (n, d);  b_enc: (n,)
+    values: (B, k) ReLU applied;  indices: (B, k) int64.
+
+The only dense work a TopK SAE needs in training is the encoder's product ``x_c @ W_enc.T``. The fast path
+(``topk_encode``, ``sparse_decode``) therefore:
+
+- computes the pre-activations in row chunks of at most ``preact_budget(device)`` bytes (so the step never holds
+  more than one (B, n) buffer, and less for very wide dictionaries), selects top-k / top-k_multi / the AuxK
+  top-k_aux among dead latents from that same buffer (``selection.topk_exact``), and writes the next chunk over it
+  (on CPU the buffer is kept from one call to the next: ``_chunk_buffer``);
+- computes the encoder's backward (grads of x_c, W_enc, b_enc) from the selected (index, grad) pairs only, with
+  ``embedding_bag`` (a gather-and-sum forward whose weight-gradient is the scatter-add we need);
+- decodes with ``embedding_bag`` (gather-and-sum), whose backward touches only the selected rows of W_dec and
+  computes the values' gradient as row dot products; ``sparse_decode_sets`` decodes several codes (the k-code,
+  Multi-TopK's extra code, AuxK's code) with one backward, so W_dec gets one gradient and one scatter.
+
+Selection order is defined exactly (``lit_sae.sae.selection``), so that the fast and the reference path agree even
+with ties: values in descending order, ties broken by the lower latent index first (what a stable descending sort
+gives). Rows whose pre-activations contain NaN have no defined selection.
+
+Under ``torch.autocast`` the encoder product runs in the autocast dtype (bf16: values come out in bf16, like the
+reference path); the sparse backward and the decoder accumulate in the parameters' dtype.
+
+The CUDA path is the same PyTorch code (no Triton kernels). CI has no GPU; ``scripts/gpu_check.sh`` runs the
+equivalence tests and the benchmark on a machine that has one (docs/performance.md gives its measured results).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_sae import compat
+from lit_sae.sae.selection import stable_topk_reference as _stable_topk_reference
+from lit_sae.sae.selection import topk_exact as _topk_exact
+
+MAX_PREACT_BYTES = 256 * 2**20
+"""Largest pre-activation chunk (rows x n_latents x element size) the fast encoder materialises at once on CPU.
+256 MiB holds a whole 4096 x 16384 fp32 batch (one chunk, no slicing overhead) and bounds a 2^20-latent
+dictionary to 64-row chunks instead of a 16 GiB buffer."""
+
+MAX_PREACT_BYTES_CUDA = 2 * 2**30
+"""The same bound on CUDA devices. Larger, because each chunk's top-k is a few kernel launches whose fixed cost
+matters there: on an H200 (batch 131,072, n_latents 65,536, bf16) 2-4 GiB chunks made the step ~18% faster than
+256 MiB ones (``scripts/benchmark.py --preact-mib``)."""
+
+
+def preact_budget(device: torch.device | str) -> int:
+    """Bytes of pre-activations the encoder may hold at once on ``device`` (``MAX_PREACT_BYTES[_CUDA]``)."""
+    return MAX_PREACT_BYTES_CUDA if torch.device(device).type == "cuda" else MAX_PREACT_BYTES
+
+
+_workspace = threading.local()
+_WORKSPACE_SLOTS = ("pre", "dead")
+
+
+def _chunk_buffer(slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A (rows, cols) scratch buffer for one pre-activation chunk (``slot`` "pre", or "dead" for its AuxK columns).
+
+    On CPU the buffer is kept between calls, per thread: a fresh 256 MiB tensor is fresh memory from the operating
+    system, and its page faults cost ~60 ms a step at n 16384 (a sixth of the encoder product; the bare matmul of
+    ``scripts/benchmark.py`` writes into a reused buffer too). It holds at most ``MAX_PREACT_BYTES`` a slot, and is
+    never returned to callers or saved for backward. On CUDA the caching allocator already reuses memory.
+    ``release_workspace`` frees it.
+    """
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    numel = rows * cols
+    buf = getattr(_workspace, slot, None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        setattr(_workspace, slot, None)  # drop the old one before allocating its successor
+        with torch.inference_mode(False):  # a normal tensor: usable both inside and outside inference mode
+            buf = torch.empty(numel, dtype=dtype)
+        setattr(_workspace, slot, buf)
+    return buf[:numel].view(rows, cols)
+
+
+def release_workspace() -> None:
+    """Free the pre-activation buffers this thread keeps between encoder calls on CPU (``_chunk_buffer``) and the
+    scatter order kept for the encoder's backward (``_latent_order``)."""
+    for slot in _WORKSPACE_SLOTS:
+        setattr(_workspace, slot, None)
+    _workspace.order = None
+
+
+def workspace_bytes() -> int:
+    """Bytes of the buffers this thread keeps between encoder calls (0 after ``release_workspace``)."""
+    bufs = [getattr(_workspace, slot, None) for slot in _WORKSPACE_SLOTS]
+    return sum(b.numel() * b.element_size() for b in bufs if b is not None)
+
+
+class EncodeOut(NamedTuple):
+    """Output of ``topk_encode`` / ``naive_topk_encode``. All values have ReLU applied; indices are int64."""
+
+    values: Tensor
+    """(B, k) the k largest pre-activations per row, descending (ties: lower index first)."""
+    indices: Tensor
+    """(B, k) their latent indices."""
+    multi_values: Optional[Tensor]
+    """(B, k_multi) the k_multi largest (first k equal ``values``), or None when k_multi == 0."""
+    multi_indices: Optional[Tensor]
+    """(B, k_multi) their indices, or None."""
+    aux_values: Optional[Tensor]
+    """(B, min(k_aux, n_dead)) the largest pre-activations among dead latents, or None (no AuxK / nothing dead)."""
+    aux_indices: Optional[Tensor]
+    """(B, min(k_aux, n_dead)) their (global) latent indices, or None."""
+
+
+# ---------------------------------------------------------------------------------------------- sparse products
+def _scatter_rows(idx: Tensor, g: Tensor, X: Tensor, n: int) -> Tensor:
+    """(n, d) with out[i] = sum over (b, j) with idx[b, j] == i of g[b, j] * X[b]; a weight gradient of a gather.
+
+    idx, g: (B, m); X: (B, d). Done as an ``embedding_bag`` over the transposed structure (one bag per latent,
+    holding the rows b that selected it), so each output row is written once and no (B * m, d) product exists.
+    Why not ``embedding_bag``'s own backward: it sorts with a parallel radix sort that, measured on a 2-core machine
+    shared with other work (or with a DataLoader worker), took 150-350 ms instead of 2 ms; a descending sort
+    takes the comparison-sort path, which degrades gracefully.
+    """
+    m = idx.shape[1]
+    return _scatter_pairs(idx.reshape(-1), g.reshape(-1), lambda pos: torch.div(pos, m, rounding_mode="floor"), X, n)
+
+
+def _scatter_pairs(flat: Tensor, g: Tensor, row_of, X: Tensor, n: int) -> Tensor:
+    """(n, d): out[i] = sum over positions p with flat[p] == i of g[p] * X[row_of(p)] (``row_of`` maps positions,
+    an int64 tensor, to rows of X). The shared body of ``_scatter_rows`` and the multi-set decoder's backward."""
+    order, offsets = _latent_order(flat, n)
+    return F.embedding_bag(row_of(order), X, offsets, per_sample_weights=g[order], mode="sum")
+
+
+def _latent_order(flat: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Positions of ``flat`` (int64 latent indices) grouped by ascending latent, and each latent's first slot (n,).
+
+    The decoder's backward and then the encoder's scatter the same (token, latent) pairs: the decoded sets,
+    concatenated per row, are the encoder's selection (k-code, Multi-TopK's extra, AuxK's code, in that order). So
+    the second call reuses the first one's sort (a 1.7M-pair sort is ~8% of an AuxK step on 2 CPU cores): a
+    one-entry memo per thread, matched by content (``torch.equal``, ~1 ms) and dropped once used or replaced.
+    """
+    memo = getattr(_workspace, "order", None)
+    _workspace.order = None
+    if memo is not None:
+        key, version, order, offsets = memo
+        if (key.shape == flat.shape and key.device == flat.device and key._version == version
+                and offsets.numel() == n and torch.equal(key, flat)):
+            return order, offsets
+    order = flat.sort(descending=True).indices.flip(0)  # ascending latent index; order within a latent is free
+    offsets = torch.zeros(n, dtype=torch.long, device=flat.device)
+    torch.cumsum(torch.bincount(flat, minlength=n)[:-1], 0, out=offsets[1:])
+    _workspace.order = (flat, flat._version, order, offsets)
+    return order, offsets
+
+
+def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
+    """(B, m) with out[b, j] = W[idx[b, j]] . G[b]: the gradient of the weights of a gather-and-sum."""
+    B, m = idx.shape
+    flat = idx.reshape(-1)
+    offsets = torch.arange(0, B * m, m, device=idx.device)
+    bag = torch.arange(B, device=idx.device).repeat_interleave(m)
+    out = compat.embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag)
+    return out.view(B, m)
+
+
+# ---------------------------------------------------------------------------------------------- fast encoder
+def _compute_dtype(x_c: Tensor, W_enc: Tensor) -> torch.dtype:
+    """The dtype the dense product runs in: the autocast dtype when autocast is on for this device."""
+    dev = x_c.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x_c.dtype, W_enc.dtype)
+
+
+def _select_chunks(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, K: int, dead_idx: Optional[Tensor], k_aux: int):
+    """Dense pre-activations in row chunks; top-K and the AuxK selection from each chunk, then the chunk is freed."""
+    B, n = x_c.shape[0], W_enc.shape[0]
+    dt = _compute_dtype(x_c, W_enc)
+    xc, Wc, bc = x_c.to(dt), W_enc.to(dt), b_enc.to(dt)
+    rows_per_chunk = max(1, preact_budget(x_c.device) // max(1, n * torch.finfo(dt).bits // 8))
+    vals = torch.empty(B, min(K, n), dtype=dt, device=x_c.device)
+    idx = torch.empty(B, min(K, n), dtype=torch.long, device=x_c.device)
+    ka = 0 if dead_idx is None else min(k_aux, dead_idx.numel())
+    aux_vals = torch.empty(B, ka, dtype=dt, device=x_c.device)
+    aux_idx = torch.empty(B, ka, dtype=torch.long, device=x_c.device)
+    with torch.autocast(x_c.device.type, enabled=False):
+        for r0 in range(0, B, rows_per_chunk):
+            r1 = min(B, r0 + rows_per_chunk)
+            pre = torch.addmm(bc, xc[r0:r1], Wc.t(), out=_chunk_buffer("pre", r1 - r0, n, dt, x_c.device))
+            vals[r0:r1], idx[r0:r1] = _topk_exact(pre, K)
+            if ka:
+                # dead_idx is ascending, so "lower local index" is "lower latent index": the tie order carries over.
+                dead = _chunk_buffer("dead", r1 - r0, dead_idx.numel(), dt, x_c.device)
+                av, ai = _topk_exact(torch.index_select(pre, 1, dead_idx, out=dead), ka)
+                aux_vals[r0:r1], aux_idx[r0:r1] = av, dead_idx[ai]
+            del pre
+    return vals, idx, aux_vals, aux_idx
+
+
+class _TopKEncode(torch.autograd.Function):
+    """values = ReLU(top-K of x_c @ W_enc.T + b_enc) (and AuxK values), backward from the selected pairs only."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, K: int, k_aux: int, dead_idx: Optional[Tensor], b_pre: Optional[Tensor]):
+        x_c = x if b_pre is None else x - b_pre
+        vals, idx, aux_vals, aux_idx = _select_chunks(x_c, W_enc, b_enc, K, dead_idx, k_aux)
+        vals.relu_()
+        aux_vals.relu_()
+        ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
+        ctx.b_enc_meta = (b_enc.dtype, b_enc.shape)
+        ctx.b_pre_dtype = None if b_pre is None else b_pre.dtype
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        need_x, need_W, need_b = ctx.needs_input_grad[:3]
+        need_pre = ctx.needs_input_grad[6]
+        pt = W_enc.dtype
+        # d ReLU: the gradient passes where the kept value is > 0 (i.e. the pre-activation was > 0).
+        parts_g, parts_i = [], []
+        if g_vals is not None:
+            parts_g.append((g_vals * (vals > 0)).to(pt))
+            parts_i.append(idx)
+        if g_aux is not None and aux_idx.shape[1]:
+            parts_g.append((g_aux * (aux_vals > 0)).to(pt))
+            parts_i.append(aux_idx)
+        if not parts_g:
+            return None, None, None, None, None, None, None
+        g = torch.cat(parts_g, dim=1) if len(parts_g) > 1 else parts_g[0]
+        ii = torch.cat(parts_i, dim=1) if len(parts_i) > 1 else parts_i[0]
+        # b_pre's gradient is minus the sum over rows of x_c's: sum_b sum_j g[b, j] W_enc[ii[b, j]] = db_enc @ W_enc,
+        # one (n,) x (n, d) product instead of gathering B * m rows of W_enc (which only a per-row dx needs).
+        b_meta = (pt, ctx.b_enc_meta[1]) if need_pre else ctx.b_enc_meta
+        dx, dW, db = _encode_grads(x_c, W_enc, b_meta, g, ii, need_x, need_W, need_b or need_pre)
+        d_pre = None
+        if need_pre:
+            with torch.autocast(x_c.device.type, enabled=False):
+                d_pre = (db @ W_enc).neg_().to(ctx.b_pre_dtype)
+            db = db.to(ctx.b_enc_meta[0]) if need_b else None
+        return dx, dW, db, None, None, None, d_pre
+
+
+def _encode_grads(x_c: Tensor, W_enc: Tensor, b_enc_meta, g: Tensor, ii: Tensor, need_x: bool, need_W: bool,
+                  need_b: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of x_c (B, d), W_enc (n, d) and b_enc (n,) from the selected pairs only (shared by the sharded
+    encoder in ``lit_sae.parallel.tensor``): ii (B, m) int64 rows of W_enc, g (B, m) their pre-activation gradients
+    in W_enc's dtype (ReLU's mask applied; 0 for pairs that carry none). b_enc_meta: (dtype, shape) of b_enc."""
+    pt = W_enc.dtype
+    dx = dW = db = None
+    with torch.autocast(x_c.device.type, enabled=False):
+        if need_x:  # dx_c[b] = sum_j g[b, j] W_enc[ii[b, j]]
+            dx = F.embedding_bag(ii, W_enc, per_sample_weights=g, mode="sum").to(x_c.dtype)
+        if need_W:  # dW_enc[i] = sum over (b, j) selecting i of g[b, j] x_c[b]
+            dW = _scatter_rows(ii, g, x_c.to(pt), W_enc.shape[0])
+        if need_b:
+            b_dtype, b_shape = b_enc_meta
+            db = torch.zeros(b_shape, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
+            db = db.to(b_dtype)
+    return dx, dW, db
+
+
+def _dead_indices(dead_mask: Optional[Tensor], k_aux: int, device) -> Optional[Tensor]:
+    """Ascending indices of dead latents, or None when AuxK is off or nothing is dead."""
+    if not k_aux or dead_mask is None:
+        return None
+    dead_idx = dead_mask.to(device).nonzero().squeeze(1)
+    return dead_idx if dead_idx.numel() else None
+
+
+def _check_encode_args(x_c: Tensor, W_enc: Tensor, k: int, k_multi: int, b_pre: Optional[Tensor] = None) -> None:
+    """Shape and k checks shared by both encoders (errors name the argument)."""
+    if x_c.dim() != 2 or W_enc.dim() != 2 or x_c.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"x_c {tuple(x_c.shape)} and W_enc {tuple(W_enc.shape)} must be (B, d) and (n_latents, d)")
+    if b_pre is not None and tuple(b_pre.shape) != (W_enc.shape[1],):
+        raise ValueError(f"b_pre {tuple(b_pre.shape)} must be (d,) = ({W_enc.shape[1]},), the input's width")
+    if not 0 < k <= W_enc.shape[0]:
+        raise ValueError(f"k={k} must satisfy 0 < k <= n_latents={W_enc.shape[0]}")
+    if k_multi and not k <= k_multi <= W_enc.shape[0]:
+        raise ValueError(f"k_multi={k_multi} must satisfy k={k} <= k_multi <= n_latents={W_enc.shape[0]}")
+
+
+def topk_encode(
+    x_c: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    k_multi: int = 0,
+    k_aux: int = 0,
+    dead_mask: Optional[Tensor] = None,
+    b_pre: Optional[Tensor] = None,
+) -> EncodeOut:
+    """Fast TopK encoder: one dense product, exact top-k / top-k_multi / AuxK selection, sparse backward.
+
+    x_c: (B, d) input, centred by the caller (x_n - b_pre) or, when ``b_pre`` (d,) is given, here: the product is
+    then (x_c - b_pre) @ W_enc.T + b_enc, and b_pre's gradient is -(sum of the pre-activation gradients per latent)
+    @ W_enc, a (n,) x (n, d) product, where centring outside needs x_c's per-row gradient (a gather of B * m rows
+    of W_enc; x_c still gets it when it requires a gradient). W_enc: (n, d); b_enc: (n,); dead_mask: (n,) bool or
+    None. See ``EncodeOut`` for the outputs. Gradients flow to x_c, W_enc, b_enc (and b_pre) from values,
+    multi_values and aux_values, computed from the selected indices only.
+
+    Raises:
+        ValueError: shapes or k out of range (``_check_encode_args``), or ``b_pre`` not of shape (d,).
+    """
+    _check_encode_args(x_c, W_enc, k, k_multi, b_pre)
+    K = max(k, k_multi)
+    dead_idx = _dead_indices(dead_mask, k_aux, x_c.device)
+    vals, idx, aux_vals, aux_idx = _TopKEncode.apply(x_c, W_enc, b_enc, K, k_aux, dead_idx, b_pre)
+    multi = (vals, idx) if k_multi else (None, None)
+    aux = (aux_vals, aux_idx) if dead_idx is not None else (None, None)
+    return EncodeOut(vals[:, :k], idx[:, :k], *multi, *aux)
+
+
+# ---------------------------------------------------------------------------------------------- fast decoder
+class _SparseDecode(torch.autograd.Function):
+    """Gather-and-sum decoder with a backward over the selected rows only."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        d_values = d_W = None
+        if ctx.needs_input_grad[0]:
+            d_values = _gather_dot(indices, W_dec, grad_out.contiguous())
+        if ctx.needs_input_grad[2]:
+            d_W = _scatter_rows(indices, values, grad_out, W_dec.shape[0])
+        return d_values, None, d_W
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """(B, d) = sum_j values[:, j, None] * W_dec[indices[:, j]], a gather-and-sum over the selected rows only.
+
+    values: (B, k) (cast to W_dec's dtype); indices: (B, k) int64, repeats allowed (they add up).
+    Backward: d values = rows of W_dec dotted with the output gradient; d W_dec = scatter-add into the used rows.
+    """
+    if values.dtype != W_dec.dtype:
+        values = values.to(W_dec.dtype)
+    if indices.shape[1] == 0:  # embedding_bag rejects empty bags of width 0; the sum of nothing is 0
+        return values.sum(dim=1, keepdim=True).expand(-1, W_dec.shape[1]).contiguous()
+    with torch.autocast(values.device.type, enabled=False):
+        return _SparseDecode.apply(values, indices, W_dec)
+
+
+class _SparseDecodeSets(torch.autograd.Function):
+    """Several gather-and-sum decodes with one W_dec: one scatter (one sort, one (n, d) gradient) in the backward."""
+
+    @staticmethod
+    def forward(ctx, W_dec, *flat):
+        vals, idxs = flat[0::2], flat[1::2]
+        ctx.save_for_backward(W_dec, *flat)
+        return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") for v, i in zip(vals, idxs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        W_dec, *flat = ctx.saved_tensors
+        vals, idxs = flat[0::2], flat[1::2]
+        B, d = vals[0].shape[0], W_dec.shape[1]
+        grads = [
+            torch.zeros(B, d, dtype=W_dec.dtype, device=W_dec.device) if g is None else g.contiguous() for g in grads
+        ]
+        d_vals = [
+            _gather_dot(i, W_dec, g) if ctx.needs_input_grad[1 + 2 * s] else None
+            for s, (i, g) in enumerate(zip(idxs, grads))
+        ]
+        d_W = None
+        if ctx.needs_input_grad[0]:
+            # Position p of the concatenated (B, m_0 + m_1 + ...) pairs belongs to set s(p) and token b(p); its
+            # gradient rows are rows B * s + b of the stacked output gradients.
+            widths = [i.shape[1] for i in idxs]
+            m = sum(widths)
+            set_of_col = torch.repeat_interleave(
+                torch.arange(len(widths), device=W_dec.device), torch.tensor(widths, device=W_dec.device)
+            )
+            cat_i = torch.cat(idxs, dim=1).reshape(-1)
+            cat_v = torch.cat(vals, dim=1).reshape(-1)
+
+            def row_of(pos):
+                return set_of_col[pos % m] * B + torch.div(pos, m, rounding_mode="floor")
+
+            d_W = _scatter_pairs(cat_i, cat_v, row_of, torch.cat(grads, dim=0), W_dec.shape[0])
+        out = [d_W]
+        for dv in d_vals:
+            out += [dv, None]
+        return tuple(out)
+
+
+def sparse_decode_sets(codes: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Tensor]:
+    """``[sparse_decode(v, i, W_dec) for v, i in codes]`` with one backward for all: a single sort and a single
+    (n, d) gradient of W_dec instead of one per set (the k-code, Multi-TopK's extra code and AuxK's code share it).
+
+    codes: (values (B, m_s), indices (B, m_s) int64) per set, the same B; m_s may differ and be 0. Returns (B, d).
+    """
+    if not codes:
+        return []
+    codes = [(v.to(W_dec.dtype) if v.dtype != W_dec.dtype else v, i) for v, i in codes]
+    live = [s for s, (_, i) in enumerate(codes) if i.shape[1]]
+    out: list[Optional[Tensor]] = [None] * len(codes)
+    if live:
+        with torch.autocast(W_dec.device.type, enabled=False):
+            flat = [t for s in live for t in codes[s]]
+            for s, y in zip(live, _SparseDecodeSets.apply(W_dec, *flat)):
+                out[s] = y
+    for s, (v, i) in enumerate(codes):
+        if out[s] is None:
+            out[s] = sparse_decode(v, i, W_dec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- dense reference
+def _topk_reference(pre: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Top-K with the exact order: plain ``torch.topk``, and a stable full sort for the rows where ties make
+    topk's choice ambiguous (at the boundary or inside the selection)."""
+    K = min(K, pre.shape[1])
+    kk = min(K + 1, pre.shape[1])
+    vals, idx = pre.topk(kk, dim=1)
+    tied = (vals[:, 1:] == vals[:, :-1]).any(dim=1) if kk > 1 else torch.zeros_like(vals[:, 0], dtype=torch.bool)
+    vals, idx = vals[:, :K], idx[:, :K]
+    rows = tied.nonzero().squeeze(1)
+    if rows.numel():
+        _, sidx = _stable_topk_reference(pre[rows].detach(), K)
+        idx = idx.clone()
+        idx[rows] = sidx
+        vals = pre.gather(1, idx)
+    return vals, idx
+
+
+def naive_topk_encode(
+    x_c: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    k_multi: int = 0,
+    k_aux: int = 0,
+    dead_mask: Optional[Tensor] = None,
+    b_pre: Optional[Tensor] = None,
+) -> EncodeOut:
+    """Dense reference of ``topk_encode`` (same signature and outputs); plain autograd through a dense product,
+    so its backward builds dense (B, n) gradients. For tests and the benchmark's baseline."""
+    _check_encode_args(x_c, W_enc, k, k_multi, b_pre)
+    pre = F.linear(x_c if b_pre is None else x_c - b_pre, W_enc, b_enc)
+    _, idx = _topk_reference(pre.detach(), max(k, k_multi))
+    values = F.relu(pre.gather(1, idx))
+    mv = mi = av = ai = None
+    if k_multi:
+        mv, mi = values, idx
+    dead_idx = _dead_indices(dead_mask, k_aux, x_c.device)
+    if dead_idx is not None:
+        dead = torch.zeros(W_enc.shape[0], dtype=torch.bool, device=x_c.device)
+        dead[dead_idx] = True
+        masked = pre.masked_fill(~dead, float("-inf"))
+        _, ai = _topk_reference(masked.detach(), min(k_aux, dead_idx.numel()))
+        av = F.relu(pre.gather(1, ai))
+    return EncodeOut(values[:, :k], idx[:, :k], mv, mi, av, ai)
+
+
+def naive_sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """Dense reference of ``sparse_decode``: scatter-add the code into (B, n) and multiply by W_dec."""
+    dense = torch.zeros(values.shape[0], W_dec.shape[0], dtype=values.dtype, device=values.device)
+    return dense.scatter_add(1, indices, values) @ W_dec.to(values.dtype)

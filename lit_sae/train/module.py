@@ -1,0 +1,380 @@
+"""``SAEModule``: the paper's optimisation recipe for a ``TopKSAE`` as a LightningModule, for every architecture
+of ``lit_sae.sae.activations`` (topk, batchtopk, matryoshka BatchTopK, relu + L1, jumprelu).
+
+Checkpoint hooks (resume checks, RNG states) live in ``lit_sae.train.resume_checks``, the LR schedule in
+``lit_sae.train.schedule``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lit_sae import compat
+from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD, DeadLatentTracker
+from lit_sae.eval.metrics import L0, NormalizedMSE
+from lit_sae.parallel.data import data_parallel_size
+from lit_sae.parallel.sharding import configure_sharded, export_at_fit_end, is_sharded, owned_indices, sae_init_context
+from lit_sae.sae import activations
+from lit_sae.sae.checks import check_acts
+from lit_sae.sae.ema import EMA
+from lit_sae.sae.model import ENCODER_INIT_NORM, SAEOutput, TopKSAE
+from lit_sae.train.resume_checks import RESUME_MUST_MATCH, ResumeChecks, _same  # noqa: F401 (re-exported)
+from lit_sae.train.runs import export_dir
+from lit_sae.train.schedule import check_schedule, check_threshold_lr_scale, param_groups, step_scheduler
+from lit_sae.train.schedule import lr_factor as _schedule  # noqa: F401 (the former name, kept for callers)
+
+log = logging.getLogger(__name__)
+
+PAPER_LR = 2e-4  # Gao et al. 2024, section 2.3: lr = 2e-4 / sqrt(n_latents / 2^14)
+PAPER_EPS = 6.25e-10  # Adam epsilon of OpenAI's training code
+
+
+def default_lr(n_latents: int) -> float:
+    """The paper's learning-rate scaling law: 2e-4 at 16k latents, proportional to 1/sqrt(n_latents)."""
+    return PAPER_LR / math.sqrt(n_latents / 2**14)
+
+
+def batch_acts(batch: Any) -> Tensor:
+    """The activations of a batch: a dict with ``acts`` (from the DataModules) or a bare (B, d_in) tensor."""
+    return batch["acts"] if isinstance(batch, dict) else batch
+
+
+class SAEModule(ResumeChecks, L.LightningModule):
+    """Trains an SAE as Gao et al. (2024) train TopK SAEs (Adam, unit-norm decoder rows, AuxK, EMA, schedules),
+    with any architecture of ``lit_sae.sae.activations``.
+
+    Args:
+        d_in: width of the activations (linked from the data's manifest by the CLI).
+        n_latents: dictionary size.
+        k: active latents per token (topk); per token on average over the batch (batchtopk, matryoshka); unused by
+            relu and jumprelu, whose L0 the penalty sets.
+        k_aux: latents in the AuxK loss (default d_in // 2; topk, batchtopk, matryoshka).
+        auxk_coef: AuxK weight (1/32).
+        multi_topk: add L(4k)/8 to the loss (topk only).
+        activation: ``topk`` | ``batchtopk`` | ``matryoshka`` (Matryoshka BatchTopK; also spelled
+            ``matryoshka_batchtopk``) | ``relu`` (+ L1) | ``jumprelu``; objectives in ``lit_sae.sae.activations``.
+        sparsity_coef: relu: weight of the normalised L1 ``||z||_1 / ||x||_2``; jumprelu: weight of the L0
+            (required for both, >= 0; not allowed for the others).
+        sparsity_warmup_steps: relu / jumprelu: the penalty ramps linearly from 0 over this many steps (default 0).
+        jumprelu_bandwidth: jumprelu: the straight-through estimator's kernel width (default 0.001, the paper's).
+        jumprelu_init_threshold: jumprelu: every latent's initial threshold (default 0.001, Gemma Scope's; the
+            scale of both assumes ``normalize: scalar``).
+        jumprelu_threshold_lr_scale: jumprelu: the thresholds' learning rate as a multiple of ``lr`` (default 30;
+            the measured reason is beside ``lit_sae.sae.activations.JUMPRELU_THRESHOLD_LR_SCALE``).
+        matryoshka_prefixes: matryoshka: increasing prefix sizes, each of which reconstructs the input (n_latents
+            is added as the last; required).
+        normalize: input normalisation, ``none`` / ``scalar`` / ``layernorm``.
+        encoder_init_norm: row norm of W_enc at init (W_enc = this * W_dec^T; the paper's tied init is 1.0, 0.5
+            measured better on short runs).
+        fast: sparse kernels (False: dense reference path).
+        lr: Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14).
+        betas: Adam betas.
+        eps: Adam epsilon (6.25e-10, as OpenAI).
+        warmup_steps: linear warm-up steps (0: none).
+        decay_start: fraction of the run after which the LR decays linearly to 0 (null: constant).
+        ema_decay: EMA of the weights used for validation, test and export (null: off; paper: 0.999).
+        dead_after_tokens: a latent that has not fired for this many tokens is dead (10M, the paper's value).
+        init_tokens: tokens sampled at the start of a fit for b_pre (geometric median) and the scale.
+        hook_point: where the activations come from (recorded in exports; linked from the data).
+        lm_name: the language model (recorded in exports; linked from the data).
+        export_dir: where ``on_fit_end`` exports the SAE (default: ``<trainer.default_root_dir>/sae``, the run's
+            folder; ``none`` disables).
+        init_from: an SAE this module starts from, e.g. to ``lit-sae test`` it: a lit-sae export or checkpoint, a
+            SAELens or sparsify folder, an OpenAI .pt (``lit_sae.load_sae``); d_in, n_latents and k must match it.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int = 16384,
+        k: int = 32,
+        k_aux: Optional[int] = None,
+        auxk_coef: float = 1 / 32,
+        multi_topk: bool = False,
+        activation: str = "topk",
+        sparsity_coef: Optional[float] = None,
+        sparsity_warmup_steps: Optional[int] = None,
+        jumprelu_bandwidth: Optional[float] = None,
+        jumprelu_init_threshold: Optional[float] = None,
+        jumprelu_threshold_lr_scale: Optional[float] = None,
+        matryoshka_prefixes: Optional[list[int]] = None,
+        normalize: Literal["none", "scalar", "layernorm"] = "none",
+        encoder_init_norm: float = ENCODER_INIT_NORM,
+        fast: bool = True,
+        lr: Optional[float] = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = PAPER_EPS,
+        warmup_steps: int = 0,
+        decay_start: Optional[float] = None,
+        ema_decay: Optional[float] = None,
+        dead_after_tokens: int = 10_000_000,
+        init_tokens: int = 32_768,
+        hook_point: Optional[str] = None,
+        lm_name: Optional[str] = None,
+        export_dir: Optional[str] = None,
+        init_from: Optional[str] = None,
+    ):
+        super().__init__()
+        if lr is not None and lr <= 0:
+            raise ValueError(f"model.lr={lr} must be positive (or null for the paper's default)")
+        check_schedule(warmup_steps, decay_start)
+        check_threshold_lr_scale(jumprelu_threshold_lr_scale)
+        self.save_hyperparameters()
+        arch = {"sparsity_coef": sparsity_coef, "sparsity_warmup_steps": sparsity_warmup_steps,
+                "jumprelu_bandwidth": jumprelu_bandwidth, "jumprelu_init_threshold": jumprelu_init_threshold,
+                "matryoshka_prefixes": matryoshka_prefixes}
+        activations.check_applicable(activation, {**arch, "multi_topk": multi_topk, "k_aux": k_aux,
+                                                  "jumprelu_threshold_lr_scale": jumprelu_threshold_lr_scale}, "model.")
+        try:  # on the meta device when lit-sae fit shards the SAE over latents (lit_sae.parallel.sharding)
+            with sae_init_context():
+                self.sae = TopKSAE(
+                    d_in,
+                    n_latents,
+                    k,
+                    k_aux=k_aux,
+                    auxk_coef=auxk_coef,
+                    multi_topk=multi_topk,
+                    activation=activation,
+                    normalize=normalize,
+                    encoder_init_norm=encoder_init_norm,
+                    fast=fast,
+                    **{key: value for key, value in arch.items() if value is not None},
+                )
+        except ValueError as exn:  # the SAE names its argument; say it is a key of the config's model section
+            raise ValueError(f"model.{exn}") from None
+        if self.sae.activation == "jumprelu" and normalize != "scalar":
+            log.warning("model.activation=jumprelu with normalize=%r: the bandwidth and initial threshold (0.001) "
+                        "assume inputs scaled to E||x||^2 = d_in (normalize: scalar)", normalize)
+        if init_from is not None:
+            self._load_export(init_from)
+        self.lr = lr if lr is not None else default_lr(n_latents)
+        self.ema = EMA(self.sae, ema_decay) if ema_decay is not None else None
+        if dead_after_tokens <= 0:
+            raise ValueError(f"model.dead_after_tokens={dead_after_tokens} must be positive (the paper: 10M)")
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        # Tokens (over all ranks) since each latent last fired: the AuxK loss trains the latents that have not fired
+        # for dead_after_tokens. Training state, so a buffer: saved and restored with the weights.
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        self.dead_mask: Optional[Tensor] = None  # the mask of the latest step (n_latents,) bool
+        self.val_nmse, self.val_l0 = NormalizedMSE(), L0()
+        self.test_nmse, self.test_l0 = NormalizedMSE(), L0()
+        self._eval_stack = ExitStack()
+        self._last_time: Optional[float] = None
+        self._resumed_rng: Optional[dict] = None  # RNG states of a loaded checkpoint, applied at the next step
+
+    def _load_export(self, path: str) -> None:
+        """Start from the SAE at ``path`` (anything ``lit_sae.load_sae`` reads); it replaces the configured SAE."""
+        from lit_sae.artifacts.load import load_sae
+
+        sae = load_sae(path)
+        hook = sae.metadata.get("hook_name")
+        if not hook:
+            log.warning("%s names no hook point: make sure it was trained on %s", path, self.hparams.hook_point)
+        elif self.hparams.hook_point and hook != self.hparams.hook_point:
+            raise ValueError(f"{path}: the SAE was trained on hook point {hook!r}, the data holds "
+                             f"{self.hparams.hook_point!r}: harvest shards at {hook!r} (or load an SAE of that hook)")
+        mine = {"d_in": self.sae.d_in, "n_latents": self.sae.n_latents}
+        theirs = {"d_in": sae.d_in, "n_latents": sae.n_latents}
+        if sae.activation == "topk":
+            mine["k"], theirs["k"] = self.sae.k, sae.k
+        diff = {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
+        if diff:
+            hint = " (d_in comes from the data: use shards of the SAE's width)" if "d_in" in diff else ""
+            raise ValueError(f"{path}: the SAE differs from the model config in {diff} (config, file){hint}; set "
+                             "these model keys to the file's values")
+        self.sae = sae.float().train(self.training)
+
+    # ------------------------------------------------------------------ set-up
+    def configure_callbacks(self):
+        """A ``DeadLatentTracker``: a read-only view of the module's dead-latent counters for other callbacks and
+        scripts (the counters themselves are the ``tokens_since_fired`` buffer, updated in ``training_step``)."""
+        return [DeadLatentTracker(dead_after_tokens=self.hparams.dead_after_tokens)]
+
+    def dead_latent_mask(self) -> Tensor:
+        """(n_latents,) bool: True for latents that have not fired within ``dead_after_tokens`` tokens."""
+        return self.tokens_since_fired >= self.hparams.dead_after_tokens
+
+    @torch.no_grad()
+    def _count_fired_(self, latent_values: Tensor, latent_indices: Tensor) -> None:
+        """Advance every latent's counter by this step's tokens (summed over ranks); reset the ones that fired."""
+        counts = self.tokens_since_fired
+        fired = torch.zeros(counts.numel() + 1, device=counts.device)
+        local, owned = owned_indices(self, latent_indices)  # a latent-sharded SAE counts its own latents only
+        fired[local[owned & (latent_values > FIRE_THRESHOLD)]] = 1.0
+        fired[-1] = latent_indices.shape[0]  # this rank's tokens, summed with the masks in one collective
+        if self._trainer is not None:
+            fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
+        counts += fired[-1].to(counts.dtype)  # stays on the device: no host sync per step
+        counts[fired[:-1] > 0] = 0
+
+    def configure_model(self) -> None:
+        """Under ``lit_sae.parallel.strategy.SAEModelParallelStrategy``: shard the SAE over the device mesh's
+        tensor-parallel ranks (``lit_sae.parallel.sharding.configure_sharded``); no-op otherwise."""
+        configure_sharded(self)
+
+    def setup(self, stage: str) -> None:
+        """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data``): DDP on W ranks of
+        ``data.batch_size_tokens`` each trains exactly as one process on the W-times larger batch."""
+        if stage == "fit":
+            from lit_sae.parallel.data import use_data_parallel_losses
+
+            use_data_parallel_losses(self.sae)
+
+    def on_fit_start(self) -> None:
+        """Initialise b_pre (geometric median) and the input scale from data, once: never on resume."""
+        if bool(self.sae.data_initialized):
+            return
+        sample = self._init_sample(self.hparams.init_tokens).to(self.device)
+        self.sae.init_from_data_(sample)
+        # Every rank must start from the same b_pre and scale, whatever its own sample was.
+        self.sae.b_pre.data.copy_(self.trainer.strategy.broadcast(self.sae.b_pre.data, src=0))
+        self.sae.norm_scale.copy_(self.trainer.strategy.broadcast(self.sae.norm_scale, src=0))
+        log.info("b_pre initialised at the geometric median of %d tokens", sample.shape[0])
+
+    def _init_sample(self, n_tokens: int) -> Tensor:
+        """A deterministic sample of training activations, from the DataModule's ``sample_activations`` if any."""
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "sample_activations"):
+            return dm.sample_activations(n_tokens).float()
+        chunks, have = [], 0
+        for batch in compat.train_dataloader_of(self.trainer):
+            chunks.append(batch_acts(batch).float())
+            have += chunks[-1].shape[0]
+            if have >= n_tokens:
+                break
+        return torch.cat(chunks)[:n_tokens]
+
+    def configure_optimizers(self):
+        """Adam with the paper's betas and epsilon; optional linear warm-up and linear decay, per step."""
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
+        groups = param_groups(self.sae, self.lr, self.hparams.get("jumprelu_threshold_lr_scale"))
+        opt = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused)
+        schedule = (self.hparams.warmup_steps, self.hparams.decay_start, "model.")
+        sched = step_scheduler(opt, self._trainer, [schedule] * len(groups))
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+
+    @staticmethod
+    def default_lr_of(hparams: dict[str, Any]) -> float:
+        """The learning rate a run with these hyperparameters used (its ``lr``, else the paper's default)."""
+        return hparams.get("lr") or default_lr(int(hparams["n_latents"]))
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
+        """Run the SAE on activations (B, d_in)."""
+        return self.sae(x, dead_mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """One step of the paper's objective; returns the sparse code for the callbacks."""
+        x = check_acts(batch_acts(batch), self.sae.d_in, "training batch acts")
+        self.dead_mask = self.dead_latent_mask()
+        out = self.sae(x, self.dead_mask)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite training loss {out.loss.item()} at step {self.global_step}: stopping before the "
+                "weights are updated; the last checkpoint is still good (try a lower model.lr)"
+            )
+        tokens = x.shape[0] * data_parallel_size(self.trainer)
+        self.tokens_seen += tokens
+        self._count_fired_(out.latent_values.detach(), out.latent_indices)
+        metrics = {
+            "train/loss": out.loss,
+            "train/nmse": out.nmse,
+            "train/auxk_loss": out.auxk_loss,
+            "train/l0": (out.latent_values > 0).sum(dim=1).float().mean(),
+        }
+        if self.hparams.multi_topk:
+            metrics["train/multik_loss"] = out.multik_loss
+        if out.sparsity_loss is not None:  # relu: normalised L1; jumprelu: L0 (unweighted)
+            metrics["train/sparsity_loss"] = out.sparsity_loss
+        self.log_dict(metrics, prog_bar=False)
+        self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
+        self.log("train/dead_fraction", self.dead_latent_mask().float().mean())
+        now = time.perf_counter()
+        if self._last_time is not None:
+            self.log("tokens_per_s", tokens / max(now - self._last_time, 1e-9), prog_bar=True)
+        self._last_time = now
+        return {"loss": out.loss, "latent_values": out.latent_values.detach(), "latent_indices": out.latent_indices}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Keep decoder rows on the unit sphere: drop the gradient component along each row."""
+        self.sae.remove_parallel_grads_()
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Adam step, then renormalise the decoder rows and fold the weights into the EMA."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.sae.normalize_decoder_()
+        if self.ema is not None:
+            self.ema.update(self.sae)
+
+    # ------------------------------------------------------------------ evaluation
+    def _enter_ema(self) -> None:
+        if self.ema is not None:
+            self._eval_stack.enter_context(self.ema.swapped_into(self.sae))
+
+    def _exit_ema(self) -> None:
+        self._eval_stack.close()
+
+    def on_validation_epoch_start(self) -> None:
+        self._enter_ema()
+
+    def on_validation_epoch_end(self) -> None:
+        self._exit_ema()
+
+    def on_test_epoch_start(self) -> None:
+        self._enter_ema()
+
+    def on_test_epoch_end(self) -> None:
+        self._exit_ema()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Normalised MSE and L0 over the whole validation split (torchmetrics: exact across batches and ranks)."""
+        x = check_acts(batch_acts(batch), self.sae.d_in, "validation batch acts").float()
+        out = self.sae(x)
+        self.val_nmse.update(x, out.x_hat)
+        self.val_l0.update(out.latent_values)
+        self.log("val/nmse", self.val_nmse, prog_bar=True)
+        self.log("val/l0", self.val_l0)
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Like validation; returns what the evaluation callbacks need."""
+        x = check_acts(batch_acts(batch), self.sae.d_in, "test batch acts").float()
+        out = self.sae(x)
+        self.test_nmse.update(x, out.x_hat)
+        self.test_l0.update(out.latent_values)
+        self.log("test/nmse", self.test_nmse)
+        self.log("test/l0", self.test_l0)
+        return {
+            "x": x,
+            "x_hat": out.x_hat,
+            "latent_values": out.latent_values,
+            "latent_indices": out.latent_indices,
+            "batch": batch,
+        }
+
+    # ------------------------------------------------------------------ export
+    def on_fit_end(self) -> None:
+        """Export the trained SAE (EMA weights when on) in SAELens's layout."""
+        if self.hparams.export_dir == "none":
+            return
+        out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))
+        if is_sharded(self):  # every rank takes part in gathering the shards
+            return export_at_fit_end(self, out)
+        if not self.trainer.is_global_zero:
+            return
+        from lit_sae.artifacts.export import export_sae
+
+        with ExitStack() as stack:
+            if self.ema is not None:
+                stack.enter_context(self.ema.swapped_into(self.sae))
+            export_sae(self.sae, out, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name)
+        log.info("exported the SAE to %s", out)
+
+
