@@ -203,7 +203,7 @@ def worker(args) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         _reset_peak_rss()
-        # The encoder's reused chunk buffers (``kernels._chunk_buffer``) were allocated by the warm-up step: they are
+        # The encoder's reused chunk buffers (``lit_sae.sae.workspace._chunk_buffer``) were allocated by the warm-up step: they are
         # part of the step's memory, so they are added back to the peak measured above this base.
         base = _rss_bytes() - kernels.workspace_bytes()
     times, cpu_times = [], []

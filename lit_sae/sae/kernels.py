@@ -10,7 +10,7 @@ The only dense work a TopK SAE needs in training is the encoder's product ``x_c 
 - computes the pre-activations in row chunks of at most ``preact_budget(device)`` bytes (so the step never holds
   more than one (B, n) buffer, and less for very wide dictionaries), selects top-k / top-k_multi / the AuxK
   top-k_aux among dead latents from that same buffer (``selection.topk_exact``), and writes the next chunk over it
-  (on CPU the buffer is kept from one call to the next: ``_chunk_buffer``);
+  (on CPU the buffer is kept from one call to the next: ``lit_sae.sae.workspace``);
 - computes the encoder's backward (grads of x_c, W_enc, b_enc) from the selected (index, grad) pairs only, with
   ``embedding_bag`` (a gather-and-sum forward whose weight-gradient is the scatter-add we need);
 - decodes with ``embedding_bag`` (gather-and-sum), whose backward touches only the selected rows of W_dec and
@@ -24,22 +24,33 @@ gives). Rows whose pre-activations contain NaN have no defined selection.
 Under ``torch.autocast`` the encoder product runs in the autocast dtype (bf16: values come out in bf16, like the
 reference path); the sparse backward and the decoder accumulate in the parameters' dtype.
 
+Where each part lives: the encoder (``topk_encode``, its autograd function, the chunked selection) and the dense
+references (``naive_*``) here; the decoder in ``lit_sae.sae.decode_kernels``; the gather/scatter products both
+backward passes use in ``lit_sae.sae.scatter``; the buffers kept between calls in ``lit_sae.sae.workspace``. Every
+public name is importable from this module.
+
 The CUDA path is the same PyTorch code (no Triton kernels). CI has no GPU; ``scripts/gpu_check.sh`` runs the
 equivalence tests and the benchmark on a machine that has one (docs/performance.md gives its measured results).
 """
 
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_sae import compat
+from lit_sae.sae.decode_kernels import sparse_decode, sparse_decode_sets
+from lit_sae.sae.scatter import _scatter_rows
 from lit_sae.sae.selection import stable_topk_reference as _stable_topk_reference
 from lit_sae.sae.selection import topk_exact as _topk_exact
+from lit_sae.sae.workspace import _chunk_buffer, release_workspace, workspace_bytes
+
+__all__ = [
+    "MAX_PREACT_BYTES", "MAX_PREACT_BYTES_CUDA", "EncodeOut", "naive_sparse_decode", "naive_topk_encode",
+    "preact_budget", "release_workspace", "sparse_decode", "sparse_decode_sets", "topk_encode", "workspace_bytes",
+]
 
 MAX_PREACT_BYTES = 256 * 2**20
 """Largest pre-activation chunk (rows x n_latents x element size) the fast encoder materialises at once on CPU.
@@ -57,45 +68,6 @@ def preact_budget(device: torch.device | str) -> int:
     return MAX_PREACT_BYTES_CUDA if torch.device(device).type == "cuda" else MAX_PREACT_BYTES
 
 
-_workspace = threading.local()
-_WORKSPACE_SLOTS = ("pre", "dead")
-
-
-def _chunk_buffer(slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A (rows, cols) scratch buffer for one pre-activation chunk (``slot`` "pre", or "dead" for its AuxK columns).
-
-    On CPU the buffer is kept between calls, per thread: a fresh 256 MiB tensor is fresh memory from the operating
-    system, and its page faults cost ~60 ms a step at n 16384 (a sixth of the encoder product; the bare matmul of
-    ``scripts/benchmark.py`` writes into a reused buffer too). It holds at most ``MAX_PREACT_BYTES`` a slot, and is
-    never returned to callers or saved for backward. On CUDA the caching allocator already reuses memory.
-    ``release_workspace`` frees it.
-    """
-    if device.type != "cpu":
-        return torch.empty(rows, cols, dtype=dtype, device=device)
-    numel = rows * cols
-    buf = getattr(_workspace, slot, None)
-    if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        setattr(_workspace, slot, None)  # drop the old one before allocating its successor
-        with torch.inference_mode(False):  # a normal tensor: usable both inside and outside inference mode
-            buf = torch.empty(numel, dtype=dtype)
-        setattr(_workspace, slot, buf)
-    return buf[:numel].view(rows, cols)
-
-
-def release_workspace() -> None:
-    """Free the pre-activation buffers this thread keeps between encoder calls on CPU (``_chunk_buffer``) and the
-    scatter order kept for the encoder's backward (``_latent_order``)."""
-    for slot in _WORKSPACE_SLOTS:
-        setattr(_workspace, slot, None)
-    _workspace.order = None
-
-
-def workspace_bytes() -> int:
-    """Bytes of the buffers this thread keeps between encoder calls (0 after ``release_workspace``)."""
-    bufs = [getattr(_workspace, slot, None) for slot in _WORKSPACE_SLOTS]
-    return sum(b.numel() * b.element_size() for b in bufs if b is not None)
-
-
 class EncodeOut(NamedTuple):
     """Output of ``topk_encode`` / ``naive_topk_encode``. All values have ReLU applied; indices are int64."""
 
@@ -111,59 +83,6 @@ class EncodeOut(NamedTuple):
     """(B, min(k_aux, n_dead)) the largest pre-activations among dead latents, or None (no AuxK / nothing dead)."""
     aux_indices: Optional[Tensor]
     """(B, min(k_aux, n_dead)) their (global) latent indices, or None."""
-
-
-# ---------------------------------------------------------------------------------------------- sparse products
-def _scatter_rows(idx: Tensor, g: Tensor, X: Tensor, n: int) -> Tensor:
-    """(n, d) with out[i] = sum over (b, j) with idx[b, j] == i of g[b, j] * X[b]; a weight gradient of a gather.
-
-    idx, g: (B, m); X: (B, d). Done as an ``embedding_bag`` over the transposed structure (one bag per latent,
-    holding the rows b that selected it), so each output row is written once and no (B * m, d) product exists.
-    Why not ``embedding_bag``'s own backward: it sorts with a parallel radix sort that, measured on a 2-core machine
-    shared with other work (or with a DataLoader worker), took 150-350 ms instead of 2 ms; a descending sort
-    takes the comparison-sort path, which degrades gracefully.
-    """
-    m = idx.shape[1]
-    return _scatter_pairs(idx.reshape(-1), g.reshape(-1), lambda pos: torch.div(pos, m, rounding_mode="floor"), X, n)
-
-
-def _scatter_pairs(flat: Tensor, g: Tensor, row_of, X: Tensor, n: int) -> Tensor:
-    """(n, d): out[i] = sum over positions p with flat[p] == i of g[p] * X[row_of(p)] (``row_of`` maps positions,
-    an int64 tensor, to rows of X). The shared body of ``_scatter_rows`` and the multi-set decoder's backward."""
-    order, offsets = _latent_order(flat, n)
-    return F.embedding_bag(row_of(order), X, offsets, per_sample_weights=g[order], mode="sum")
-
-
-def _latent_order(flat: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Positions of ``flat`` (int64 latent indices) grouped by ascending latent, and each latent's first slot (n,).
-
-    The decoder's backward and then the encoder's scatter the same (token, latent) pairs: the decoded sets,
-    concatenated per row, are the encoder's selection (k-code, Multi-TopK's extra, AuxK's code, in that order). So
-    the second call reuses the first one's sort (a 1.7M-pair sort is ~8% of an AuxK step on 2 CPU cores): a
-    one-entry memo per thread, matched by content (``torch.equal``, ~1 ms) and dropped once used or replaced.
-    """
-    memo = getattr(_workspace, "order", None)
-    _workspace.order = None
-    if memo is not None:
-        key, version, order, offsets = memo
-        if (key.shape == flat.shape and key.device == flat.device and key._version == version
-                and offsets.numel() == n and torch.equal(key, flat)):
-            return order, offsets
-    order = flat.sort(descending=True).indices.flip(0)  # ascending latent index; order within a latent is free
-    offsets = torch.zeros(n, dtype=torch.long, device=flat.device)
-    torch.cumsum(torch.bincount(flat, minlength=n)[:-1], 0, out=offsets[1:])
-    _workspace.order = (flat, flat._version, order, offsets)
-    return order, offsets
-
-
-def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
-    """(B, m) with out[b, j] = W[idx[b, j]] . G[b]: the gradient of the weights of a gather-and-sum."""
-    B, m = idx.shape
-    flat = idx.reshape(-1)
-    offsets = torch.arange(0, B * m, m, device=idx.device)
-    bag = torch.arange(B, device=idx.device).repeat_interleave(m)
-    out = compat.embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag)
-    return out.view(B, m)
 
 
 # ---------------------------------------------------------------------------------------------- fast encoder
@@ -314,105 +233,6 @@ def topk_encode(
     multi = (vals, idx) if k_multi else (None, None)
     aux = (aux_vals, aux_idx) if dead_idx is not None else (None, None)
     return EncodeOut(vals[:, :k], idx[:, :k], *multi, *aux)
-
-
-# ---------------------------------------------------------------------------------------------- fast decoder
-class _SparseDecode(torch.autograd.Function):
-    """Gather-and-sum decoder with a backward over the selected rows only."""
-
-    @staticmethod
-    def forward(ctx, values, indices, W_dec):
-        ctx.save_for_backward(values, indices, W_dec)
-        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, indices, W_dec = ctx.saved_tensors
-        d_values = d_W = None
-        if ctx.needs_input_grad[0]:
-            d_values = _gather_dot(indices, W_dec, grad_out.contiguous())
-        if ctx.needs_input_grad[2]:
-            d_W = _scatter_rows(indices, values, grad_out, W_dec.shape[0])
-        return d_values, None, d_W
-
-
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """(B, d) = sum_j values[:, j, None] * W_dec[indices[:, j]], a gather-and-sum over the selected rows only.
-
-    values: (B, k) (cast to W_dec's dtype); indices: (B, k) int64, repeats allowed (they add up).
-    Backward: d values = rows of W_dec dotted with the output gradient; d W_dec = scatter-add into the used rows.
-    """
-    if values.dtype != W_dec.dtype:
-        values = values.to(W_dec.dtype)
-    if indices.shape[1] == 0:  # embedding_bag rejects empty bags of width 0; the sum of nothing is 0
-        return values.sum(dim=1, keepdim=True).expand(-1, W_dec.shape[1]).contiguous()
-    with torch.autocast(values.device.type, enabled=False):
-        return _SparseDecode.apply(values, indices, W_dec)
-
-
-class _SparseDecodeSets(torch.autograd.Function):
-    """Several gather-and-sum decodes with one W_dec: one scatter (one sort, one (n, d) gradient) in the backward."""
-
-    @staticmethod
-    def forward(ctx, W_dec, *flat):
-        vals, idxs = flat[0::2], flat[1::2]
-        ctx.save_for_backward(W_dec, *flat)
-        return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") for v, i in zip(vals, idxs))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        W_dec, *flat = ctx.saved_tensors
-        vals, idxs = flat[0::2], flat[1::2]
-        B, d = vals[0].shape[0], W_dec.shape[1]
-        grads = [
-            torch.zeros(B, d, dtype=W_dec.dtype, device=W_dec.device) if g is None else g.contiguous() for g in grads
-        ]
-        d_vals = [
-            _gather_dot(i, W_dec, g) if ctx.needs_input_grad[1 + 2 * s] else None
-            for s, (i, g) in enumerate(zip(idxs, grads))
-        ]
-        d_W = None
-        if ctx.needs_input_grad[0]:
-            # Position p of the concatenated (B, m_0 + m_1 + ...) pairs belongs to set s(p) and token b(p); its
-            # gradient rows are rows B * s + b of the stacked output gradients.
-            widths = [i.shape[1] for i in idxs]
-            m = sum(widths)
-            set_of_col = torch.repeat_interleave(
-                torch.arange(len(widths), device=W_dec.device), torch.tensor(widths, device=W_dec.device)
-            )
-            cat_i = torch.cat(idxs, dim=1).reshape(-1)
-            cat_v = torch.cat(vals, dim=1).reshape(-1)
-
-            def row_of(pos):
-                return set_of_col[pos % m] * B + torch.div(pos, m, rounding_mode="floor")
-
-            d_W = _scatter_pairs(cat_i, cat_v, row_of, torch.cat(grads, dim=0), W_dec.shape[0])
-        out = [d_W]
-        for dv in d_vals:
-            out += [dv, None]
-        return tuple(out)
-
-
-def sparse_decode_sets(codes: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Tensor]:
-    """``[sparse_decode(v, i, W_dec) for v, i in codes]`` with one backward for all: a single sort and a single
-    (n, d) gradient of W_dec instead of one per set (the k-code, Multi-TopK's extra code and AuxK's code share it).
-
-    codes: (values (B, m_s), indices (B, m_s) int64) per set, the same B; m_s may differ and be 0. Returns (B, d).
-    """
-    if not codes:
-        return []
-    codes = [(v.to(W_dec.dtype) if v.dtype != W_dec.dtype else v, i) for v, i in codes]
-    live = [s for s, (_, i) in enumerate(codes) if i.shape[1]]
-    out: list[Optional[Tensor]] = [None] * len(codes)
-    if live:
-        with torch.autocast(W_dec.device.type, enabled=False):
-            flat = [t for s in live for t in codes[s]]
-            for s, y in zip(live, _SparseDecodeSets.apply(W_dec, *flat)):
-                out[s] = y
-    for s, (v, i) in enumerate(codes):
-        if out[s] is None:
-            out[s] = sparse_decode(v, i, W_dec)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- dense reference

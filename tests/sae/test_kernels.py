@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lit_sae.sae import kernels, selection
+from lit_sae.sae import kernels, scatter, selection
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 RTOL = 1e-6
@@ -412,16 +412,16 @@ def test_sae_backward_sorts_its_pairs_once(multi_topk, auxk):
 def test_latent_order_memo_is_used_once_and_only_for_equal_pairs():
     kernels.release_workspace()
     a = torch.tensor([3, 1, 3, 0, 2, 1])
-    order, offsets = kernels._latent_order(a, 5)
+    order, offsets = scatter._latent_order(a, 5)
     assert a[order].tolist() == [0, 1, 1, 2, 3, 3] and offsets.tolist() == [0, 1, 3, 4, 6]
     b = torch.tensor([4, 4, 0, 2, 2, 1])  # same shape, other pairs: sorted afresh, not the memo's answer
-    order_b, offsets_b = kernels._latent_order(b, 5)
+    order_b, offsets_b = scatter._latent_order(b, 5)
     assert b[order_b].tolist() == [0, 1, 2, 2, 4, 4] and offsets_b.tolist() == [0, 1, 2, 4, 4]
-    again = kernels._latent_order(b.clone(), 5)  # equal content: the memo's tensors, then the memo is gone
+    again = scatter._latent_order(b.clone(), 5)  # equal content: the memo's tensors, then the memo is gone
     assert again[0] is order_b and again[1] is offsets_b
-    assert kernels._latent_order(b.clone(), 5)[0] is not order_b
+    assert scatter._latent_order(b.clone(), 5)[0] is not order_b
     b2 = b.clone()
-    kernels._latent_order(b2, 5)
+    scatter._latent_order(b2, 5)
     b2[0] = 0  # changed in place after it was sorted: the memo no longer describes it
-    assert b2[kernels._latent_order(b2, 5)[0]].tolist() == [0, 0, 1, 2, 2, 4]
+    assert b2[scatter._latent_order(b2, 5)[0]].tolist() == [0, 0, 1, 2, 2, 4]
     kernels.release_workspace()

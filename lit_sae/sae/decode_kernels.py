@@ -1,0 +1,115 @@
+"""The sparse decoder: gather-and-sum over the selected rows of W_dec, with a backward over those rows only.
+
+Shapes (B = tokens, d = d_in, n = n_latents): values, indices: (B, k) (indices int64); W_dec: (n, d); out: (B, d).
+``sparse_decode_sets`` decodes several codes (the k-code, Multi-TopK's extra code, AuxK's code) with one backward,
+so W_dec gets one gradient and one scatter. Public through ``lit_sae.sae.kernels``; the dense reference is
+``kernels.naive_sparse_decode``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_sae.sae.scatter import _gather_dot, _scatter_pairs, _scatter_rows
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Gather-and-sum decoder with a backward over the selected rows only."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        d_values = d_W = None
+        if ctx.needs_input_grad[0]:
+            d_values = _gather_dot(indices, W_dec, grad_out.contiguous())
+        if ctx.needs_input_grad[2]:
+            d_W = _scatter_rows(indices, values, grad_out, W_dec.shape[0])
+        return d_values, None, d_W
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """(B, d) = sum_j values[:, j, None] * W_dec[indices[:, j]], a gather-and-sum over the selected rows only.
+
+    values: (B, k) (cast to W_dec's dtype); indices: (B, k) int64, repeats allowed (they add up).
+    Backward: d values = rows of W_dec dotted with the output gradient; d W_dec = scatter-add into the used rows.
+    """
+    if values.dtype != W_dec.dtype:
+        values = values.to(W_dec.dtype)
+    if indices.shape[1] == 0:  # embedding_bag rejects empty bags of width 0; the sum of nothing is 0
+        return values.sum(dim=1, keepdim=True).expand(-1, W_dec.shape[1]).contiguous()
+    with torch.autocast(values.device.type, enabled=False):
+        return _SparseDecode.apply(values, indices, W_dec)
+
+
+class _SparseDecodeSets(torch.autograd.Function):
+    """Several gather-and-sum decodes with one W_dec: one scatter (one sort, one (n, d) gradient) in the backward."""
+
+    @staticmethod
+    def forward(ctx, W_dec, *flat):
+        vals, idxs = flat[0::2], flat[1::2]
+        ctx.save_for_backward(W_dec, *flat)
+        return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") for v, i in zip(vals, idxs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        W_dec, *flat = ctx.saved_tensors
+        vals, idxs = flat[0::2], flat[1::2]
+        B, d = vals[0].shape[0], W_dec.shape[1]
+        grads = [
+            torch.zeros(B, d, dtype=W_dec.dtype, device=W_dec.device) if g is None else g.contiguous() for g in grads
+        ]
+        d_vals = [
+            _gather_dot(i, W_dec, g) if ctx.needs_input_grad[1 + 2 * s] else None
+            for s, (i, g) in enumerate(zip(idxs, grads))
+        ]
+        d_W = None
+        if ctx.needs_input_grad[0]:
+            # Position p of the concatenated (B, m_0 + m_1 + ...) pairs belongs to set s(p) and token b(p); its
+            # gradient rows are rows B * s + b of the stacked output gradients.
+            widths = [i.shape[1] for i in idxs]
+            m = sum(widths)
+            set_of_col = torch.repeat_interleave(
+                torch.arange(len(widths), device=W_dec.device), torch.tensor(widths, device=W_dec.device)
+            )
+            cat_i = torch.cat(idxs, dim=1).reshape(-1)
+            cat_v = torch.cat(vals, dim=1).reshape(-1)
+
+            def row_of(pos):
+                return set_of_col[pos % m] * B + torch.div(pos, m, rounding_mode="floor")
+
+            d_W = _scatter_pairs(cat_i, cat_v, row_of, torch.cat(grads, dim=0), W_dec.shape[0])
+        out = [d_W]
+        for dv in d_vals:
+            out += [dv, None]
+        return tuple(out)
+
+
+def sparse_decode_sets(codes: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Tensor]:
+    """``[sparse_decode(v, i, W_dec) for v, i in codes]`` with one backward for all: a single sort and a single
+    (n, d) gradient of W_dec instead of one per set (the k-code, Multi-TopK's extra code and AuxK's code share it).
+
+    codes: (values (B, m_s), indices (B, m_s) int64) per set, the same B; m_s may differ and be 0. Returns (B, d).
+    """
+    if not codes:
+        return []
+    codes = [(v.to(W_dec.dtype) if v.dtype != W_dec.dtype else v, i) for v, i in codes]
+    live = [s for s, (_, i) in enumerate(codes) if i.shape[1]]
+    out: list[Optional[Tensor]] = [None] * len(codes)
+    if live:
+        with torch.autocast(W_dec.device.type, enabled=False):
+            flat = [t for s in live for t in codes[s]]
+            for s, y in zip(live, _SparseDecodeSets.apply(W_dec, *flat)):
+                out[s] = y
+    for s, (v, i) in enumerate(codes):
+        if out[s] is None:
+            out[s] = sparse_decode(v, i, W_dec)
+    return out
