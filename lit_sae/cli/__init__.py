@@ -1,7 +1,8 @@
 """The ``lit-sae`` command line: ``main`` (dispatch), ``trainer`` (LightningCLI for fit / validate / test), ``check``
 (the same parser on signatures read from the source, so a bad key fails before torch loads), ``messages``
-(jsonargparse's errors as one line), ``errors`` (the command line's error type), ``console`` (quiet third-party
-output) and the plain-function commands (``export_command``; harvest, features and reproduce live with their job).
+(jsonargparse's errors as one line), ``commands`` (the command table), ``errors`` (the error type), ``console``
+(quiet third-party output) and the plain-function commands (``export_command``; harvest, features and reproduce
+live with their job).
 """
 
 

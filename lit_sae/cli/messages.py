@@ -11,7 +11,8 @@ import inspect
 import re
 from typing import Any
 
-from lit_sae.cli.main import LIGHTNING_COMMANDS, ConfigError
+from lit_sae.cli.commands import LIGHTNING_COMMANDS
+from lit_sae.cli.errors import ConfigError
 
 _UNKNOWN_KEY = (  # how jsonargparse 4.x names an unknown key
     r"unknown key ([\w.]+) in the config",

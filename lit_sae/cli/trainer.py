@@ -28,6 +28,7 @@ from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.callbacks.interrupt import SaveOnInterrupt
 from lit_sae.callbacks.progress import QuietProgressBar
 from lit_sae.cli.check import add_lit_sae_arguments
+from lit_sae.cli.commands import LIGHTNING_COMMANDS
 from lit_sae.cli.messages import config_error
 from lit_sae.data import datamodule as _datamodule  # noqa: F401  known subclasses of --data (named in --help)
 from lit_sae.data import synthetic as _synthetic  # noqa: F401
@@ -36,13 +37,6 @@ from lit_sae.train.module import SAEModule
 from lit_sae.train.runs import checkpoint_dir, resolve_ckpt_path
 
 log = logging.getLogger("lit_sae.cli.main")
-
-COMMANDS = {
-    "fit": "train an SAE on activation shards (resume with --ckpt_path last)",
-    "validate": "validation metrics (val/nmse, val/l0) of a run's checkpoint",
-    "test": "test metrics of a run's checkpoint; with callbacks/eval.yaml the full evaluation report",
-}
-
 
 class RunConfig(SaveConfigCallback):
     """Saves the resolved configuration into the run's folder: ``config.yaml`` for fit, ``config_<stage>.yaml`` for
@@ -61,7 +55,7 @@ class SAECLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """fit, validate and test (SAEModule has no predict step)."""
-        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in COMMANDS}
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
 
     def add_core_arguments_to_parser(self, parser) -> None:
         """Model and data options first, then the Trainer's: ``lit-sae fit --help`` starts with lit-sae's own."""
@@ -84,7 +78,7 @@ class SAECLI(LightningCLI):
             for p in parsers:
                 p.exit_on_error = True
             command = (args if args is not None else sys.argv[1:] or ["fit"])[0]
-            command = command if command in COMMANDS else "fit"
+            command = command if command in LIGHTNING_COMMANDS else "fit"
             raise config_error(exn, command, dict(zip(self.subcommands(), parsers[1:])).get(command, parser)) from None
         for p in parsers:
             p.exit_on_error = True

@@ -11,7 +11,7 @@ import pytest
 
 from lit_sae import compat
 from lit_sae.cli import check as cli_check
-from lit_sae.cli.main import ConfigError
+from lit_sae.cli.errors import ConfigError
 from lit_sae.cli.trainer import SAECLI, run_lightning
 
 ROOT = Path(__file__).resolve().parents[2]

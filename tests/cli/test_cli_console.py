@@ -92,7 +92,7 @@ def test_feature_recovery_logs_best_cosine_by_hand(tmp_path):
 
 def test_command_table_lines_are_the_functions_docstrings():
     """`lit-sae --help` shows each command's line without importing it: the line must be its docstring's first."""
-    from lit_sae.cli.main import TOOLS, tool
+    from lit_sae.cli.commands import TOOLS, tool
 
     for name, (_, _, line) in TOOLS.items():
         assert (tool(name).__doc__ or "").strip().splitlines()[0].replace("``", "") == line, name
