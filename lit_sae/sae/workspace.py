@@ -21,8 +21,8 @@ def _chunk_buffer(slot: str, rows: int, cols: int, dtype: torch.dtype, device: t
 
     On CPU the buffer is kept between calls, per thread: a fresh 256 MiB tensor is fresh memory from the operating
     system, and its page faults cost ~60 ms a step at n 16384 (a sixth of the encoder product; the bare matmul of
-    ``scripts/benchmark.py`` writes into a reused buffer too). It holds at most ``kernels.MAX_PREACT_BYTES`` a slot, and is
-    never returned to callers or saved for backward. On CUDA the caching allocator already reuses memory.
+    ``scripts/benchmark.py`` writes into a reused buffer too). It holds at most ``kernels.MAX_PREACT_BYTES`` a slot,
+    and is never returned to callers or saved for backward. On CUDA the caching allocator already reuses memory.
     ``release_workspace`` frees it.
     """
     if device.type != "cpu":
