@@ -31,7 +31,7 @@ from lit_sae.sae.model import TopKSAE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export", "export_sae", "export_checkpoint", "load_exported", "provenance"]
+__all__ = ["export", "export_sae", "export_checkpoint", "export_sharded", "load_exported", "provenance"]
 
 Format = Literal["saelens", "sparsify", "openai"]
 FORMATS = ("saelens", "sparsify", "openai")
@@ -141,6 +141,18 @@ def load_exported(path: str | Path) -> tuple[TopKSAE, dict]:
     """A SAELens-layout export as (``TopKSAE``, its cfg.json dict); see ``TopKSAE.from_pretrained``."""
     sae = TopKSAE.from_pretrained(path)
     return sae, json.loads((Path(path) / saelens.CONFIG).read_text())
+
+
+def export_sharded(path: str | Path, out_dir: str | Path, hook_point: Optional[str] = None,
+                   lm_name: Optional[str] = None) -> Path:
+    """Assemble a ``lit_sae.parallel.dcp.save_sharded`` checkpoint folder into one SAELens-layout export (one process,
+    no process group; ``lit_sae.artifacts.sharded.load_full``)."""
+    from lit_sae.artifacts.sharded import load_full
+
+    sae, info = load_full(path)
+    extra = info.get("extra", {})
+    return export_sae(sae, out_dir, hook_point=hook_point or extra.get("hook_point"),
+                      lm_name=lm_name or extra.get("lm_name"))
 
 
 def _find_manifest(where: str | Path, ckpt: Path) -> Optional[Path]:

@@ -101,7 +101,7 @@ def read_checkpoint(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     Needs no Lightning module: the SAE is rebuilt from the saved hyperparameters and ``sae.*`` weights."""
     p = Path(path)
     if p.is_dir():  # a sharded checkpoint folder (lit_sae.parallel.strategy), reassembled in this process
-        from lit_sae.parallel.dcp import read_strategy_checkpoint
+        from lit_sae.artifacts.sharded import read_strategy_checkpoint
 
         ckpt = read_strategy_checkpoint(p)
     elif not p.is_file():

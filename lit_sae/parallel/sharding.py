@@ -23,12 +23,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lit_sae.parallel.collectives import all_gather_cat
+from lit_sae.parallel.layout import CONFIG_KEYS, DP_DIM, SHARDED_PARAMS, TP_DIM, latent_sharded_keys
 from lit_sae.parallel.tensor import ShardedTopKSAE, check_shardable
+from lit_sae.sae.model import TopKSAE
 
 log = logging.getLogger(__name__)
 
-SHARDED_PARAMS = ("W_enc", "b_enc", "W_dec")
-TP_DIM, DP_DIM = "tensor_parallel", "data_parallel"  # Lightning's mesh dimension names
+__all__ = ["configure_sharded", "deferred_sae_init", "export_at_fit_end", "gather_full", "is_sharded",
+           "latent_sharded_keys", "owned_indices", "sae_init_context"]
 
 
 _DEFER = ContextVar("lit_sae_defer_sae_init", default=False)
@@ -54,14 +57,6 @@ def sae_init_context():
 def is_sharded(module) -> bool:
     """Whether ``module.sae`` is a latent-sharded SAE."""
     return isinstance(getattr(module, "sae", None), ShardedTopKSAE)
-
-
-def latent_sharded_keys(module) -> set[str]:
-    """The module's state_dict keys that are split over the tensor-parallel ranks (row blocks of n_latents / T)."""
-    keys = {f"sae.{n}" for n in SHARDED_PARAMS} | {"tokens_since_fired"}
-    if getattr(module, "ema", None) is not None:
-        keys |= {f"ema.shadow_{n}" for n in SHARDED_PARAMS}
-    return keys
 
 
 def configure_sharded(module) -> None:
@@ -120,20 +115,23 @@ def owned_indices(module, latent_indices: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def gather_to_first(sae: ShardedTopKSAE):
-    """Collective over the SAE's tensor-parallel group: the unsharded ``TopKSAE`` on the group's first rank (None on
-    the others); only that rank ever holds the full matrices."""
-    from lit_sae.parallel.dcp import _CONFIG_KEYS
-    from lit_sae.sae.model import TopKSAE
+def gather_full(sae: ShardedTopKSAE, *, everywhere: bool) -> Optional[TopKSAE]:
+    """Collective over the SAE's tensor-parallel group: the unsharded ``TopKSAE`` (its own dtype, buffers included).
 
+    ``everywhere=False``: on the group's first rank only, None on the others (a ``gather``: only that rank ever
+    holds the full matrices; the export at the end of a fit). ``everywhere=True``: on every rank of the group (an
+    ``all_gather``)."""
     group, T = sae.tp_group, sae.tp_size
     first = dist.get_global_rank(group, 0)
     full: Optional[TopKSAE] = None
-    if sae.tp_rank == 0:
-        cfg = {key: getattr(sae, key) for key in _CONFIG_KEYS if key not in ("d_in", "n_latents", "k")}
+    if everywhere or sae.tp_rank == 0:
+        cfg = {key: getattr(sae, key) for key in CONFIG_KEYS if key not in ("d_in", "n_latents", "k")}
         full = TopKSAE(sae.d_in, sae.n_latents, sae.k, **cfg).to(sae.W_dec.dtype)
     for name in SHARDED_PARAMS:
         local = getattr(sae, name).detach().contiguous()
+        if everywhere:
+            getattr(full, name).copy_(all_gather_cat(local, group, dim=0))
+            continue
         parts = [torch.empty_like(local) for _ in range(T)] if full is not None else None
         dist.gather(local, parts, dst=first, group=group)
         if full is not None:
@@ -155,7 +153,7 @@ def export_at_fit_end(module, out) -> None:
     with ExitStack() as stack:
         if module.ema is not None:
             stack.enter_context(module.ema.swapped_into(module.sae))
-        full = gather_to_first(module.sae)
+        full = gather_full(module.sae, everywhere=False)
     if module.trainer.is_global_zero and full is not None:
         export_sae(full, out, hook_point=module.hparams.hook_point, lm_name=module.hparams.lm_name)
         log.info("exported the SAE to %s", out)

@@ -33,11 +33,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lit_sae.parallel.dcp import _wrap
+from lit_sae.parallel.layout import MESH_FILE, META_FILE, as_dtensor, latent_sharded_keys
 from lit_sae.parallel.tensor import check_mesh
-
-META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
-MESH_FILE = "mesh.json"
 
 
 class SAEModelParallelStrategy(ModelParallelStrategy):
@@ -110,11 +107,9 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
 
     def _dcp_state(self, model_state: dict, optim_states: list[dict]) -> dict:
         """DCP's view: latent-sharded tensors as DTensors (Shard(0) over the tensor dim), the rest replicated."""
-        from lit_sae.parallel.sharding import latent_sharded_keys
-
         module, mesh = self.lightning_module, self.device_mesh
         sharded = latent_sharded_keys(module)
-        state: dict[str, Any] = {"state_dict": {k: (_wrap(v, mesh, True) if k in sharded else v)
+        state: dict[str, Any] = {"state_dict": {k: (as_dtensor(v, mesh, True) if k in sharded else v)
                                                 for k, v in model_state.items() if isinstance(v, torch.Tensor)}}
         names = {id(p): name for name, p in module.named_parameters()}
         for i, (opt, saved) in enumerate(zip(self.optimizers, optim_states)):
@@ -122,7 +117,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
             per_param = {}
             for idx, slots in saved["state"].items():
                 name = names[id(params[idx])]
-                per_param[name] = {key: (_wrap(v, mesh, name in sharded) if v.dim() else v)
+                per_param[name] = {key: (as_dtensor(v, mesh, name in sharded) if v.dim() else v)
                                    for key, v in slots.items()}
             state[f"optimizer_{i}"] = per_param
         return state

@@ -24,7 +24,7 @@ import yaml
 
 from lit_sae.artifacts.export import export_sae, load_exported
 from lit_sae.artifacts.load import read_checkpoint
-from lit_sae.parallel.dcp import read_strategy_checkpoint
+from lit_sae.artifacts.sharded import read_strategy_checkpoint
 from lit_sae.sae.model import TopKSAE
 from tests.parallel.test_ddp import HERE, _losses, _write_shards
 

@@ -56,7 +56,8 @@ def _worker(rank, world, dp, tp, port, ckdir):
     from torch.distributed.device_mesh import init_device_mesh
 
     from lit_sae.parallel.data import GroupSum
-    from lit_sae.parallel.dcp import gather_full, load_sharded, save_sharded
+    from lit_sae.parallel.dcp import load_sharded, save_sharded
+    from lit_sae.parallel.sharding import gather_full
     from lit_sae.parallel.tensor import ShardedTopKSAE, average_gradients_, update_dead_counts_
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -91,7 +92,8 @@ def _worker(rank, world, dp, tp, port, ckdir):
         ro = ref(x, dead)
         so = sh(x[rows], dead[local])
         assert torch.equal(ro.latent_indices[rows], so.latent_indices)
-        assert torch.equal(ro.latent_values[rows], so.latent_values)
+        # the same float64 sums in another order (a BLAS kernel for another matrix shape): eps * D ~ 2e-15 relative
+        _close(so.latent_values, ro.latent_values[rows], 1e-13, "latent_values")
         for field in ("loss", "nmse", "auxk_loss", "multik_loss"):
             _close(getattr(so, field), getattr(ro, field), 1e-6, field)
         assert float(ro.auxk_loss) > 0 and float(ro.multik_loss) > 0
@@ -145,7 +147,7 @@ def _worker(rank, world, dp, tp, port, ckdir):
                 _close(opt_s.state[getattr(sh, name)][key], opt_r.state[getattr(ref, name)][key][local], 1e-5,
                        f"{name}.{key}")
         _close(sh.b_pre, ref.b_pre, 1e-5, "b_pre")
-        gathered = gather_full(sh)
+        gathered = gather_full(sh, everywhere=True)
         for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
             _close(getattr(gathered, name), getattr(ref, name), 1e-5, "gathered " + name)
 
@@ -179,8 +181,7 @@ def _worker(rank, world, dp, tp, port, ckdir):
 def test_sharded_sae_equals_one_process(dp, tp, tmp_path):
     mp.spawn(_worker, args=(dp * tp, dp, tp, _free_port(), tmp_path), nprocs=dp * tp, join=True)
     # `lit-sae export` of a sharded checkpoint, in one process: one SAELens-layout SAE equal to the reference's
-    from lit_sae.artifacts.export import load_exported
-    from lit_sae.parallel.dcp import export_sharded
+    from lit_sae.artifacts.export import export_sharded, load_exported
 
     export_sharded(tmp_path / "ck", tmp_path / "export", hook_point="blocks.0.hook_resid_post")
     sae, cfg = load_exported(tmp_path / "export")
