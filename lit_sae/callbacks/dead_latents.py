@@ -1,55 +1,10 @@
-"""``DeadLatentTracker``: a read-only view of ``SAEModule``'s dead-latent counters, for callbacks and scripts."""
+"""``DeadLatentTracker``: a read-only view of ``SAEModule``'s dead-latent counters, for callbacks and scripts.
 
-from __future__ import annotations
+Its public path (``class_path: lit_sae.callbacks.dead_latents.DeadLatentTracker``). The class is defined with the
+counters it views, in ``lit_sae.train.dead_latents``, because ``SAEModule.configure_callbacks`` adds it to every
+Trainer and the training layer imports no callback.
+"""
 
-from typing import Any, Optional
+from lit_sae.train.dead_latents import FIRE_THRESHOLD, DeadLatentTracker
 
-import lightning as L
-from torch import Tensor
-
-FIRE_THRESHOLD = 1e-3  # a latent "fires" when its kept value exceeds this (OpenAI's training code uses 1e-3)
-
-
-class DeadLatentTracker(L.Callback):
-    """Exposes ``tokens_since_fired``: per latent, the tokens (over all ranks) since it last fired.
-
-    The counters are training state (the AuxK loss trains the latents that have not fired within
-    ``dead_after_tokens`` tokens, 10M in the paper), so they live in the module as its ``tokens_since_fired``
-    buffer, are updated in ``SAEModule.training_step`` and saved with the weights. ``SAEModule.configure_callbacks``
-    adds this callback so that code written against it (``trainer.callbacks`` -> ``.tokens_since_fired``,
-    ``.dead_mask(module)``) keeps working. Checkpoints written when this callback held the counters still load: the
-    module takes them over (``SAEModule.on_load_checkpoint``).
-    """
-
-    def __init__(self, dead_after_tokens: int = 10_000_000, fire_threshold: float = FIRE_THRESHOLD):
-        if dead_after_tokens <= 0:
-            raise ValueError(f"dead_after_tokens={dead_after_tokens} must be positive")
-        self.dead_after_tokens = dead_after_tokens
-        self.fire_threshold = fire_threshold
-        self._module: Optional[L.LightningModule] = None
-
-    @property
-    def state_key(self) -> str:
-        return "DeadLatentTracker"
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "tokens_since_fired"):
-            raise ValueError(f"DeadLatentTracker needs a module with a tokens_since_fired buffer (SAEModule), got "
-                             f"{type(pl_module).__name__}")
-        self._module = pl_module
-
-    @property
-    def tokens_since_fired(self) -> Optional[Tensor]:
-        """(n_latents,) int64 counters: the module's buffer itself (None before the trainer's setup)."""
-        return None if self._module is None else self._module.tokens_since_fired
-
-    def dead_mask(self, pl_module: Optional[L.LightningModule] = None) -> Tensor:
-        """(n_latents,) bool: True for latents that have not fired within ``dead_after_tokens`` tokens."""
-        module = pl_module if pl_module is not None else self._module
-        return module.tokens_since_fired >= self.dead_after_tokens
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the counters are saved with the module's weights
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # an old checkpoint's counters were already taken over by SAEModule.on_load_checkpoint
+__all__ = ["FIRE_THRESHOLD", "DeadLatentTracker"]

@@ -13,43 +13,27 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_sae.callbacks.report_common import (
+    checkpoint_info,
+    flat_numbers,
+    manifest_of,
+    report_config,
+    tensorboard_of,
+    write_partial,
+)
+from lit_sae.callbacks.sweep_report import SweepEvalReport
 from lit_sae.eval.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 from lit_sae.eval.saebench import CoreMetrics, saebench_section
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalReport", "DownstreamDuringFit"]
-
-
-def _manifest(trainer) -> Optional[dict]:
-    dm = getattr(trainer, "datamodule", None)
-    manifest = getattr(dm, "manifest", None)
-    return manifest.to_json() if hasattr(manifest, "to_json") else manifest  # the typed Manifest as its JSON dict
-
-
-def _tensorboard(trainer):
-    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-def _flat_numbers(d: dict, prefix: str) -> dict[str, float]:
-    """Scalar numbers of a nested dict as {"prefix/a/b": value} (lists and strings skipped)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}/{k}"
-        if isinstance(v, dict):
-            out.update(_flat_numbers(v, key))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[key] = float(v)
-    return out
 
 
 class EvalReport(L.Callback):
@@ -101,6 +85,16 @@ class EvalReport(L.Callback):
         self.report: dict[str, Any] = {}
         self._sae = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """In ``trainer.test`` of a sweep (``lit_sae.train.sweep.SAESweepModule``, ``lit-sae sweep test``), every SAE
+        gets its own report: this callback hands its place in ``trainer.callbacks`` to a ``SweepEvalReport`` with
+        its settings (``lit_sae.callbacks.sweep_report``)."""
+        from lit_sae.train.sweep import SAESweepModule
+
+        if isinstance(pl_module, SAESweepModule):
+            callbacks = trainer.callbacks
+            callbacks[next(i for i, cb in enumerate(callbacks) if cb is self)] = SweepEvalReport.like(self)
+
     # ------------------------------------------------------------------ accumulation (every rank)
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
@@ -146,10 +140,10 @@ class EvalReport(L.Callback):
     def on_test_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # trainer.log_dir (a collective) was read by every rank in on_test_epoch_end
             return
-        manifest = _manifest(trainer)
+        manifest = manifest_of(trainer)
         report = self.report
-        report["config"] = self._config(trainer, pl_module)
-        report["checkpoint"] = self._checkpoint(trainer)
+        report["config"] = report_config(self, trainer, pl_module)
+        report["checkpoint"] = checkpoint_info(trainer)
         report["manifest"] = manifest
         from lit_sae.eval.report import write_report
 
@@ -157,7 +151,7 @@ class EvalReport(L.Callback):
         sections = (("downstream", self.downstream), ("ablation", self.ablation), ("probes", self.probes),
                     ("explainability", self.explain))
         pending = [name for name, on in sections if on and manifest is not None]
-        self._write_partial(out_dir, report, pending)  # reconstruction first: kept if the rest is interrupted
+        write_partial(out_dir, report, pending)  # reconstruction first: kept if the rest is interrupted
         if manifest is None:
             log.warning("the datamodule has no `manifest`: downstream loss, probes and ablation are skipped")
         elif pending:
@@ -165,7 +159,7 @@ class EvalReport(L.Callback):
 
             def section_done(name: str, result: dict) -> None:
                 report[name] = result
-                self._write_partial(out_dir, report, [p for p in pending if p not in report])
+                write_partial(out_dir, report, [p for p in pending if p not in report])
 
             device = self.lm_device or str(pl_module.device)
             report.update(run_eval_suite(
@@ -183,50 +177,18 @@ class EvalReport(L.Callback):
         self._log(trainer, report)
         self._sae = None
 
-    @staticmethod
-    def _write_partial(out_dir, report: dict, pending: list[str]) -> None:
-        """Write the report so far, marked incomplete with the sections still to come."""
-        from lit_sae.eval.report import write_report
-
-        report["complete"], report["pending"] = False, list(pending)
-        write_report(out_dir, report)
-
-    def _config(self, trainer, pl_module) -> dict:
-        cfg: dict[str, Any] = {"module": dict(getattr(pl_module, "hparams", {}) or {}),
-                               "eval": {k: v for k, v in vars(self).items() if not k.startswith("_")
-                                        and isinstance(v, (int, float, str, bool, type(None)))}}
-        dm = getattr(trainer, "datamodule", None)
-        if dm is not None and getattr(dm, "hparams", None):
-            cfg["data"] = dict(dm.hparams)
-        log_dir = getattr(self, "_log_dir", None)
-        if log_dir and (Path(log_dir) / "config.yaml").is_file():  # what LightningCLI saved for this run
-            cfg["cli"] = (Path(log_dir) / "config.yaml").read_text()
-        return cfg
-
-    @staticmethod
-    def _checkpoint(trainer) -> Optional[dict]:
-        path = getattr(trainer, "ckpt_path", None)
-        if not path or not Path(path).exists():
-            return None
-        from lit_sae.data.lm import file_sha256
-
-        p = Path(path)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        return {"path": str(p), "sha256": file_sha256(p) if p.is_file() else None,
-                "files": {str(q.relative_to(p) if p.is_dir() else q.name): file_sha256(q) for q in files}}
-
     def _log(self, trainer, report: dict) -> None:
         numbers = {}
         for section in ("metrics", "downstream", "ablation", "explainability"):
             if section in report:
-                numbers.update(_flat_numbers({k: v for k, v in report[section].items() if k != "latents"},
+                numbers.update(flat_numbers({k: v for k, v in report[section].items() if k != "latents"},
                                              f"eval/{section}"))
         if "probes" in report:
-            numbers.update(_flat_numbers(report["probes"], "eval/probes"))
+            numbers.update(flat_numbers(report["probes"], "eval/probes"))
         for lg in trainer.loggers:
             lg.log_metrics(numbers, step=trainer.global_step)
             lg.save()
-        tb = _tensorboard(trainer)
+        tb = tensorboard_of(trainer)
         if tb is not None:
             live = self._density[self._density > 0]
             if live.numel():
@@ -264,7 +226,7 @@ class DownstreamDuringFit(L.Callback):
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps != 0 or not trainer.is_global_zero:
             return
-        manifest = _manifest(trainer)
+        manifest = manifest_of(trainer)
         if manifest is None:
             return
         from lit_sae.data.lm import load_lm

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD
+from lit_sae.train.dead_latents import FIRE_THRESHOLD
 
 
 class FeatureHistograms(L.Callback):

@@ -6,7 +6,7 @@ loaded once and each SAE gets the single-SAE suite (downstream loss, ablation, p
 ``lit_sae.eval.report.run_eval_suite``) and its own ``report.json`` / ``report.md`` in ``<out_dir>/reports/<name>/``.
 One table of every SAE (``sweep_test.md`` / ``.json`` in ``out_dir``, ``lit_sae.train.sweep.write_test_table``) gets the
 delta CE, probe loss and explainability columns. ``lit-sae sweep test --config ... --config callbacks/eval.yaml``
-uses it: the sweep module replaces an ``EvalReport`` by this callback with the same settings.
+uses it: an ``EvalReport`` whose module is a sweep hands its place to this callback, with its settings.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
-from lit_sae.callbacks.eval_report import EvalReport, _flat_numbers, _manifest
+from lit_sae.callbacks.report_common import checkpoint_info, flat_numbers, manifest_of, report_config, write_partial
 from lit_sae.eval.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 from lit_sae.eval.saebench import CoreMetrics, saebench_section
 
@@ -28,14 +29,15 @@ log = logging.getLogger(__name__)
 __all__ = ["SweepEvalReport"]
 
 
-class SweepEvalReport(EvalReport):
-    """``EvalReport``'s settings and report, for each SAE of a sweep (see the module docstring).
+class SweepEvalReport(L.Callback):
+    """``EvalReport``'s settings and report, for each SAE of a sweep (see the module docstring). Built by
+    ``EvalReport.setup`` from its own settings (:meth:`like`), not named in a config.
 
     ``reports`` (after ``trainer.test``): {SAE name: its report dict}; ``rows``: the table's rows."""
 
     @classmethod
-    def like(cls, report: EvalReport) -> "SweepEvalReport":
-        """A ``SweepEvalReport`` with the settings of ``report``."""
+    def like(cls, report: L.Callback) -> "SweepEvalReport":
+        """A ``SweepEvalReport`` with the settings (attributes) of ``report``, an ``EvalReport``."""
         new = cls.__new__(cls)
         new.__dict__.update(copy.copy(report.__dict__))
         return new
@@ -87,7 +89,7 @@ class SweepEvalReport(EvalReport):
         from lit_sae.eval.report import write_report
         from lit_sae.train.sweep_table import table_row, write_test_table
 
-        manifest = _manifest(trainer)
+        manifest = manifest_of(trainer)
         out_dir = Path(self.out_dir or trainer.default_root_dir or ".")
         sections = (("downstream", self.downstream), ("ablation", self.ablation), ("probes", self.probes),
                     ("explainability", self.explain))
@@ -97,14 +99,14 @@ class SweepEvalReport(EvalReport):
         lm = mean = None
         if wanted:
             lm, mean = self._load_lm(manifest, str(self.lm_device or pl_module.device))
-        config, checkpoint = self._config(trainer, pl_module), self._checkpoint(trainer)
+        config, checkpoint = report_config(self, trainer, pl_module), checkpoint_info(trainer)
         rows = []
         for spec in pl_module.specs:
             name = spec["name"]
             report = self.reports[name]
             report.update(config=config, checkpoint=checkpoint, manifest=manifest, sae=name)
             folder = out_dir / "reports" / name
-            self._write_partial(folder, report, wanted)
+            write_partial(folder, report, wanted)
             if wanted:
                 self._run_suite(report, folder, wanted, manifest, lm, mean, str(self.lm_device or pl_module.device),
                                 name)
@@ -141,7 +143,7 @@ class SweepEvalReport(EvalReport):
 
         def section_done(section: str, result: dict) -> None:
             report[section] = result
-            self._write_partial(folder, report, [p for p in wanted if p not in report])
+            write_partial(folder, report, [p for p in wanted if p not in report])
 
         log.info("evaluating SAE %s", name)
         report.update(run_eval_suite(
@@ -156,7 +158,7 @@ class SweepEvalReport(EvalReport):
         numbers = {}
         for section in ("metrics", "downstream", "ablation", "explainability", "probes"):
             if section in report:
-                numbers.update(_flat_numbers({k: v for k, v in report[section].items() if k != "latents"},
+                numbers.update(flat_numbers({k: v for k, v in report[section].items() if k != "latents"},
                                              f"eval/{name}/{section}"))
         for lg in trainer.loggers:
             lg.log_metrics(numbers, step=trainer.global_step)

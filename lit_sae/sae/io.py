@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from lit_sae.sae.model import TopKSAE
+# The SAE class: ``lit_sae.sae.model.TopKSAE`` (or a subclass), which calls these functions; this module sits
+# below it and names it only through the type variable (the model imports io, never the reverse).
+SAE = TypeVar("SAE", bound=nn.Module)
 
 __all__ = ["from_state", "load_pretrained", "save_pretrained"]
 
 
-def save_pretrained(sae: "TopKSAE", path: str | Path, metadata: Optional[dict[str, Any]] = None, *,
+def save_pretrained(sae: nn.Module, path: str | Path, metadata: Optional[dict[str, Any]] = None, *,
                     lit_sae: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
-    """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens's layout, ``lit_sae.formats.saelens``).
+    """Write ``sae`` (a ``TopKSAE``: its ``config()`` and state dict) as ``cfg.json`` + ``sae_weights.safetensors``
+    (SAELens's layout, ``lit_sae.formats.saelens``).
 
     The saved SAE takes raw activations: a ``scalar`` input scale is folded into the weights and decoder rows
     are made unit norm (see ``lit_sae.formats.common.fold_for_export``; a deviation is recorded in the
@@ -40,7 +42,7 @@ def save_pretrained(sae: "TopKSAE", path: str | Path, metadata: Optional[dict[st
                                saelens.WEIGHTS: save(tensors)}, overwrite=overwrite)
 
 
-def load_pretrained(cls: type["TopKSAE"], path: str | Path) -> "TopKSAE":
+def load_pretrained(cls: type[SAE], path: str | Path) -> SAE:
     """Load a SAELens-layout folder (lit-sae's own export or one SAELens saved: topk, standard, jumprelu,
     batchtopk) as a ``cls`` in eval mode whose reconstruction equals SAELens's. Its SAELens metadata is in
     ``sae.metadata``. Raises FileNotFoundError (a missing file) or ValueError naming the unsupported field."""
@@ -51,8 +53,8 @@ def load_pretrained(cls: type["TopKSAE"], path: str | Path) -> "TopKSAE":
     return from_state(cls, kwargs, state, meta)
 
 
-def from_state(cls: type["TopKSAE"], kwargs: dict[str, Any], state: dict[str, Tensor],
-               metadata: Optional[dict] = None) -> "TopKSAE":
+def from_state(cls: type[SAE], kwargs: dict[str, Any], state: dict[str, Tensor],
+               metadata: Optional[dict] = None) -> SAE:
     """A ``cls(**kwargs)`` holding ``state`` (W_enc, b_enc, W_dec, b_pre; optional threshold, norm_scale), marked
     data-initialised, in eval mode, in the state's dtype; ``metadata`` is kept as ``sae.metadata``."""
     sae = cls(**kwargs)

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from lit_sae import compat
-from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD, DeadLatentTracker
 from lit_sae.eval.metrics import L0, NormalizedMSE
 from lit_sae.parallel.data import data_parallel_size
 from lit_sae.parallel.sharding import configure_sharded, export_at_fit_end, is_sharded, owned_indices, sae_init_context
@@ -26,6 +25,7 @@ from lit_sae.sae import activations
 from lit_sae.sae.checks import check_acts
 from lit_sae.sae.ema import EMA
 from lit_sae.sae.model import ENCODER_INIT_NORM, SAEOutput, TopKSAE
+from lit_sae.train.dead_latents import DeadLatentTracker, count_fired_
 from lit_sae.train.resume_checks import RESUME_MUST_MATCH, ResumeChecks, _same  # noqa: F401 (re-exported)
 from lit_sae.train.runs import export_dir
 from lit_sae.train.schedule import check_schedule, check_threshold_lr_scale, param_groups, step_scheduler
@@ -202,18 +202,11 @@ class SAEModule(ResumeChecks, L.LightningModule):
         """(n_latents,) bool: True for latents that have not fired within ``dead_after_tokens`` tokens."""
         return self.tokens_since_fired >= self.hparams.dead_after_tokens
 
-    @torch.no_grad()
     def _count_fired_(self, latent_values: Tensor, latent_indices: Tensor) -> None:
         """Advance every latent's counter by this step's tokens (summed over ranks); reset the ones that fired."""
-        counts = self.tokens_since_fired
-        fired = torch.zeros(counts.numel() + 1, device=counts.device)
         local, owned = owned_indices(self, latent_indices)  # a latent-sharded SAE counts its own latents only
-        fired[local[owned & (latent_values > FIRE_THRESHOLD)]] = 1.0
-        fired[-1] = latent_indices.shape[0]  # this rank's tokens, summed with the masks in one collective
-        if self._trainer is not None:
-            fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
-        counts += fired[-1].to(counts.dtype)  # stays on the device: no host sync per step
-        counts[fired[:-1] > 0] = 0
+        count_fired_(self.tokens_since_fired, latent_values, local, owned=owned,
+                     strategy=self.trainer.strategy if self._trainer is not None else None)
 
     def configure_model(self) -> None:
         """Under ``lit_sae.parallel.strategy.SAEModelParallelStrategy``: shard the SAE over the device mesh's

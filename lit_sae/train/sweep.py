@@ -29,12 +29,12 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lit_sae.callbacks.dead_latents import FIRE_THRESHOLD
 from lit_sae.eval.metrics import L0, NormalizedMSE
 from lit_sae.sae import activations
 from lit_sae.sae.checks import check_acts
 from lit_sae.sae.ema import EMA
 from lit_sae.sae.model import TopKSAE
+from lit_sae.train.dead_latents import count_fired_
 from lit_sae.train.module import PAPER_EPS, batch_acts, default_lr
 from lit_sae.train.rng_state import rng_states, set_rng_states
 from lit_sae.train.runs import export_dir
@@ -209,16 +209,8 @@ class SAESweepModule(L.LightningModule):
                 "the grid, split the sweep, or lower data.batch_size_tokens")
 
     def setup(self, stage: str) -> None:
-        """Refuse what cannot work before training: joint norm clipping, a grid that does not fit in memory. In
-        test, an ``EvalReport`` callback (``callbacks/eval.yaml``) becomes a ``SweepEvalReport`` with its settings:
-        every SAE gets its own report."""
-        from lit_sae.callbacks.eval_report import EvalReport
-        from lit_sae.callbacks.sweep_report import SweepEvalReport
-
-        callbacks = self.trainer.callbacks
-        for i, cb in enumerate(callbacks):
-            if type(cb) is EvalReport:
-                callbacks[i] = SweepEvalReport.like(cb)
+        """Refuse what cannot work before training: joint norm clipping, a grid that does not fit in memory. (In
+        test, an ``EvalReport`` callback gives every SAE its own report: it adapts itself to a sweep.)"""
         if stage != "fit":
             return
         clip = self.trainer.gradient_clip_val
@@ -275,16 +267,9 @@ class SAESweepModule(L.LightningModule):
     def dead_latent_mask(self, name: str) -> Tensor:
         return self.members[name].tokens_since_fired >= self.hparams.dead_after_tokens
 
-    @torch.no_grad()
     def _count_fired_(self, member: SweepMember, values: Tensor, indices: Tensor) -> None:
-        counts = member.tokens_since_fired
-        fired = torch.zeros(counts.numel() + 1, device=counts.device)
-        fired[indices[values > FIRE_THRESHOLD]] = 1.0
-        fired[-1] = indices.shape[0]
-        if self._trainer is not None:
-            fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
-        counts += fired[-1].to(counts.dtype)
-        counts[fired[:-1] > 0] = 0
+        count_fired_(member.tokens_since_fired, values, indices,
+                     strategy=self.trainer.strategy if self._trainer is not None else None)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The batch is read once; every SAE takes its own step on it. Returns the summed loss."""
