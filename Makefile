@@ -31,8 +31,10 @@ chromium:
 test: install chromium
 	$(BIN)/python -m pytest -q tests
 
+# ruff, then the import contracts of pyproject.toml ([tool.importlinter]: the layers, no import pointing up)
 lint: install
 	$(BIN)/ruff check .
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
 
 demo: install
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh

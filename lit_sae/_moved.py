@@ -41,7 +41,13 @@ MOVED = {
     "lit_sae.cli_check": "lit_sae.cli.check",
     "lit_sae.cli_messages": "lit_sae.cli.messages",
     "lit_sae.commands.export": "lit_sae.cli.export_command",
-    "lit_sae.commands": "lit_sae.cli.export_command",
+}
+
+# Former packages: {path: (module now holding its names, those names)}. ``lit_sae.commands`` was a package whose
+# ``__init__`` re-exported ``export`` from its submodule ``lit_sae.commands.export``; it is rebuilt as such (a module
+# with a package path, so the submodule's former path imports too), its names taken from the new module.
+PACKAGES = {
+    "lit_sae.commands": ("lit_sae.cli.export_command", ("export",)),
 }
 
 
@@ -51,13 +57,27 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
         if fullname in MOVED:
             return importlib.util.spec_from_loader(fullname, self)
+        if fullname in PACKAGES:
+            return importlib.util.spec_from_loader(fullname, self, is_package=True)
         return None
 
     def create_module(self, spec):
+        if spec.name in PACKAGES:
+            return None  # a fresh module with a package path, filled in exec_module
         return importlib.import_module(MOVED[spec.name])
 
     def exec_module(self, module) -> None:
-        """Nothing to run: the module at its new path was imported (and ran) in ``create_module``."""
+        """A moved module: nothing to run, the module at its new path was imported (and ran) in ``create_module``.
+        A former package: import its former submodules (as its ``__init__`` did), then bind its names."""
+        if module.__name__ not in PACKAGES:
+            return
+        target, names = PACKAGES[module.__name__]
+        for sub in (name for name in MOVED if name.startswith(module.__name__ + ".")):
+            importlib.import_module(sub)
+        new = importlib.import_module(target)
+        for name in names:
+            setattr(module, name, getattr(new, name))
+        module.__all__ = list(names)
 
 
 def install() -> None:
