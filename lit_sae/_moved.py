@@ -36,6 +36,8 @@ MOVED = {
     "lit_sae.runs": "lit_sae.train.runs",
     "lit_sae.parallel.checkpoint": "lit_sae.parallel.dcp",
     "lit_sae.parallel.module": "lit_sae.parallel.sharding",
+    "lit_sae.parallel.data": "lit_sae.parallel.data_parallel",  # data parallelism, not the data package
+    "lit_sae.reproduce.plan": "lit_sae.reproduce.grid",  # the SAEs to train, not data.plan's read order
     "lit_sae.console": "lit_sae.cli.console",
     "lit_sae.trainer_cli": "lit_sae.cli.trainer",
     "lit_sae.cli_check": "lit_sae.cli.check",

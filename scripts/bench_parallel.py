@@ -4,7 +4,7 @@ Same global batch and model in every mode (fp32, fast kernels, Adam, decoder con
 set, no data loading):
     single   one process, the whole batch (1 torch thread; ``single-2t``: 2 threads, the fair CPU budget)
     ddp2     2 processes x 1 thread, each half the batch; losses' batch statistics and gradients all-reduced
-             (``lit_sae.parallel.data.GroupSum`` + a gradient all-reduce: DDP's math without Lightning)
+             (``lit_sae.parallel.data_parallel.GroupSum`` + a gradient all-reduce: DDP's math without Lightning)
     tp2      2 processes x 1 thread, each holding half the latents and the whole batch (``ShardedTopKSAE``)
 Prints the median step time per mode and its ratio to ``single``. On a machine shared with other jobs the absolute
 times mean little; read the ratios, measured in one run.
@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 
 def _run(rank: int, world: int, mode: str, args, port: int, out) -> None:
-    from lit_sae.parallel.data import GroupSum
+    from lit_sae.parallel.data_parallel import GroupSum
     from lit_sae.parallel.tensor import ShardedTopKSAE, average_gradients_
     from lit_sae.sae.model import TopKSAE
 

@@ -77,7 +77,7 @@ def configure_sharded(module) -> None:
         raise ValueError(f"trainer.strategy={type(module.trainer.strategy).__name__}: shard the SAE with "
                          "lit_sae.parallel.strategy.SAEModelParallelStrategy (Lightning's ModelParallelStrategy with "
                          "the data-parallel gradients and sharded checkpoints a latent-sharded SAE needs)")
-    from lit_sae.parallel.data import GroupSum
+    from lit_sae.parallel.data_parallel import GroupSum
     from lit_sae.sae.ema import EMA
 
     tp_mesh, dp_mesh = mesh[TP_DIM], mesh[DP_DIM]

@@ -1,4 +1,4 @@
-"""``lit-sae reproduce``: train the SAEs of ``lit_sae.reproduce.plan`` in one sweep, measure them, judge each claim
+"""``lit-sae reproduce``: train the SAEs of ``lit_sae.reproduce.grid`` in one sweep, measure them, judge each claim
 of Gao et al. (2024) and write ``reproduce.json`` (every number), ``reproduce.md`` (the table) and ``figures/*.png``."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def reproduce(harvest: str, out: str, quick: bool = False, seed: int = 0, device
         progress: progress bars.
     """
     from lit_sae.data.datamodule import ActivationDataModule
-    from lit_sae.reproduce.plan import FULL, QUICK, sae_specs
+    from lit_sae.reproduce.grid import FULL, QUICK, sae_specs
     from lit_sae.reproduce.train import steps_for, train_sweep, train_tokens_of
 
     root = Path(out)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lit_sae.reproduce.plan import Setting
+from lit_sae.reproduce.grid import Setting
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Loss functions of the TopK recipe (Gao et al., 2024, section 2 and appendix A.2).
 
 Data parallelism enters only through a :class:`BatchSum` (the seam): it sums a per-batch statistic over every
-data-parallel rank's batch. The default sums over this batch only; ``lit_sae.parallel.data.GroupSum`` all-reduces.
+data-parallel rank's batch. The default sums over this batch only; ``lit_sae.parallel.data_parallel.GroupSum``
+all-reduces.
 """
 
 from __future__ import annotations

@@ -125,7 +125,8 @@ class TopKSAE(nn.Module):
         self.threshold_momentum = threshold_momentum
         self.fast = fast
         # The data-parallel seam: how the losses' batch statistics are summed over ranks in training (LOCAL: one
-        # process). Set by the trainer's side (``lit_sae.parallel.data``); evaluation always uses this batch only.
+        # process). Set by the trainer's side (``lit_sae.parallel.data_parallel``); evaluation always uses this batch
+        # only.
         self.batch_sum: BatchSum = LOCAL
         self.sparsity_coef, self.sparsity_warmup_steps = sparsity_coef, sparsity_warmup_steps
         self.jumprelu_bandwidth, self.jumprelu_init_threshold = jumprelu_bandwidth, jumprelu_init_threshold

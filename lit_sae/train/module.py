@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lit_sae import compat
 from lit_sae.eval.metrics import L0, NormalizedMSE
-from lit_sae.parallel.data import data_parallel_size
+from lit_sae.parallel.data_parallel import data_parallel_size
 from lit_sae.parallel.sharding import configure_sharded, export_at_fit_end, is_sharded, owned_indices, sae_init_context
 from lit_sae.sae import activations
 from lit_sae.sae.checks import check_acts
@@ -214,10 +214,10 @@ class SAEModule(ResumeChecks, L.LightningModule):
         configure_sharded(self)
 
     def setup(self, stage: str) -> None:
-        """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data``): DDP on W ranks of
-        ``data.batch_size_tokens`` each trains exactly as one process on the W-times larger batch."""
+        """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data_parallel``): DDP on W
+        ranks of ``data.batch_size_tokens`` each trains exactly as one process on the W-times larger batch."""
         if stage == "fit":
-            from lit_sae.parallel.data import use_data_parallel_losses
+            from lit_sae.parallel.data_parallel import use_data_parallel_losses
 
             use_data_parallel_losses(self.sae)
 

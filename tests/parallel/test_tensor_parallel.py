@@ -55,7 +55,7 @@ def _check_ties(full, sh, group_rows):
 def _worker(rank, world, dp, tp, port, ckdir):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lit_sae.parallel.data import GroupSum
+    from lit_sae.parallel.data_parallel import GroupSum
     from lit_sae.parallel.dcp import load_sharded, save_sharded
     from lit_sae.parallel.sharding import gather_full
     from lit_sae.parallel.tensor import ShardedTopKSAE, average_gradients_, update_dead_counts_

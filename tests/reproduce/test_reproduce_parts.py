@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lit_sae.reproduce.claims import frontier_gap, power_law
+from lit_sae.reproduce.grid import FULL, QUICK, sae_specs
 from lit_sae.reproduce.measure import at_k, delta_ce_many, recon_metrics
-from lit_sae.reproduce.plan import FULL, QUICK, sae_specs
 from lit_sae.reproduce.train import randomize_encoder_
 from lit_sae.sae.model import TopKSAE
 from tests.support.tiny_lm import harvest_tiny
