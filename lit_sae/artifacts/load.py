@@ -20,16 +20,15 @@ import torch
 
 from lit_sae.formats import openai, saelens, sparsify
 from lit_sae.formats.common import read_json
+from lit_sae.sae.config import MODULE_KEYS
 from lit_sae.sae.model import TopKSAE
 
 log = logging.getLogger(__name__)
 
 __all__ = ["load_sae", "read_checkpoint", "detect_format"]
 
-#: TopKSAE arguments a lit-sae checkpoint's hyperparameters carry.
-_SAE_ARGS = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "activation", "normalize", "fast",
-             "sparsity_coef", "sparsity_warmup_steps", "jumprelu_bandwidth", "jumprelu_init_threshold",
-             "matryoshka_prefixes")
+#: TopKSAE arguments a lit-sae checkpoint's hyperparameters carry: SAEModule's SAE arguments.
+_SAE_ARGS = MODULE_KEYS
 
 
 def detect_format(path: str | Path) -> str:

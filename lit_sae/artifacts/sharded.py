@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from lit_sae.sae.config import SHARDED_KEYS
 from lit_sae.sae.model import TopKSAE
 
 META_FILE = "meta.pt"
@@ -31,8 +32,10 @@ META_FILE = "meta.pt"
 MESH_FILE = "mesh.json"
 """The mesh a sharded checkpoint was written on (data_parallel_size, tensor_parallel_size), and, for
 ``save_sharded``'s folders, the SAE's config and ``extra``."""
-CONFIG_KEYS = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "multi_topk_factor", "normalize")
-"""The SAE settings ``save_sharded`` records in ``MESH_FILE`` (and a resume must match)."""
+CONFIG_KEYS = SHARDED_KEYS
+"""The SAE settings ``save_sharded`` records in ``MESH_FILE`` (and a resume must match): those a latent-sharded SAE
+takes (``lit_sae.sae.config.SHARDED_KEYS``). Folders written before activation and threshold_momentum were recorded
+hold a subset; the missing ones had their defaults (a topk SAE, 0.99)."""
 
 
 def load_full(path: str | Path) -> tuple[TopKSAE, dict]:

@@ -84,7 +84,10 @@ def to_saelens(kwargs: dict[str, Any], state: dict[str, Tensor], metadata: Optio
         **meta,
         "hook_layer": hook_layer,
         "metadata": {**meta, "hook_layer": hook_layer},
-        "lit_sae": {"activation": activation, "normalize": kwargs.get("normalize", "none"), "k": int(kwargs["k"]),
+        # lit-sae's own section: every setting of the SAE (TopKSAE.config(): lit_sae.sae.config.REBUILD_KEYS) but
+        # the two SAELens names itself, the folding ``info`` and the caller's provenance
+        "lit_sae": {**{key: value for key, value in kwargs.items() if key not in ("d_in", "n_latents")},
+                    "activation": activation, "normalize": kwargs.get("normalize", "none"), "k": int(kwargs["k"]),
                     "k_aux": kwargs.get("k_aux"), "auxk_coef": kwargs.get("auxk_coef"),
                     "multi_topk": kwargs.get("multi_topk", False), **info, **(lit_sae or {})},
     }

@@ -100,7 +100,7 @@ def load_sharded(path: str | Path, sae, optimizer: torch.optim.Optimizer, mesh: 
     diff = [f"{key}: checkpoint {saved[key]}, now {now[key]}" for key in ("data_parallel_size", "tensor_parallel_size")
             if saved[key] != now[key]]
     diff += [f"model.{key}: checkpoint {saved['config'][key]!r}, now {now['config'][key]!r}"
-             for key in CONFIG_KEYS if saved["config"].get(key) != now["config"][key]]
+             for key in CONFIG_KEYS if key in saved["config"] and saved["config"][key] != now["config"][key]]
     if diff:
         raise ValueError(f"{path} was written on another mesh or model ({'; '.join(diff)}): resume with the "
                          "strategy's data_parallel_size / tensor_parallel_size and model settings that wrote it")

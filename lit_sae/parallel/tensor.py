@@ -30,12 +30,13 @@ from torch import Tensor, nn
 
 from lit_sae.parallel.collectives import all_gather_cat, copy_to_shards, sum_over_shards
 from lit_sae.sae import kernels
+from lit_sae.sae.config import SHARDED_KEYS, defaults
 from lit_sae.sae.losses import LOCAL
 from lit_sae.sae.model import ENCODER_INIT_NORM, TopKSAE, _check_config
 from lit_sae.sae.selection import topk_exact
 
-_CONFIG = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "multi_topk_factor", "activation",
-           "normalize", "threshold_momentum", "fast")
+# The settings a sharded SAE takes besides its shape (d_in, n_latents, k): lit_sae.sae.config.SHARDED_KEYS.
+_SETTINGS = tuple(key for key in SHARDED_KEYS if key not in ("d_in", "n_latents", "k"))
 
 
 def check_shardable(n_latents: int, tensor_parallel_size: int) -> None:
@@ -132,8 +133,7 @@ class ShardedTopKSAE(TopKSAE):
         nn.Module.__init__(self)
         T, t = dist.get_world_size(tp_group), dist.get_rank(tp_group)
         check_shardable(n_latents, T)
-        cfg = dict(k_aux=None, auxk_coef=1 / 32, multi_topk=False, multi_topk_factor=4, activation="topk",
-                   normalize="none", threshold_momentum=0.99, fast=True) | config
+        cfg = {**defaults(_SETTINGS), "fast": True, **config}
         _check_config(d_in, n_latents, k, cfg["k_aux"], cfg["activation"], cfg["normalize"], cfg["multi_topk"],
                       cfg["multi_topk_factor"])
         if cfg["activation"] != "topk":
@@ -161,7 +161,7 @@ class ShardedTopKSAE(TopKSAE):
     @classmethod
     def from_full(cls, sae: TopKSAE, tp_group) -> "ShardedTopKSAE":
         """This rank's shard of an unsharded ``sae`` (same config, same values; parameters are copies)."""
-        cfg = {key: getattr(sae, key) for key in _CONFIG if key not in ("d_in", "n_latents", "k")}
+        cfg = {key: getattr(sae, key) for key in _SETTINGS}
         out = cls(sae.d_in, sae.n_latents, sae.k, tp_group=tp_group, _init=False, **cfg)
         out.batch_sum = sae.batch_sum
         rows = slice(out.offset, out.offset + out.n_local)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lit_sae.sae import activations, kernels
 from lit_sae.sae.checks import check_acts, check_code, check_mask
+from lit_sae.sae.config import ENCODER_INIT_NORM, REBUILD_KEYS
 from lit_sae.sae.losses import LOCAL, BatchSum, auxk_loss, normalized_mse
 from lit_sae.sae.median import geometric_median
 
@@ -34,9 +35,7 @@ Normalize = Literal["none", "scalar", "layernorm"]
 # As OpenAI's released v5 TopK SAEs (sparse_autoencoder/model.py, LN) and SAELens's layer_norm: the eps is added to
 # std on the way in only; decoding multiplies by std itself.
 LAYERNORM_EPS = 1e-5
-# W_enc starts as W_dec^T scaled to this row norm. The paper's tied init is 1.0; on the embedded default
-# (n=4096, k=32, 400k tokens) val NMSE was 0.363 at 1.0, 0.331 at 0.7, 0.329 at 0.5, 0.335 at 0.3, so 0.5.
-ENCODER_INIT_NORM = 0.5
+# ENCODER_INIT_NORM (W_enc's initial row norm, imported above) carries its measured reason in lit_sae.sae.config.
 
 
 class SAEOutput(NamedTuple):
@@ -313,15 +312,11 @@ class TopKSAE(nn.Module):
 
     # ---------------------------------------------------------------- save / load (SAELens's layout)
     def config(self) -> dict[str, Any]:
-        """The constructor arguments that rebuild this SAE's shapes and computation (``TopKSAE(**sae.config())``)."""
-        return {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k, "k_aux": self.k_aux,
-                "auxk_coef": self.auxk_coef, "multi_topk": self.multi_topk,
-                "multi_topk_factor": self.multi_topk_factor, "activation": self.activation,
-                "normalize": self.normalize, "threshold_momentum": self.threshold_momentum,
-                "sparsity_coef": self.sparsity_coef, "sparsity_warmup_steps": self.sparsity_warmup_steps,
-                "jumprelu_bandwidth": self.jumprelu_bandwidth,
-                "jumprelu_init_threshold": self.jumprelu_init_threshold,
-                "matryoshka_prefixes": self.matryoshka_prefixes or None}
+        """The constructor arguments that rebuild this SAE's shapes and computation (``TopKSAE(**sae.config())``):
+        the fields of ``lit_sae.sae.config.SAEConfig`` in ``REBUILD_KEYS``."""
+        cfg = {key: getattr(self, key) for key in REBUILD_KEYS}
+        cfg["matryoshka_prefixes"] = cfg["matryoshka_prefixes"] or None
+        return cfg
 
     def save_pretrained(self, path: str | Path, metadata: Optional[dict[str, Any]] = None, *,
                         lit_sae: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:

@@ -23,6 +23,7 @@ from lit_sae.parallel.data_parallel import data_parallel_size
 from lit_sae.parallel.sharding import configure_sharded, export_at_fit_end, is_sharded, owned_indices, sae_init_context
 from lit_sae.sae import activations
 from lit_sae.sae.checks import check_acts
+from lit_sae.sae.config import MODULE_KEYS, SAEConfig
 from lit_sae.sae.ema import EMA
 from lit_sae.sae.model import ENCODER_INIT_NORM, SAEOutput, TopKSAE
 from lit_sae.train.dead_latents import DeadLatentTracker, count_fired_
@@ -134,20 +135,10 @@ class SAEModule(ResumeChecks, L.LightningModule):
         activations.check_applicable(activation, {**arch, "multi_topk": multi_topk, "k_aux": k_aux,
                                                   "jumprelu_threshold_lr_scale": jumprelu_threshold_lr_scale}, "model.")
         try:  # on the meta device when lit-sae fit shards the SAE over latents (lit_sae.parallel.sharding)
+            # the SAE's settings: SAEConfig's fields in MODULE_KEYS (tests/sae/test_config.py keeps them equal)
+            self.sae_config = SAEConfig(**{key: self.hparams[key] for key in MODULE_KEYS})
             with sae_init_context():
-                self.sae = TopKSAE(
-                    d_in,
-                    n_latents,
-                    k,
-                    k_aux=k_aux,
-                    auxk_coef=auxk_coef,
-                    multi_topk=multi_topk,
-                    activation=activation,
-                    normalize=normalize,
-                    encoder_init_norm=encoder_init_norm,
-                    fast=fast,
-                    **{key: value for key, value in arch.items() if value is not None},
-                )
+                self.sae = TopKSAE(**self.sae_config.sae_kwargs())
         except ValueError as exn:  # the SAE names its argument; say it is a key of the config's model section
             raise ValueError(f"model.{exn}") from None
         if self.sae.activation == "jumprelu" and normalize != "scalar":

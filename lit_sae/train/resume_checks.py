@@ -9,15 +9,16 @@ from typing import Any
 import torch
 
 from lit_sae.sae import activations
+from lit_sae.sae.config import RESUME_KEYS
 from lit_sae.train.rng_state import nonfinite_entries, rng_states, set_rng_states
 from lit_sae.train.schedule import threshold_lr_scale_of
 
 log = logging.getLogger(__name__)
 
 # Settings a checkpoint's weights and state are tied to: a resume with other values is refused (it would either fail
-# on tensor shapes or silently train another model on other data). Every other setting may change on resume.
-RESUME_MUST_MATCH = ("d_in", "n_latents", "k", "k_aux", "activation", "normalize", "multi_topk", "hook_point",
-                     "lm_name")
+# on tensor shapes or silently train another model on other data). Every other setting may change on resume. The
+# SAE's are marked in lit_sae.sae.config.SAEConfig (RESUME_KEYS); the data's two are named here.
+RESUME_MUST_MATCH = (*RESUME_KEYS, "hook_point", "lm_name")
 
 
 class ResumeChecks:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lit_sae.eval.metrics import L0, NormalizedMSE
 from lit_sae.sae import activations
 from lit_sae.sae.checks import check_acts
+from lit_sae.sae.config import MODULE_KEYS
 from lit_sae.sae.ema import EMA
 from lit_sae.sae.model import TopKSAE
 from lit_sae.train.dead_latents import count_fired_
@@ -43,9 +44,9 @@ from lit_sae.train.sweep_table import TABLE_COLUMNS, table_row, write_test_table
 
 log = logging.getLogger(__name__)
 
-SAE_KEYS = ("n_latents", "k", "k_aux", "auxk_coef", "multi_topk", "activation", "normalize", "encoder_init_norm",
-            "sparsity_coef", "sparsity_warmup_steps", "jumprelu_bandwidth", "jumprelu_init_threshold",
-            "matryoshka_prefixes")
+#: Per-SAE settings of a sweep: ``SAEModule``'s SAE arguments (``lit_sae.sae.config.MODULE_KEYS``) but d_in (the
+#: data's, shared) and fast (a sweep always runs the sparse kernels).
+SAE_KEYS = tuple(key for key in MODULE_KEYS if key not in ("d_in", "fast"))
 #: Per-SAE optimisation settings (as ``SAEModule``'s): Adam's lr, linear warm-up steps, the fraction of the run after
 #: which the lr decays linearly to 0, the decay of an EMA of the weights used for validation, test and export, and
 #: a jumprelu SAE's threshold learning rate as a multiple of its lr.
