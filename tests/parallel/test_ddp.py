@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from lit_sae.data.shards import FORMAT, ShardWriter, write_manifest_atomic
+from tests.support.shards import write_shards
 
 pytestmark = pytest.mark.slow  # spawned processes / CLI subprocesses: over ~10 s on 2 CPU cores
 
@@ -29,22 +29,13 @@ HERE = Path(__file__).resolve().parents[2]  # the repository root: subprocesses 
 def _write_shards(out, nan_row=None):
     g = torch.Generator().manual_seed(0)
     dirs = torch.nn.functional.normalize(torch.randn(48, D_IN, generator=g), dim=1)
-    man = {"format": FORMAT, "d_in": D_IN, "dtype": "float16", "block_tokens": 64, "tokens_per_shard": 256,
-           "context_length": CTX, "hook_point": "blocks.0.hook_resid_post", "lm": {"name": "synthetic-lm"},
-           "splits": {}}
-    start = 0
+    acts = {}
     for split, n in {"train": 2 * 30 * B + 40, "val": 128}.items():
-        infos = []
         codes = torch.rand(n, 48, generator=g) * (torch.rand(n, 48, generator=g) < 0.1)
-        ids = torch.arange(start, start + n)
-        acts = codes @ dirs * 3 + 1.0
-        if nan_row is not None and split == "train":
-            acts[nan_row] = float("nan")
-        with ShardWriter(str(out), split, D_IN, "float16", 64, 256, on_shard=infos.append) as w:
-            w.add(acts, ids % 1000, ids // CTX, ids % CTX)
-        start += n
-        man["splits"][split] = {"shards": infos}
-    write_manifest_atomic(str(out), man)
+        acts[split] = codes @ dirs * 3 + 1.0
+    if nan_row is not None:
+        acts["train"][nan_row] = float("nan")
+    write_shards(out, acts, ctx_len=CTX, block_tokens=64, tokens_per_shard=256)
 
 
 def _config(root: Path, shards: Path, data_class: str, extra_data=None) -> Path:

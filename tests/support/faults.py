@@ -46,32 +46,23 @@ MAX_STEPS = 40  # 24 batches per epoch: the run crosses an epoch boundary
 # ----------------------------------------------------------------------------------------------------------- helpers
 def make_shards(out: Path, n_train: int = 24 * BATCH, n_val: int = 2 * BATCH, d_in: int = D_IN,
                 nan_rows: tuple = (), hook_point: str = "blocks.1.hook_resid_post", n_test: int = 0) -> Path:
-    """Synthetic shards with a manifest (token i: ctx i // 16, pos i % 16); returns the folder."""
-    from lit_sae.data.shards import FORMAT, ShardWriter, write_manifest_atomic
+    """Synthetic shards with a manifest (token i: ctx i // 16, pos i % 16; ``tests.support.shards.write_shards``);
+    returns the folder."""
+    from tests.support.shards import write_shards
 
-    out = Path(out)
     g = torch.Generator().manual_seed(0)
-    man = {"format": FORMAT, "d_in": d_in, "dtype": "float16", "block_tokens": 128, "tokens_per_shard": 1024,
-           "context_length": 16, "hook_point": hook_point, "model": {"name_or_path": "synthetic-lm"},
-           "splits": {}, "complete": True}
-    start = 0
+    acts = {}
     for split, n in {"train": n_train, "val": n_val, "test": n_test}.items():
         if split == "test" and not n:
             continue
-        infos: list = []
         # Sparse non-negative codes over 128 directions plus an offset: something an SAE can learn.
         dirs = torch.nn.functional.normalize(torch.randn(128, d_in, generator=g), dim=1)
         codes = torch.rand(n, 128, generator=g) * (torch.rand(n, 128, generator=g) < 0.03)
-        acts = codes @ dirs * 4 + 1.0
+        acts[split] = codes @ dirs * 4 + 1.0
         for r in nan_rows if split == "train" else ():
-            acts[r, r % d_in] = float("nan")
-        ids = torch.arange(start, start + n)
-        with ShardWriter(str(out), split, d_in, "float16", 128, 1024, on_shard=infos.append) as w:
-            w.add(acts, ids % 1000, ids // 16, ids % 16)
-        start += n
-        man["splits"][split] = {"shards": infos, "tokens": n, "contexts": (n + 15) // 16}
-    write_manifest_atomic(str(out), man)
-    return out
+            acts[split][r, r % d_in] = float("nan")
+    write_shards(out, acts, ctx_len=16, block_tokens=128, tokens_per_shard=1024, hook_point=hook_point)
+    return Path(out)
 
 
 BASE_MODEL = {"n_latents": N_LATENTS, "k": K, "lr": 0.003, "warmup_steps": 5, "decay_start": 0.5, "ema_decay": 0.9,
