@@ -24,8 +24,9 @@ gives). Rows whose pre-activations contain NaN have no defined selection.
 Under ``torch.autocast`` the encoder product runs in the autocast dtype (bf16: values come out in bf16, like the
 reference path); the sparse backward and the decoder accumulate in the parameters' dtype.
 
-The CUDA path is the same PyTorch code (no Triton kernels). CI has no GPU; ``scripts/gpu_check.sh`` runs the
-equivalence tests and the benchmark on a machine that has one (docs/performance.md gives its measured results).
+On CUDA, when Triton is installed, the selection and the sparse products run as Triton kernels instead
+(``lit_sae.sae.triton_kernels``; the same indices and order, ``LIT_SAE_KERNELS=torch`` turns them off); on CPU these
+PyTorch operators run. ``scripts/gpu_check.sh`` runs the equivalence tests and the benchmark on a GPU machine.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import Tensor
 from lit_sae import compat
 from lit_sae.sae.selection import stable_topk_reference as _stable_topk_reference
 from lit_sae.sae.selection import topk_exact as _topk_exact
+from lit_sae.sae.triton_kernels import dispatch as _triton
 
 MAX_PREACT_BYTES = 256 * 2**20
 """Largest pre-activation chunk (rows x n_latents x element size) the fast encoder materialises at once on CPU.
@@ -131,6 +133,8 @@ def _scatter_pairs(flat: Tensor, g: Tensor, row_of, X: Tensor, n: int) -> Tensor
     """(n, d): out[i] = sum over positions p with flat[p] == i of g[p] * X[row_of(p)] (``row_of`` maps positions,
     an int64 tensor, to rows of X). The shared body of ``_scatter_rows`` and the multi-set decoder's backward."""
     order, offsets = _latent_order(flat, n)
+    if _triton.use_triton(X):
+        return _triton.scatter_sorted(row_of(order), g[order], offsets, X, n)
     return F.embedding_bag(row_of(order), X, offsets, per_sample_weights=g[order], mode="sum")
 
 
@@ -158,12 +162,21 @@ def _latent_order(flat: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
     """(B, m) with out[b, j] = W[idx[b, j]] . G[b]: the gradient of the weights of a gather-and-sum."""
+    if _triton.use_triton(W):
+        return _triton.gather_dot(idx, W, G)
     B, m = idx.shape
     flat = idx.reshape(-1)
     offsets = torch.arange(0, B * m, m, device=idx.device)
     bag = torch.arange(B, device=idx.device).repeat_interleave(m)
     out = compat.embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag)
     return out.view(B, m)
+
+
+def _gather_sum(indices: Tensor, W: Tensor, values: Tensor) -> Tensor:
+    """(B, d) = sum_j values[:, j, None] * W[indices[:, j]] (``embedding_bag`` or its Triton kernel)."""
+    if _triton.use_triton(W):
+        return _triton.gather_sum(values, indices, W)
+    return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
 
 
 # ---------------------------------------------------------------------------------------------- fast encoder
@@ -186,10 +199,17 @@ def _select_chunks(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, K: int, dead_idx: 
     ka = 0 if dead_idx is None else min(k_aux, dead_idx.numel())
     aux_vals = torch.empty(B, ka, dtype=dt, device=x_c.device)
     aux_idx = torch.empty(B, ka, dtype=torch.long, device=x_c.device)
+    tri = _triton.use_triton(x_c) and _triton.selects(dt)  # one sweep for both selections, dead columns by bitmap
+    bits = _triton.dead_bits(dead_idx, n) if tri and ka else None
     with torch.autocast(x_c.device.type, enabled=False):
         for r0 in range(0, B, rows_per_chunk):
             r1 = min(B, r0 + rows_per_chunk)
             pre = torch.addmm(bc, xc[r0:r1], Wc.t(), out=_chunk_buffer("pre", r1 - r0, n, dt, x_c.device))
+            if tri:
+                vals[r0:r1], idx[r0:r1], av, ai = _triton.select(pre, min(K, n), bits, ka)
+                if ka:
+                    aux_vals[r0:r1], aux_idx[r0:r1] = av, ai
+                continue
             vals[r0:r1], idx[r0:r1] = _topk_exact(pre, K)
             if ka:
                 # dead_idx is ascending, so "lower local index" is "lower latent index": the tie order carries over.
@@ -254,7 +274,7 @@ def _encode_grads(x_c: Tensor, W_enc: Tensor, b_enc_meta, g: Tensor, ii: Tensor,
     dx = dW = db = None
     with torch.autocast(x_c.device.type, enabled=False):
         if need_x:  # dx_c[b] = sum_j g[b, j] W_enc[ii[b, j]]
-            dx = F.embedding_bag(ii, W_enc, per_sample_weights=g, mode="sum").to(x_c.dtype)
+            dx = _gather_sum(ii, W_enc, g).to(x_c.dtype)
         if need_W:  # dW_enc[i] = sum over (b, j) selecting i of g[b, j] x_c[b]
             dW = _scatter_rows(ii, g, x_c.to(pt), W_enc.shape[0])
         if need_b:
@@ -323,7 +343,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, W_dec):
         ctx.save_for_backward(values, indices, W_dec)
-        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+        return _gather_sum(indices, W_dec, values)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -357,7 +377,7 @@ class _SparseDecodeSets(torch.autograd.Function):
     def forward(ctx, W_dec, *flat):
         vals, idxs = flat[0::2], flat[1::2]
         ctx.save_for_backward(W_dec, *flat)
-        return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") for v, i in zip(vals, idxs))
+        return tuple(_gather_sum(i, W_dec, v) for v, i in zip(vals, idxs))
 
     @staticmethod
     def backward(ctx, *grads):
