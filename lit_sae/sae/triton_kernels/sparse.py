@@ -80,9 +80,18 @@ def _scatter_sorted_kernel(row_ptr, g_ptr, start_ptr, x_ptr, out_ptr, n, P, d,
              mask=lmask[:, None] & cmask[None, :])
 
 
-def _interpreted(t: Tensor) -> bool:
-    """CPU tensors reach a Triton kernel only under the interpreter, which runs one program at a time: big blocks."""
-    return not t.is_cuda
+BLOCKS = {
+    # kernel: (blocks on CUDA, blocks under the interpreter, which runs one program at a time: few, large programs)
+    "gather_sum": (dict(BLOCK_B=16, BLOCK_D=128), dict(BLOCK_B=64, BLOCK_D=128)),
+    "gather_dot": (dict(BLOCK_B=4, BLOCK_M=16, BLOCK_D=32), dict(BLOCK_B=32, BLOCK_M=64, BLOCK_D=64)),
+    "scatter_sorted": (dict(BLOCK_L=1, BLOCK_P=16, BLOCK_D=128), dict(BLOCK_L=16, BLOCK_P=32, BLOCK_D=128)),
+}
+"""Block sizes of each kernel (not tuned on a GPU: none was measured)."""
+
+
+def launch_meta(kernel: str, cuda: bool, dtype: torch.dtype) -> dict:
+    """The compile-time parameters of ``kernel`` (a key of ``BLOCKS``) for weights / rows of ``dtype``."""
+    return {**BLOCKS[kernel][0 if cuda else 1], "F64": dtype == torch.float64}
 
 
 def gather_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
@@ -91,11 +100,9 @@ def gather_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     B, m = indices.shape
     d = W.shape[1]
     out = torch.empty(B, d, dtype=W.dtype, device=W.device)
-    big = _interpreted(W)
-    bb, bd = (64, 128) if big else (16, 128)
-    grid = (triton.cdiv(B, bb), triton.cdiv(d, bd))
-    _gather_sum_kernel[grid](values.contiguous(), indices.contiguous(), W.contiguous(), out, B, m, d,
-                             BLOCK_B=bb, BLOCK_D=bd, F64=W.dtype == torch.float64)
+    meta = launch_meta("gather_sum", W.is_cuda, W.dtype)
+    grid = (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(d, meta["BLOCK_D"]))
+    _gather_sum_kernel[grid](values.contiguous(), indices.contiguous(), W.contiguous(), out, B, m, d, **meta)
     return out
 
 
@@ -105,11 +112,9 @@ def gather_dot(indices: Tensor, W: Tensor, G: Tensor) -> Tensor:
     B, m = indices.shape
     d = W.shape[1]
     out = torch.empty(B, m, dtype=W.dtype, device=W.device)
-    big = _interpreted(W)
-    bb, bm, bd = (32, 64, 64) if big else (4, 16, 64)
-    grid = (triton.cdiv(B, bb), triton.cdiv(m, bm))
-    _gather_dot_kernel[grid](indices.contiguous(), W.contiguous(), G.contiguous(), out, B, m, d,
-                             BLOCK_B=bb, BLOCK_M=bm, BLOCK_D=bd, F64=W.dtype == torch.float64)
+    meta = launch_meta("gather_dot", W.is_cuda, W.dtype)
+    grid = (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(m, meta["BLOCK_M"]))
+    _gather_dot_kernel[grid](indices.contiguous(), W.contiguous(), G.contiguous(), out, B, m, d, **meta)
     return out
 
 
@@ -123,9 +128,8 @@ def scatter_sorted(rows: Tensor, g: Tensor, starts: Tensor, X: Tensor, n: int) -
     P = rows.numel()
     d = X.shape[1]
     out = torch.empty(n, d, dtype=X.dtype, device=X.device)
-    big = _interpreted(X)
-    bl, bp, bd = (16, 32, 128) if big else (1, 32, 128)
-    grid = (triton.cdiv(n, bl), triton.cdiv(d, bd))
+    meta = launch_meta("scatter_sorted", X.is_cuda, X.dtype)
+    grid = (triton.cdiv(n, meta["BLOCK_L"]), triton.cdiv(d, meta["BLOCK_D"]))
     _scatter_sorted_kernel[grid](rows.contiguous(), g.contiguous(), starts.contiguous(), X.contiguous(), out, n, P, d,
-                                 BLOCK_L=bl, BLOCK_P=bp, BLOCK_D=bd, F64=X.dtype == torch.float64)
+                                 **meta)
     return out

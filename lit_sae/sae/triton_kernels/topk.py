@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_LOW32 = 4294967295  # 2**32 - 1
+_LOW32 = tl.constexpr(4294967295)  # 2**32 - 1 (a constexpr: compiled kernels read no other globals)
 
 
 @triton.jit
@@ -112,6 +112,15 @@ def _pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
+def launch_meta(K: int, k_aux: int, cuda: bool, block_rows: int | None = None) -> dict:
+    """The launch parameters of ``_select_kernel`` for K (and k_aux > 0 for AuxK): running lists of the next powers
+    of two; on CUDA 4 rows a program, 1024-column tiles and 8 warps (4 warps needed 254 registers a thread with
+    AuxK's 512-key list, ``compile_check``); 64 rows and 512 columns under the interpreter. Not tuned on a GPU."""
+    meta = dict(K=K, KP=_pow2(K), KA=max(k_aux, 1), KAP=_pow2(max(k_aux, 1)),
+                BLOCK_R=block_rows or (4 if cuda else 64), BLOCK_N=1024 if cuda else 512, HAS_AUX=k_aux > 0)
+    return {**meta, "num_warps": 8} if cuda else meta
+
+
 def select(pre: Tensor, K: int, dead_bits: Tensor | None = None, k_aux: int = 0,
            block_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-K of each row of ``pre`` (R, m) and, with ``dead_bits``, the top-``k_aux`` among dead columns, exactly.
@@ -134,9 +143,7 @@ def select(pre: Tensor, K: int, dead_bits: Tensor | None = None, k_aux: int = 0,
     if not 1 <= K <= m or k_aux < 0 or (k_aux and dead_bits is None):
         raise ValueError(f"triton top-k: K={K}, k_aux={k_aux} out of range for rows of {m} (k_aux needs dead_bits)")
     has_aux = dead_bits is not None and k_aux > 0
-    KP, KAP = _pow2(K), _pow2(max(k_aux, 1))
-    block_n = 1024 if pre.is_cuda else 512
-    block_r = block_rows or (4 if pre.is_cuda else 64)
+    meta = launch_meta(K, k_aux if has_aux else 0, pre.is_cuda, block_rows)
     vals = torch.empty(R, K, dtype=pre.dtype, device=pre.device)
     idx = torch.empty(R, K, dtype=torch.int64, device=pre.device)
     aux_vals = torch.empty(R, k_aux if has_aux else 0, dtype=pre.dtype, device=pre.device)
@@ -144,8 +151,6 @@ def select(pre: Tensor, K: int, dead_bits: Tensor | None = None, k_aux: int = 0,
     if R == 0:
         return vals, idx, aux_vals, aux_idx
     bits = dead_bits if has_aux else idx  # any pointer: never read without HAS_AUX
-    grid = (triton.cdiv(R, block_r),)
-    _select_kernel[grid](pre, pre.stride(0), R, m, bits, vals, idx, aux_vals, aux_idx,
-                         K=K, KP=KP, KA=max(k_aux, 1) if has_aux else 1, KAP=KAP if has_aux else 1,
-                         BLOCK_R=block_r, BLOCK_N=block_n, HAS_AUX=has_aux)
+    _select_kernel[(triton.cdiv(R, meta["BLOCK_R"]),)](pre, pre.stride(0), R, m, bits, vals, idx, aux_vals, aux_idx,
+                                                       **meta)
     return vals, idx, aux_vals, aux_idx
