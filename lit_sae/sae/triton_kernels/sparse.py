@@ -100,6 +100,8 @@ def gather_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     B, m = indices.shape
     d = W.shape[1]
     out = torch.empty(B, d, dtype=W.dtype, device=W.device)
+    if B == 0 or d == 0 or m == 0:  # a launch needs a non-empty grid; the sum of nothing is 0
+        return out.zero_()
     meta = launch_meta("gather_sum", W.is_cuda, W.dtype)
     grid = (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(d, meta["BLOCK_D"]))
     _gather_sum_kernel[grid](values.contiguous(), indices.contiguous(), W.contiguous(), out, B, m, d, **meta)
@@ -112,6 +114,8 @@ def gather_dot(indices: Tensor, W: Tensor, G: Tensor) -> Tensor:
     B, m = indices.shape
     d = W.shape[1]
     out = torch.empty(B, m, dtype=W.dtype, device=W.device)
+    if B == 0 or m == 0 or d == 0:
+        return out.zero_()
     meta = launch_meta("gather_dot", W.is_cuda, W.dtype)
     grid = (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(m, meta["BLOCK_M"]))
     _gather_dot_kernel[grid](indices.contiguous(), W.contiguous(), G.contiguous(), out, B, m, d, **meta)
@@ -128,6 +132,8 @@ def scatter_sorted(rows: Tensor, g: Tensor, starts: Tensor, X: Tensor, n: int) -
     P = rows.numel()
     d = X.shape[1]
     out = torch.empty(n, d, dtype=X.dtype, device=X.device)
+    if n == 0 or d == 0 or P == 0:
+        return out.zero_()
     meta = launch_meta("scatter_sorted", X.is_cuda, X.dtype)
     grid = (triton.cdiv(n, meta["BLOCK_L"]), triton.cdiv(d, meta["BLOCK_D"]))
     _scatter_sorted_kernel[grid](rows.contiguous(), g.contiguous(), starts.contiguous(), X.contiguous(), out, n, P, d,
