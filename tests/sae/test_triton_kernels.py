@@ -56,6 +56,20 @@ def test_triton_kernel_case(outcomes, name):
     assert not failed, f"{name}: {len(failed)} of {len(runs)} parametrisations did not pass:\n" + "\n".join(failed)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process interprets Triton")
+def test_forcing_triton_on_cpu_without_the_interpreter_names_the_fix(monkeypatch):
+    """This process built the kernels natively (no interpreter): a forced Triton run on CPU tensors fails with one
+    line that says how to run them, before any kernel launch."""
+    from lit_sae.sae import kernels
+    from lit_sae.sae.triton_kernels import dispatch
+
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    with pytest.raises(RuntimeError, match="LIT_SAE_KERNELS=triton on a cpu tensor.*TRITON_INTERPRET=1"):
+        kernels.topk_encode(torch.randn(4, 8), torch.randn(16, 8), torch.zeros(16), 2)
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    assert kernels.topk_encode(torch.randn(4, 8), torch.randn(16, 8), torch.zeros(16), 2).indices.shape == (4, 2)
+
+
 # ------------------------------------------------------------------------------------------------ CUDA (gpu_check.sh)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
 
