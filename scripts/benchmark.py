@@ -248,6 +248,7 @@ def worker(args) -> dict:
         "cpu_step_over_matmul": statistics.median(cpu_times) / mm_cpu,
         "loss": float(loss),
         "preact_mib": kernels.preact_budget(dev) / 2**20,
+        "kernels": "triton" if kernels._triton.use_triton(x) else "torch",  # LIT_SAE_KERNELS decides (auto: CUDA)
         "profile": profile,
     }
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lit_sae.sae.scatter import _gather_dot, _scatter_pairs, _scatter_rows
+from lit_sae.sae.scatter import _gather_dot, _gather_sum, _scatter_pairs, _scatter_rows
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -23,7 +22,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, W_dec):
         ctx.save_for_backward(values, indices, W_dec)
-        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+        return _gather_sum(indices, W_dec, values)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -57,7 +56,7 @@ class _SparseDecodeSets(torch.autograd.Function):
     def forward(ctx, W_dec, *flat):
         vals, idxs = flat[0::2], flat[1::2]
         ctx.save_for_backward(W_dec, *flat)
-        return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") for v, i in zip(vals, idxs))
+        return tuple(_gather_sum(i, W_dec, v) for v, i in zip(vals, idxs))
 
     @staticmethod
     def backward(ctx, *grads):

@@ -29,8 +29,9 @@ references (``naive_*``) here; the decoder in ``lit_sae.sae.decode_kernels``; th
 backward passes use in ``lit_sae.sae.scatter``; the buffers kept between calls in ``lit_sae.sae.workspace``. Every
 public name is importable from this module.
 
-The CUDA path is the same PyTorch code (no Triton kernels). CI has no GPU; ``scripts/gpu_check.sh`` runs the
-equivalence tests and the benchmark on a machine that has one (docs/performance.md gives its measured results).
+On CUDA, when Triton is installed, the selection and the sparse products run as Triton kernels instead
+(``lit_sae.sae.triton_kernels``; the same indices and order, ``LIT_SAE_KERNELS=torch`` turns them off); on CPU these
+PyTorch operators run. ``scripts/gpu_check.sh`` runs the equivalence tests and the benchmark on a GPU machine.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_sae.sae.decode_kernels import sparse_decode, sparse_decode_sets
-from lit_sae.sae.scatter import _scatter_rows
+from lit_sae.sae.scatter import _gather_sum, _scatter_rows
 from lit_sae.sae.selection import stable_topk_reference as _stable_topk_reference
 from lit_sae.sae.selection import topk_exact as _topk_exact
+from lit_sae.sae.triton_kernels import dispatch as _triton
 from lit_sae.sae.workspace import _chunk_buffer, release_workspace, workspace_bytes
 
 __all__ = [
@@ -105,10 +107,17 @@ def _select_chunks(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, K: int, dead_idx: 
     ka = 0 if dead_idx is None else min(k_aux, dead_idx.numel())
     aux_vals = torch.empty(B, ka, dtype=dt, device=x_c.device)
     aux_idx = torch.empty(B, ka, dtype=torch.long, device=x_c.device)
+    tri = _triton.use_triton(x_c) and _triton.selects(dt)  # one sweep for both selections, dead columns by bitmap
+    bits = _triton.dead_bits(dead_idx, n) if tri and ka else None
     with torch.autocast(x_c.device.type, enabled=False):
         for r0 in range(0, B, rows_per_chunk):
             r1 = min(B, r0 + rows_per_chunk)
             pre = torch.addmm(bc, xc[r0:r1], Wc.t(), out=_chunk_buffer("pre", r1 - r0, n, dt, x_c.device))
+            if tri:
+                vals[r0:r1], idx[r0:r1], av, ai = _triton.select(pre, min(K, n), bits, ka)
+                if ka:
+                    aux_vals[r0:r1], aux_idx[r0:r1] = av, ai
+                continue
             vals[r0:r1], idx[r0:r1] = _topk_exact(pre, K)
             if ka:
                 # dead_idx is ascending, so "lower local index" is "lower latent index": the tie order carries over.
@@ -173,7 +182,7 @@ def _encode_grads(x_c: Tensor, W_enc: Tensor, b_enc_meta, g: Tensor, ii: Tensor,
     dx = dW = db = None
     with torch.autocast(x_c.device.type, enabled=False):
         if need_x:  # dx_c[b] = sum_j g[b, j] W_enc[ii[b, j]]
-            dx = F.embedding_bag(ii, W_enc, per_sample_weights=g, mode="sum").to(x_c.dtype)
+            dx = _gather_sum(ii, W_enc, g).to(x_c.dtype)
         if need_W:  # dW_enc[i] = sum over (b, j) selecting i of g[b, j] x_c[b]
             dW = _scatter_rows(ii, g, x_c.to(pt), W_enc.shape[0])
         if need_b:

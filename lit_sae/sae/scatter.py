@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_sae import compat
+from lit_sae.sae.triton_kernels import dispatch as _triton
 from lit_sae.sae.workspace import _workspace
 
 
@@ -31,6 +32,8 @@ def _scatter_pairs(flat: Tensor, g: Tensor, row_of, X: Tensor, n: int) -> Tensor
     """(n, d): out[i] = sum over positions p with flat[p] == i of g[p] * X[row_of(p)] (``row_of`` maps positions,
     an int64 tensor, to rows of X). The shared body of ``_scatter_rows`` and the multi-set decoder's backward."""
     order, offsets = _latent_order(flat, n)
+    if _triton.use_triton(X):
+        return _triton.scatter_sorted(row_of(order), g[order], offsets, X, n)
     return F.embedding_bag(row_of(order), X, offsets, per_sample_weights=g[order], mode="sum")
 
 
@@ -58,9 +61,18 @@ def _latent_order(flat: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
     """(B, m) with out[b, j] = W[idx[b, j]] . G[b]: the gradient of the weights of a gather-and-sum."""
+    if _triton.use_triton(W):
+        return _triton.gather_dot(idx, W, G)
     B, m = idx.shape
     flat = idx.reshape(-1)
     offsets = torch.arange(0, B * m, m, device=idx.device)
     bag = torch.arange(B, device=idx.device).repeat_interleave(m)
     out = compat.embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag)
     return out.view(B, m)
+
+
+def _gather_sum(indices: Tensor, W: Tensor, values: Tensor) -> Tensor:
+    """(B, d) = sum_j values[:, j, None] * W[indices[:, j]] (``embedding_bag`` or its Triton kernel)."""
+    if _triton.use_triton(W):
+        return _triton.gather_sum(values, indices, W)
+    return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
