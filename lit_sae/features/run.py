@@ -9,6 +9,7 @@ sparsely, stream the statistics (three passes, :mod:`lit_sae.features.collect`) 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -132,6 +133,25 @@ def _vocab(tokenizer, ids) -> dict[int, str]:
     return {int(i): tokenizer.decode([int(i)]) for i in ids}
 
 
+def _holding_the_run(fn):
+    """``fn`` run holding the run folder's lock (``lit_sae.train.run_lock``) when the browser goes into the run folder:
+    a fit, test or other browser writing there at the same time stops one of them with a line naming the other."""
+
+    @functools.wraps(fn)  # keeps the signature and docstring jsonargparse builds the command's options from
+    def holding(**kwargs):
+        from lit_sae.train.run_lock import RunLock
+
+        root = run_root(kwargs["ckpt_path"])
+        out = Path(kwargs.get("out_dir") or root / "features")
+        if not root.is_dir() or not out.resolve().is_relative_to(root.resolve()):
+            return fn(**kwargs)
+        with RunLock(root, elsewhere="--out_dir"):
+            return fn(**kwargs)
+
+    return holding
+
+
+@_holding_the_run
 def features(
     *,
     ckpt_path: str,
