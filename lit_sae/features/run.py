@@ -107,7 +107,8 @@ def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
     per = settings["context_length"] - settings["first_position"]
     rows = []
     total = settings["n_contexts"] if settings["n_contexts"] is not None else 1 << 62
-    for c, ids in iter_contexts(tokenizer, _text(settings).documents(), settings["context_length"], total,
+    text = _text(settings, tokenizer)  # verified to be what the harvest read
+    for c, ids in iter_contexts(tokenizer, text.documents(), settings["context_length"], total,
                                 settings["max_contexts_per_document"], ContentHash()):
         if split_of(c, settings["seed"], settings["val_fraction"], settings["test_fraction"]) == "train":
             rows.append(ids)
@@ -225,7 +226,7 @@ def features(
     if info["hook_point"] and info["hook_point"] != man["hook_point"]:
         raise ValueError(f"{ckpt_path}: the SAE was trained at {info['hook_point']} but {where} harvested "
                          f"{man['hook_point']}; pass the matching manifest")
-    s = settings_from_manifest(man)
+    s = settings_from_manifest(man, where)
     out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
     check_out_dir(out)  # before any work: a folder that is not an earlier browser is never replaced
     L = sae.n_latents
