@@ -147,8 +147,9 @@ class SAECLI(LightningCLI):
         written there (config, checkpoints, events, report), released when the command ends; only global rank 0 of a
         launch takes it. A second command on the same folder stops here, naming the holder."""
         lock = None
-        if self.trainer.global_rank == 0:
-            lock = RunLock(self.trainer.default_root_dir).acquire()
+        root = str(self.trainer.default_root_dir)
+        if self.trainer.global_rank == 0 and "://" not in root:  # a remote root (s3://...) has no OS lock
+            lock = RunLock(root).acquire()
         try:
             super()._run_subcommand(subcommand)
         finally:

@@ -222,7 +222,7 @@ class SAEModule(ResumeChecks, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data``): DDP on W ranks of
-        ``data.batch_size_tokens`` each trains exactly as one process on the W-times larger batch."""
+        ``data.batch_size_tokens / W`` each trains exactly as one process on ``data.batch_size_tokens``."""
         if stage == "fit":
             from lit_sae.parallel.data import use_data_parallel_losses
 
