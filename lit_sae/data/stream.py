@@ -155,15 +155,16 @@ class ActivationStream(IterableDataset):
             win = source.take(n_win)
             bad = nonfinite_rows(win["acts"], self.dtype)
             any_bad = bool(bad.any())
-            if any_bad and not self.skip_nonfinite:
-                first_bad = int(np.flatnonzero(bad)[0])
-                raise nonfinite_error(self._locate(order, tok_start + ws + first_bad), bad, win["ctx"], win["pos"])
             rows = row_view(win["acts"])
             for idx, done in pieces:
                 if parts > 1:
                     m = len(idx)
                     idx = idx[min(max(lo - at, 0), m):min(max(hi - at, 0), m)]
                     at = 0 if done else at + m
+                if any_bad and not self.skip_nonfinite and bad[idx].any():  # a row this rank trains on
+                    first_bad = int(idx[bad[idx]].min())
+                    raise nonfinite_error(self._locate(order, tok_start + ws + first_bad), bad, win["ctx"],
+                                          win["pos"])
                 if dst is None:
                     dst = ring.slot(worker, emitted) if ring is not None else Dest.fresh(hi - lo, self.d_in,
                                                                                         np_dtype)

@@ -138,10 +138,11 @@ def test_ddp_resume_from_last_is_exact(runs):
 
 
 def test_a_failing_rank_ends_every_rank(tmp_path):
-    """Rank 1 meets a NaN row in its half of the (unshuffled) train split mid-run; rank 0 waits in a collective.
-    The command must end (not hang) with the shard named, and leave no process behind."""
+    """Rank 1 meets a NaN row in its half of a global batch of the (unshuffled) train split mid-run; rank 0 waits in
+    a collective. The command must end (not hang) with the shard named, and leave no process behind."""
     shards = tmp_path / "shards"
-    _write_shards(shards, nan_row=1570)  # rank 1 reads tokens 960..1919; b_pre's sample does not touch 1570
+    # Row 434 is in rank 1's half (rows 416..447) of global batch 6 (rows 384..447); b_pre's sample does not touch it
+    _write_shards(shards, nan_row=434)
     cfg = _config(tmp_path / "run", shards, "lit_sae.data.datamodule.ActivationDataModule", {"shuffle": False})
     proc = _lit_sae(cfg, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     ok=False)

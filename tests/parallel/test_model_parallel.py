@@ -195,7 +195,7 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     """Data-parallel rank 1 meets a NaN row mid-run while rank 0 waits in a collective: the command ends (no hang)
     with the shard named, and no process is left behind."""
     shards = tmp_path / "shards"
-    _write_shards(shards, nan_row=1570)  # rank 1 reads tokens 960..1919 (see test_ddp)
+    _write_shards(shards, nan_row=434)  # in data-parallel rank 1's half (rows 432..447) of global batch 13
     torch.manual_seed(3)
     init = export_sae(TopKSAE(16, N, 4, k_aux=8, multi_topk=True), tmp_path / "init",
                       hook_point="blocks.0.hook_resid_post")
