@@ -121,7 +121,8 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_real_ddp_test_matches_one_process(tmp_path):
-    """301 test tokens, batches of 50: 2 ranks read 151/150 tokens in 4/3 batches, 3 ranks 101/100/100 in 3/2/2."""
+    """301 test tokens, a global batch of 50 (25 per rank on 2 ranks, 16 on 3): 2 ranks read 151/150 tokens in 7/6
+    batches, 3 ranks 101/100/100 in 7/7/7."""
     shards = _shards(tmp_path / "shards", {"train": 256, "test": 301})
     script = tmp_path / "ddp_test.py"
     script.write_text(textwrap.dedent(DDP_TEST))
@@ -132,7 +133,7 @@ def test_real_ddp_test_matches_one_process(tmp_path):
                               capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = [json.loads((tmp_path / f"w{world}-rank{r}.json").read_text()) for r in range(world)]
-    assert [r["batches"] for r in results[2]] == [4, 3] and [r["batches"] for r in results[3]] == [3, 2, 2]
+    assert [r["batches"] for r in results[2]] == [7, 6] and [r["batches"] for r in results[3]] == [7, 7, 7]
     nmse1 = results[1][0]["nmse"]
     assert 0 < nmse1 < 10
     for world, ranks in results.items():
