@@ -115,7 +115,7 @@ def _fit_times(args) -> dict[str, float]:
                                             "splits": {"train": {"shards": infos}}})
         strategy = "lit_sae.parallel.strategy.SAEModelParallelStrategy"
         layouts = {"single": (1, args.batch, ["--trainer.devices", "1"]),
-                   "ddp2": (2, args.batch // 2, ["--trainer.devices", "2", "--trainer.strategy", "ddp"]),
+                   "ddp2": (2, args.batch, ["--trainer.devices", "2", "--trainer.strategy", "ddp"]),  # global batch
                    "tp2": (2, args.batch, ["--trainer.devices", "2", "--trainer.strategy", strategy,
                                            "--trainer.strategy.data_parallel_size", "1",
                                            "--trainer.strategy.tensor_parallel_size", "2"])}

@@ -8,6 +8,7 @@ What this adds to LightningCLI (no training logic lives here):
 - which weights a command uses (``runs.resolve_ckpt_path``): ``--ckpt_path last`` is looked up in the run's
   checkpoint folder (and is an error when there is none), a fresh fit refuses a folder that holds another run's
   checkpoints, and validate / test refuse untrained weights unless ``--untrained true``;
+- one owner per run folder (``lit_sae.train.run_lock``): a second command on a folder in use stops at once;
 - data's ``d_in``, hook point and model name flow into the model (written once), a mistyped key gets the nearest
   valid key suggested, and checkpoints are written atomically.
 """
@@ -34,6 +35,7 @@ from lit_sae.data import datamodule as _datamodule  # noqa: F401  known subclass
 from lit_sae.data import synthetic as _synthetic  # noqa: F401
 from lit_sae.train.atomic_io import use_atomic_checkpoints
 from lit_sae.train.module import SAEModule
+from lit_sae.train.run_lock import RunLock
 from lit_sae.train.runs import checkpoint_dir, resolve_ckpt_path
 
 log = logging.getLogger("lit_sae.cli.main")
@@ -133,6 +135,20 @@ class SAECLI(LightningCLI):
         use_atomic_checkpoints(trainer)
         _say_if_substituted("precision", cfg.get("precision"), trainer.precision)
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the command holding the run folder's lock (``lit_sae.train.run_lock``): taken before anything is
+        written there (config, checkpoints, events, report), released when the command ends; only global rank 0 of a
+        launch takes it. A second command on the same folder stops here, naming the holder."""
+        lock = None
+        root = str(self.trainer.default_root_dir)
+        if self.trainer.global_rank == 0 and "://" not in root:  # a remote root (s3://...) has no OS lock
+            lock = RunLock(root).acquire()
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if lock is not None:
+                lock.release()
 
     # ------------------------------------------------------------------ which weights each command uses
     def _resolve_weights(self, command: str) -> None:

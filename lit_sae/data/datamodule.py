@@ -47,8 +47,11 @@ class ActivationDataModule(L.LightningDataModule):
         path: a shard folder, a ``manifest.json`` path, a brace pattern of shards (``dir/train-{000000..000009}.tar``:
             only the listed shards that the pattern names are used) or any URL webdataset opens
             (``https://host/shards``, ``file:``, ``gs://``, ...) whose folder holds manifest.json.
-        batch_size_tokens: tokens (activation vectors) per batch, per process: under DDP the global batch is this
-            times the number of processes.
+        batch_size_tokens: tokens (activation vectors) per training step, over all data-parallel processes (the
+            global batch): with W data-parallel ranks each holds ``batch_size_tokens / W`` of them (it must divide
+            evenly), and the W parts of a step are exactly the batch one process reads, so the same config and seed
+            train the same SAE on any number of processes. Evaluation batches hold ``batch_size_tokens / W`` tokens
+            per rank.
         shuffle_buffer_tokens: tokens mixed by the token shuffle (windows of several blocks, so tokens of many
             contexts share a batch). Memory per worker: about 2 * d_in * this many bytes. 0 disables token shuffle.
         num_workers: DataLoader worker processes (0: read in the main process). A worker overlaps reading with the
@@ -171,20 +174,34 @@ class ActivationDataModule(L.LightningDataModule):
         return getattr(self, "trainer", None)
 
     # ---- datasets and loaders ------------------------------------------------------------------------------------
+    def rank_batch_tokens(self, world_size: int) -> int:
+        """Tokens per batch on each of ``world_size`` data-parallel ranks: the global ``batch_size_tokens`` split.
+
+        Raises ValueError when it does not divide evenly (the ranks' parts would not add up to the global batch)."""
+        if self.batch_size_tokens % world_size:
+            raise ValueError(
+                f"data.batch_size_tokens={self.batch_size_tokens} is the global batch and must divide evenly over the "
+                f"{world_size} data-parallel processes: set it to a multiple of {world_size} (e.g. "
+                f"{(self.batch_size_tokens // world_size + 1) * world_size})")
+        return self.batch_size_tokens // world_size
+
     def train_dataset(self, rank: Optional[int] = None, world_size: Optional[int] = None) -> ActivationStream:
-        """The training stream for one rank (rank/world_size default to the trainer's or torch.distributed's)."""
+        """The training stream for one data-parallel rank (rank/world_size default to the trainer's or
+        torch.distributed's): every rank follows the one-process plan of global batches and keeps its part of each
+        (``ActivationStream``'s ``share``), so the global batch of a step is the same tokens on any world size."""
         r, w = self._world()
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
+        self.rank_batch_tokens(world_size)
         ds = ActivationStream(
-            self._split_or_raise("train"), self.manifest, batch_size_tokens=self.batch_size_tokens, rank=rank,
-            world_size=world_size, seed=self.seed, shuffle=self.shuffle,
-            shuffle_buffer_tokens=self.shuffle_buffer_tokens, drop_last=True, skip_nonfinite=self.skip_nonfinite,
+            self._split_or_raise("train"), self.manifest, batch_size_tokens=self.batch_size_tokens, rank=0,
+            world_size=1, seed=self.seed, shuffle=self.shuffle, shuffle_buffer_tokens=self.shuffle_buffer_tokens,
+            drop_last=True, skip_nonfinite=self.skip_nonfinite, share=(rank, world_size),
         )
         if ds.num_batches == 0:
             raise ShardError(f"{self.manifest_url}: the train split has {ds.total_tokens} tokens, fewer than one "
-                             f"batch per rank (world_size {world_size} x batch_size_tokens {self.batch_size_tokens}); "
-                             "harvest more tokens or lower data.batch_size_tokens")
+                             f"global batch (data.batch_size_tokens {self.batch_size_tokens}); harvest more tokens or "
+                             "lower data.batch_size_tokens")
         if ds.dropped_tokens:
             log.info("train: %d of %d tokens per epoch unused (drop rule: tail of the epoch's shard order)",
                      ds.dropped_tokens, ds.total_tokens)
@@ -195,9 +212,10 @@ class ActivationDataModule(L.LightningDataModule):
         """An unshuffled stream over ``split`` for one rank; over the ranks every token is read exactly once (rank r
         gets N // world_size + (r < N % world_size) tokens, see :mod:`lit_sae.data.plan`)."""
         r, w = self._world()
+        w = w if world_size is None else world_size
         return ActivationStream(
-            self._split_or_raise(split), self.manifest, batch_size_tokens=self.batch_size_tokens,
-            rank=r if rank is None else rank, world_size=w if world_size is None else world_size, seed=self.seed,
+            self._split_or_raise(split), self.manifest, batch_size_tokens=max(1, self.batch_size_tokens // w),
+            rank=r if rank is None else rank, world_size=w, seed=self.seed,
             shuffle=False, drop_last=False, max_tokens=max_tokens, skip_nonfinite=self.skip_nonfinite,
         )
 
@@ -273,11 +291,10 @@ class ActivationDataModule(L.LightningDataModule):
                                        step=trainer.global_step)
 
     def _layout(self) -> dict:
-        """What the batch order depends on besides epoch: a resume with another layout cannot continue exactly."""
-        _, world_size = self._world()
+        """What the batch order depends on besides epoch: a resume with another layout cannot continue exactly. The
+        world size is not part of it: the global batches are the same on any number of data-parallel ranks."""
         names = [(r.name, r.tokens) for r in self.shards("train")]
         return {
-            "world_size": world_size,
             "num_workers": max(self.num_workers, 1),
             "batch_size_tokens": self.batch_size_tokens,
             "shuffle_buffer_tokens": self.shuffle_buffer_tokens,

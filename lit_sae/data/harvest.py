@@ -36,11 +36,13 @@ from lit_sae.data.contexts import SPLITS, first_position, iter_contexts, split_o
 from lit_sae.data.harvest_state import (
     HarvestConfigError,
     SplitProgress,
+    check_inputs,
     existing_manifest,
     refresh_totals,
     validate_settings,
 )
 from lit_sae.data.hub import check_model_available
+from lit_sae.data.identity import identify
 from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_hook, truncated_forward
 from lit_sae.data.manifest import Exclusions, LMInfo, Manifest, ShardInfo, SourceInfo, SplitInfo, write_manifest_atomic
 from lit_sae.data.overlap import BackgroundWorker, Prefetch
@@ -175,10 +177,14 @@ def run_harvest(
     kept_per_context = context_length - first
     n_contexts = math.ceil(total_tokens / kept_per_context)
 
+    inputs = identify(lm, tokenizer, text)  # content hashes: a resume must find the same weights, tokenizer, text
+    if manifest is not None:
+        manifest = check_inputs(out, manifest, inputs, overwrite)
     with torch.inference_mode():
         if manifest is None:
             median = _norm_median(lm, tokenizer, text, config, device) if norm_filter_multiple is not None else None
             manifest = _new_manifest(config, lm, tokenizer, text, median)
+            manifest.inputs = inputs
             write_manifest_atomic(str(out), manifest)
         else:
             log.info("resuming the harvest in %s after its last complete shard", out)

@@ -12,8 +12,8 @@ from lit_sae.data.contexts import SPLITS
 from lit_sae.data.manifest import Manifest
 from lit_sae.data.shard_format import MANIFEST_NAME, ShardError
 
-__all__ = ["HarvestConfigError", "SplitProgress", "clean_output", "config_diff", "existing_manifest",
-           "refresh_totals", "validate_settings"]
+__all__ = ["HarvestConfigError", "SplitProgress", "check_inputs", "clean_output", "config_diff",
+           "existing_manifest", "refresh_totals", "validate_settings"]
 
 log = logging.getLogger("lit_sae.data.harvest")
 
@@ -106,6 +106,31 @@ def existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[Mani
             f"{path}: this folder holds a harvest with another configuration, so it cannot be resumed: "
             + "; ".join(diff) + ". Use another out_dir, restore those settings, or set overwrite=true to delete it")
     log.warning("%s: deleting a harvest with another configuration (%s)", out, "; ".join(diff))
+    clean_output(out)
+    return None
+
+
+def check_inputs(out: Path, manifest: Manifest, now, overwrite: bool) -> Optional[Manifest]:
+    """``manifest`` if the harvest it records was made from the same inputs as ``now`` (a
+    :class:`~lit_sae.data.manifest.InputsInfo` of the model, tokenizer and text source loaded for the resume), else
+    None after deleting the old harvest when ``overwrite`` is set.
+
+    Raises:
+        HarvestConfigError: an input's content changed (each changed input named with its recorded and current
+            sha256), or the manifest records no content hashes (written before they were recorded).
+    """
+    from lit_sae.data.identity import changed_inputs
+
+    changed = changed_inputs(manifest.inputs, now)
+    if not changed:
+        return manifest
+    path = out / MANIFEST_NAME
+    if not overwrite:
+        raise HarvestConfigError(
+            f"{path}: cannot resume this harvest, its inputs changed since it started: " + "; ".join(changed)
+            + ". Its shards would mix activations of two inputs under one manifest. Restore the original, harvest "
+            "into another out_dir, or set overwrite=true to delete it and start over")
+    log.warning("%s: deleting a harvest made from other inputs (%s)", out, "; ".join(changed))
     clean_output(out)
     return None
 

@@ -91,7 +91,21 @@ class Exclusions:
     """Tokens dropped because their activation was NaN/Inf in the storage dtype."""
 
 
-_SECTIONS = {"lm": LMInfo, "source": SourceInfo, "exclusions": Exclusions}
+@dataclass
+class InputsInfo:
+    """What the activations were computed from, identified by content (:mod:`lit_sae.data.identity`): a resumed
+    harvest and every rebuild of held-out text compare these with the inputs found now."""
+
+    weights_sha256: Optional[str] = None
+    """sha256 of the LM's state_dict as loaded (every tensor's name, dtype, shape and bytes, in order)."""
+    tokenizer_sha256: Optional[str] = None
+    """sha256 of the tokenizer's vocabulary, special tokens and serialized pipeline (fast tokenizers)."""
+    source_sha256: Optional[str] = None
+    """sha256 of the text source's files (relative path and bytes, in reading order); None for a Hugging Face
+    dataset, identified by name, split and config (``config``) and by the documents consumed (``source.sha256``)."""
+
+
+_SECTIONS = {"lm": LMInfo, "source": SourceInfo, "exclusions": Exclusions, "inputs": InputsInfo}
 
 
 @dataclass
@@ -126,6 +140,8 @@ class Manifest:
     """The text source."""
     exclusions: Optional[Exclusions] = None
     """Positions not stored (position 0, norm filter, non-finite)."""
+    inputs: Optional[InputsInfo] = None
+    """Content hashes of the LM's weights, the tokenizer and the text source (written by harvest)."""
     complete: bool = True
     """False while a harvest is still writing shards (readers then use the shards finished so far)."""
     config: dict = field(default_factory=dict)
@@ -204,7 +220,7 @@ class Manifest:
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
         out["lm"] = asdict(self.lm)
-        for k in ("tokenizer", "source", "exclusions"):
+        for k in ("tokenizer", "source", "exclusions", "inputs"):
             v = getattr(self, k)
             if v is not None:
                 out[k] = v if isinstance(v, str) else asdict(v)

@@ -39,6 +39,10 @@ class ActivationStream(IterableDataset):
             split is read exactly once over the ranks; a rank's last batch may be short.
         max_tokens: use only the first max_tokens tokens of the split (eval subsets).
         skip_nonfinite: drop rows holding NaN/Inf (counted in each batch's "nonfinite_skipped") instead of raising.
+        share: ``(r, S)``: every batch of the plan is a global batch shared by S data-parallel ranks, of which this
+            stream yields rows ``[r * B / S, (r + 1) * B / S)``; each rank then reads the same windows as one process
+            would and keeps its part, so the S ranks together train on exactly the batches of one process (the
+            reading cost per rank is one process's). Use with ``rank=0, world_size=1``; B must be divisible by S.
     """
 
     def __init__(
@@ -55,10 +59,16 @@ class ActivationStream(IterableDataset):
         drop_last: bool = True,
         max_tokens: Optional[int] = None,
         skip_nonfinite: bool = False,
+        share: tuple[int, int] = (0, 1),
     ):
         super().__init__()
         if batch_size_tokens <= 0:
             raise ValueError(f"batch_size_tokens must be positive, got {batch_size_tokens}")
+        part, parts = int(share[0]), int(share[1])
+        if not 0 <= part < parts or batch_size_tokens % parts or (parts > 1 and world_size != 1):
+            raise ValueError(f"share={share}: a part of a batch of {batch_size_tokens} tokens needs 0 <= r < S, S "
+                             f"dividing the batch, and world_size 1 (got {world_size})")
+        self.share = (part, parts)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.shards = list(shards)
@@ -126,6 +136,9 @@ class ActivationStream(IterableDataset):
 
     def _batches(self, order: list[ShardRef], tok_start: int, tok_stop: int, skip: int, ring, worker: int):
         b = self.batch_size_tokens
+        part, parts = self.share
+        lo, hi = part * b // parts, (part + 1) * b // parts  # this rank's rows of every (global) batch
+        at = 0  # rows of the current global batch before the next piece
         np_dtype = np.uint16 if self.dtype == "bfloat16" else np.float16
         window = window_size(b, self.shuffle, self.shuffle_buffer_tokens)
 
@@ -142,13 +155,19 @@ class ActivationStream(IterableDataset):
             win = source.take(n_win)
             bad = nonfinite_rows(win["acts"], self.dtype)
             any_bad = bool(bad.any())
-            if any_bad and not self.skip_nonfinite:
-                first_bad = int(np.flatnonzero(bad)[0])
-                raise nonfinite_error(self._locate(order, tok_start + ws + first_bad), bad, win["ctx"], win["pos"])
             rows = row_view(win["acts"])
             for idx, done in pieces:
+                if parts > 1:
+                    m = len(idx)
+                    idx = idx[min(max(lo - at, 0), m):min(max(hi - at, 0), m)]
+                    at = 0 if done else at + m
+                if any_bad and not self.skip_nonfinite and bad[idx].any():  # a row this rank trains on
+                    first_bad = int(idx[bad[idx]].min())
+                    raise nonfinite_error(self._locate(order, tok_start + ws + first_bad), bad, win["ctx"],
+                                          win["pos"])
                 if dst is None:
-                    dst = ring.slot(worker, emitted) if ring is not None else Dest.fresh(b, self.d_in, np_dtype)
+                    dst = ring.slot(worker, emitted) if ring is not None else Dest.fresh(hi - lo, self.d_in,
+                                                                                        np_dtype)
                 if any_bad:
                     keep = idx[~bad[idx]]
                     dst.skipped += len(idx) - len(keep)

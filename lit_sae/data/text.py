@@ -42,10 +42,30 @@ class TextSource:
     kind: str  #: "stdlib" | "files" | "hf"
     name: str  #: what the user wrote (path, dataset name)
     _documents: Callable[[], Iterator[str]] = field(repr=False)
+    _fingerprint: Callable[[], "str | None"] = field(repr=False, default=lambda: None)
 
     def documents(self) -> Iterator[str]:
         """Iterate over the documents from the start (every call gives the same sequence)."""
         return self._documents()
+
+    def fingerprint(self) -> "str | None":
+        """sha256 over the source's files in reading order (each file's name and bytes): a file edited, added,
+        removed or reordered changes it. None for a Hugging Face dataset (see :mod:`lit_sae.data.identity`)."""
+        return self._fingerprint()
+
+
+def _files_sha256(files: list[Path], root: Path, extra: Iterator[str] = iter(())) -> str:
+    """sha256 of ``files`` in order (path relative to ``root``, length, bytes), then of the ``extra`` texts."""
+    h = hashlib.sha256()
+    for p in files:
+        data = p.read_bytes()
+        h.update(f"{p.relative_to(root).as_posix()}|{len(data)}|".encode())
+        h.update(data)
+    for text in extra:
+        data = text.encode("utf-8", errors="surrogatepass")
+        h.update(f"|{len(data)}|".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 class ContentHash:
@@ -82,13 +102,25 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def stdlib_documents(shuffle_seed: int | None = None) -> list[Callable[[], str]]:
-    """Loaders for the embedded corpus: stdlib .py files (sorted by relative path), then pydoc topics."""
+def _stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
+    return root, sorted(
         (p for p in root.rglob("*.py") if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts)),
         key=lambda p: p.relative_to(root).as_posix(),
     )
+
+
+def stdlib_fingerprint() -> str:
+    """:meth:`TextSource.fingerprint` of the embedded corpus (its files and pydoc topics, in sorted order)."""
+    from pydoc_data.topics import topics
+
+    root, files = _stdlib_files()
+    return _files_sha256(files, root, (topics[k] for k in sorted(topics)))
+
+
+def stdlib_documents(shuffle_seed: int | None = None) -> list[Callable[[], str]]:
+    """Loaders for the embedded corpus: stdlib .py files (sorted by relative path), then pydoc topics."""
+    root, files = _stdlib_files()
     loaders: list[Callable[[], str]] = [lambda p=p: _read_text(p) for p in files]
     from pydoc_data.topics import topics
 
@@ -114,6 +146,12 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
 def file_documents(path: str | Path, text_field: str = "text",
                    shuffle_seed: int | None = None) -> Callable[[], Iterator[str]]:
     """A document iterator factory for a text/JSONL file or a folder of them."""
+    return _file_source(path, text_field, shuffle_seed)[0]
+
+
+def _file_source(path: str | Path, text_field: str = "text", shuffle_seed: int | None = None) \
+        -> tuple[Callable[[], Iterator[str]], Callable[[], str]]:
+    """The document iterator factory of a text/JSONL file or folder, and its fingerprint function."""
     path = Path(path)
     if path.is_dir():
         files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
@@ -136,7 +174,8 @@ def file_documents(path: str | Path, text_field: str = "text",
             else:
                 yield _read_text(p)
 
-    return documents
+    root = path if path.is_dir() else path.parent
+    return documents, lambda: _files_sha256(used, root)
 
 
 def hf_documents(name: str, split: str = "train", config: str | None = None, text_field: str = "text",
@@ -172,7 +211,7 @@ def open_source(source: str, *, text_field: str = "text", shuffle_seed: int | No
     """A :class:`TextSource` from its string name: "stdlib", a local path, or "hf:NAME" (see module docstring)."""
     if source == EMBEDDED_SOURCE:
         loaders = stdlib_documents(shuffle_seed)
-        return TextSource("stdlib", source, lambda: (load() for load in loaders))
+        return TextSource("stdlib", source, lambda: (load() for load in loaders), stdlib_fingerprint)
     if source.startswith(HF_PREFIX):
         if shuffle_seed is not None:
             log.info("%s: documents are read in the dataset's own order (shuffle_seed applies to local sources)",
@@ -184,4 +223,4 @@ def open_source(source: str, *, text_field: str = "text", shuffle_seed: int | No
             f"text source {source!r}: no such file or folder. Valid sources: 'stdlib' (embedded), a local text/JSONL "
             f"file or folder, or 'hf:NAME' for a Hugging Face dataset"
         )
-    return TextSource("files", source, file_documents(source, text_field, shuffle_seed))
+    return TextSource("files", source, *_file_source(source, text_field, shuffle_seed))

@@ -34,12 +34,16 @@ __all__ = ["EvalSettings", "settings_from_manifest", "held_out_contexts", "probe
 class EvalSettings(dict):
     """What the suite needs from a manifest: model, gguf_file, hook_point, context_length, first_position,
     norm_threshold, source, text_field, shuffle_seed, max_contexts_per_document, n_contexts (harvested),
-    seed, val_fraction, test_fraction."""
+    seed, val_fraction, test_fraction; and what the harvest recorded of its inputs, which every rebuild of its text
+    is checked against (``lit_sae.data.identity.verify_text``): inputs, source_sha256, source_documents,
+    manifest_path."""
 
 
-def settings_from_manifest(manifest) -> EvalSettings:
+def settings_from_manifest(manifest, manifest_path: Optional[str] = None) -> EvalSettings:
     """Read the evaluation settings out of a harvest manifest (a :class:`~lit_sae.data.manifest.Manifest` or its JSON
-    dict; docs/shard-format.md describes the fields)."""
+    dict; docs/shard-format.md describes the fields); ``manifest_path`` names it in messages."""
+    from dataclasses import asdict
+
     from lit_sae.data.contexts import first_position
     from lit_sae.data.manifest import Exclusions, Manifest, SourceInfo
 
@@ -62,14 +66,21 @@ def settings_from_manifest(manifest) -> EvalSettings:
         n_contexts=math.ceil(total / (L - first)) if total else None,
         seed=cfg.get("seed", 0), val_fraction=cfg.get("val_fraction", 0.05),
         test_fraction=cfg.get("test_fraction", 0.05),
+        inputs=asdict(m.inputs) if m.inputs else None, source_sha256=(m.source or SourceInfo()).sha256,
+        source_documents=(m.source or SourceInfo()).documents, manifest_path=manifest_path,
     )
 
 
-def _text(settings: EvalSettings):
+def _text(settings: EvalSettings, tokenizer=None):
+    """The harvest's text source, reopened and verified to be what the harvest read (and ``tokenizer`` to be the
+    one it cut contexts with): every consumer of held-out text opens it here. Raises ValueError otherwise."""
+    from lit_sae.data.identity import verify_text
     from lit_sae.data.text import open_source
 
-    return open_source(settings["source"], text_field=settings["text_field"], shuffle_seed=settings["shuffle_seed"],
+    text = open_source(settings["source"], text_field=settings["text_field"], shuffle_seed=settings["shuffle_seed"],
                        hf_split=settings["hf_split"], hf_config=settings["hf_config"])
+    verify_text(settings, text, tokenizer)
+    return text
 
 
 def held_out_contexts(settings: EvalSettings, tokenizer, n: int) -> Tensor:
@@ -82,7 +93,7 @@ def held_out_contexts(settings: EvalSettings, tokenizer, n: int) -> Tensor:
     from lit_sae.data.contexts import split_contexts
 
     rows = [ids for _, ids in split_contexts(
-        tokenizer, _text(settings).documents(), "test", n, context_length=settings["context_length"],
+        tokenizer, _text(settings, tokenizer).documents(), "test", n, context_length=settings["context_length"],
         n_contexts=settings["n_contexts"], max_contexts_per_document=settings["max_contexts_per_document"],
         seed=settings["seed"], val_fraction=settings["val_fraction"], test_fraction=settings["test_fraction"])]
     if not rows:
@@ -99,7 +110,7 @@ def probe_documents(settings: EvalSettings, tokenizer, n_tokens: int) -> tuple[l
     L, cap = settings["context_length"], settings["max_contexts_per_document"]
     total = settings["n_contexts"]
     seen_contexts, unseen, everything, got = 0, [], [], 0
-    for doc in _text(settings).documents():
+    for doc in _text(settings, tokenizer).documents():
         if total is not None and seen_contexts >= total:
             unseen.append(doc)
             got += len(doc) // 4  # rough token estimate; probe_dataset stops at its own context budget

@@ -9,6 +9,7 @@ sparsely, stream the statistics (three passes, :mod:`lit_sae.features.collect`) 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -106,7 +107,8 @@ def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
     per = settings["context_length"] - settings["first_position"]
     rows = []
     total = settings["n_contexts"] if settings["n_contexts"] is not None else 1 << 62
-    for c, ids in iter_contexts(tokenizer, _text(settings).documents(), settings["context_length"], total,
+    text = _text(settings, tokenizer)  # verified to be what the harvest read
+    for c, ids in iter_contexts(tokenizer, text.documents(), settings["context_length"], total,
                                 settings["max_contexts_per_document"], ContentHash()):
         if split_of(c, settings["seed"], settings["val_fraction"], settings["test_fraction"]) == "train":
             rows.append(ids)
@@ -132,6 +134,25 @@ def _vocab(tokenizer, ids) -> dict[int, str]:
     return {int(i): tokenizer.decode([int(i)]) for i in ids}
 
 
+def _holding_the_run(fn):
+    """``fn`` run holding the run folder's lock (``lit_sae.train.run_lock``) when the browser goes into the run folder:
+    a fit, test or other browser writing there at the same time stops one of them with a line naming the other."""
+
+    @functools.wraps(fn)  # keeps the signature and docstring jsonargparse builds the command's options from
+    def holding(**kwargs):
+        from lit_sae.train.run_lock import RunLock
+
+        root = run_root(kwargs["ckpt_path"])
+        out = Path(kwargs.get("out_dir") or root / "features")
+        if not root.is_dir() or not out.resolve().is_relative_to(root.resolve()):
+            return fn(**kwargs)
+        with RunLock(root, elsewhere="--out_dir"):
+            return fn(**kwargs)
+
+    return holding
+
+
+@_holding_the_run
 def features(
     *,
     ckpt_path: str,
@@ -205,7 +226,7 @@ def features(
     if info["hook_point"] and info["hook_point"] != man["hook_point"]:
         raise ValueError(f"{ckpt_path}: the SAE was trained at {info['hook_point']} but {where} harvested "
                          f"{man['hook_point']}; pass the matching manifest")
-    s = settings_from_manifest(man)
+    s = settings_from_manifest(man, where)
     out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
     check_out_dir(out)  # before any work: a folder that is not an earlier browser is never replaced
     L = sae.n_latents

@@ -1,6 +1,7 @@
 """Data parallelism: the global batch's loss statistics from every rank's part of it.
 
-Under DDP each rank holds ``data.batch_size_tokens`` tokens (per process); the global batch is world_size times that.
+Under DDP each rank holds ``data.batch_size_tokens / world_size`` tokens (``data.batch_size_tokens`` is the global
+batch) and the ranks' parts of a step are the batch one process reads (``lit_sae.data.datamodule``).
 The NMSE-type losses divide by the batch's variance, so a rank's own batch would give another loss (and gradient) than
 the global batch. :class:`GroupSum` makes ``TopKSAE``'s losses use the global batch's statistics, so that DDP training
 equals one process on the global batch (``tests/parallel/test_ddp.py``).

@@ -7,8 +7,10 @@ over the mesh's tensor-parallel group: ``W_enc``, ``b_enc``, ``W_dec`` (hence th
 rank's ``n_latents / T`` latents. ``b_pre``, the scale and ``tokens_seen`` are replicated. The losses use the global
 batch of the data-parallel group (``GroupSum``), as under DDP.
 
-Initialisation is shard-local: each rank draws its own rows (``ShardedTopKSAE``), so no rank ever holds the full
-matrices; the CLI builds the module's unsharded placeholder on the meta device (no memory). With
+Initialisation is shard-local and equal to one process's: the CLI builds the module's unsharded placeholder on the
+meta device (no memory), which keeps the RNG state its decoder draw would have used; each rank then draws the decoder
+block by block from that state and keeps its rows (``lit_sae.sae.model.draw_decoder``), so the sharded SAE starts
+from the same weights as one process with the same seed, and no rank ever holds the full matrices. With
 ``model.init_from`` the SAE to start from is read whole on every rank and sliced (an SAE that fits one host).
 """
 
@@ -86,10 +88,12 @@ def configure_sharded(module) -> None:
     if not hp.fast:
         raise ValueError("model.fast=false (dense reference path) cannot be sharded over latents: set model.fast true")
     try:
-        if full.W_dec.is_meta:  # shard-local init: each rank draws its own rows only
-            seed = int(torch.randint(0, 2**31 - 1, (), generator=torch.Generator().manual_seed(torch.initial_seed())))
-            seed = module.trainer.strategy.broadcast(seed, src=0)  # every data-parallel replica draws the same rows
-            sae = ShardedTopKSAE(full.d_in, full.n_latents, full.k, tp_group=tp_mesh.get_group(), seed=seed,
+        if full.W_dec.is_meta:  # shard-local init: each rank keeps its rows of the draw one process would make
+            state = full.init_rng_state if full.init_rng_state is not None else torch.get_rng_state()
+            state = module.trainer.strategy.broadcast(state, src=0)  # every replica draws the same (unseeded runs too)
+            generator = torch.Generator()
+            generator.set_state(state)
+            sae = ShardedTopKSAE(full.d_in, full.n_latents, full.k, tp_group=tp_mesh.get_group(), generator=generator,
                                  encoder_init_norm=hp.encoder_init_norm, k_aux=hp.k_aux, auxk_coef=hp.auxk_coef,
                                  multi_topk=hp.multi_topk, activation=hp.activation, normalize=hp.normalize)
         else:  # model.init_from (or a module built without the CLI): slice the whole SAE

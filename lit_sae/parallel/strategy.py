@@ -41,8 +41,8 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy(data_parallel_size, tensor_parallel_size)`` for ``SAEModule`` (see the module doc).
 
     Args:
-        data_parallel_size: data-parallel ranks (each reads its part of the data; ``data.batch_size_tokens`` is
-            per data-parallel rank); ``auto``: the number of nodes.
+        data_parallel_size: data-parallel ranks (each holds ``data.batch_size_tokens / data_parallel_size`` of
+            every global batch); ``auto``: the number of nodes.
         tensor_parallel_size: ranks the latents are split over (n_latents must be divisible by it); ``auto``: the
             processes of one node.
         process_group_backend, timeout: as ``ModelParallelStrategy`` (gloo on CPU, nccl on CUDA by default).
@@ -217,9 +217,8 @@ def check_batch_layout(batch: Any, mesh) -> None:
                              "num_replicas of trainer.distributed_sampler_kwargs), not over every process")
     rows = [int(parts[row[0]][0]) for row in ranks]
     if len(set(rows)) > 1:
-        raise ValueError(f"the data-parallel ranks read batches of {rows} tokens: data.batch_size_tokens is per "
-                         "data-parallel rank and every rank needs a full batch (the train split must give each "
-                         "data-parallel rank the same number of full batches)")
+        raise ValueError(f"the data-parallel ranks read batches of {rows} tokens: each must hold an equal part "
+                         "(data.batch_size_tokens / data_parallel_size) of every global batch")
 
 
 def _check_model(path: Path, meta: dict, module) -> None:

@@ -32,7 +32,7 @@ from lit_sae.parallel.collectives import all_gather_cat, copy_to_shards, sum_ove
 from lit_sae.sae import kernels
 from lit_sae.sae.config import SHARDED_KEYS, defaults
 from lit_sae.sae.losses import LOCAL
-from lit_sae.sae.model import ENCODER_INIT_NORM, TopKSAE, _check_config
+from lit_sae.sae.model import ENCODER_INIT_NORM, TopKSAE, _check_config, draw_decoder
 from lit_sae.sae.selection import topk_exact
 
 # The settings a sharded SAE takes besides its shape (d_in, n_latents, k): lit_sae.sae.config.SHARDED_KEYS.
@@ -121,15 +121,18 @@ class ShardedTopKSAE(TopKSAE):
     global batch's losses), but ``W_enc``, ``b_enc``, ``W_dec`` are this rank's rows (n_latents / T, ...) and
     ``dead_mask`` is this rank's slice (n_latents / T,) bool. ``activation='topk'`` only; ``fast`` kernels only.
 
-    Build it with :meth:`from_full` (slices an unsharded SAE: tests, small models) or directly (each rank initialises
-    only its rows, from a generator seeded with ``seed`` and its shard: no rank ever holds the full matrices).
+    Build it with :meth:`from_full` (slices an unsharded SAE: tests, small models) or directly: with ``generator``
+    (in the state one process's ``TopKSAE`` would draw its decoder from) each rank keeps its rows of that very draw
+    (:func:`lit_sae.sae.model.draw_decoder`), so the sharded SAE starts where one process starts; without it, from
+    a generator seeded with ``seed`` and the shard. Either way no rank ever holds the full matrices.
 
     Raises:
         ValueError: n_latents not divisible by the group size, batchtopk, or any ``TopKSAE`` config error.
     """
 
     def __init__(self, d_in: int, n_latents: int, k: int, *, tp_group, seed: int = 0,
-                 encoder_init_norm: float = ENCODER_INIT_NORM, _init: bool = True, **config):
+                 encoder_init_norm: float = ENCODER_INIT_NORM, _init: bool = True,
+                 generator: Optional[torch.Generator] = None, **config):
         nn.Module.__init__(self)
         T, t = dist.get_world_size(tp_group), dist.get_rank(tp_group)
         check_shardable(n_latents, T)
@@ -147,7 +150,9 @@ class ShardedTopKSAE(TopKSAE):
         self.tp_group, self.tp_size, self.tp_rank = tp_group, T, t
         self.n_local, self.offset = n_latents // T, t * (n_latents // T)
         W_dec = torch.empty(self.n_local, d_in)
-        if _init:
+        if _init and generator is not None:  # this shard's rows of the one-process draw (TopKSAE's init)
+            W_dec = draw_decoder(n_latents, d_in, self.local_rows(), generator)
+        elif _init:
             W_dec.normal_(generator=torch.Generator().manual_seed(seed * 100_003 + t))
             W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)

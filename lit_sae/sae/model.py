@@ -36,6 +36,29 @@ Normalize = Literal["none", "scalar", "layernorm"]
 # std on the way in only; decoding multiplies by std itself.
 LAYERNORM_EPS = 1e-5
 # ENCODER_INIT_NORM (W_enc's initial row norm, imported above) carries its measured reason in lit_sae.sae.config.
+DRAW_ROWS = 4096  # rows of W_dec drawn at a time by draw_decoder (bounds the memory a shard's draw needs)
+
+
+def draw_decoder(n_latents: int, d_in: int, rows: Optional[slice] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """Rows ``rows`` (default: all) of the initial decoder: standard normal rows scaled to unit norm.
+
+    The matrix is drawn in blocks of ``DRAW_ROWS`` rows, always all of them and in order, from ``generator`` (default:
+    torch's global CPU generator), keeping only the blocks' parts inside ``rows``: a shard of the latents draws the
+    same values as one process holding the whole matrix, without ever holding it. Returns (len(rows), d_in) float32.
+    """
+    rows = rows if rows is not None else slice(0, n_latents)
+    if torch.empty(0).is_meta:  # inside torch.device("meta"): shapes only, nothing drawn
+        return torch.empty(rows.stop - rows.start, d_in)
+    parts = []
+    for start in range(0, n_latents, DRAW_ROWS):
+        stop = min(start + DRAW_ROWS, n_latents)
+        block = torch.randn(stop - start, d_in, generator=generator)
+        lo, hi = max(rows.start, start), min(rows.stop, stop)
+        if lo < hi:
+            parts.append(block[lo - start:hi - start])
+    W_dec = torch.cat(parts) if parts else torch.empty(0, d_in)
+    return W_dec / W_dec.norm(dim=1, keepdim=True)
 
 
 class SAEOutput(NamedTuple):
@@ -132,8 +155,10 @@ class TopKSAE(nn.Module):
         prefixes = list(matryoshka_prefixes or [])
         self.matryoshka_prefixes = prefixes + ([n_latents] if prefixes and prefixes[-1] != n_latents else [])
 
-        W_dec = torch.randn(n_latents, d_in)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec = draw_decoder(n_latents, d_in)
+        # On the meta device (a latent-sharded fit builds the SAE there) nothing is drawn: the RNG state the draw
+        # would have used is kept, so that each shard draws exactly its rows of this matrix (lit_sae.parallel).
+        self.init_rng_state = torch.get_rng_state() if W_dec.is_meta else None
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.clone() * encoder_init_norm)
         self.b_enc = nn.Parameter(torch.zeros(n_latents))

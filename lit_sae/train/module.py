@@ -206,7 +206,7 @@ class SAEModule(ResumeChecks, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data_parallel``): DDP on W
-        ranks of ``data.batch_size_tokens`` each trains exactly as one process on the W-times larger batch."""
+        ranks of ``data.batch_size_tokens / W`` each trains exactly as one process on ``data.batch_size_tokens``."""
         if stage == "fit":
             from lit_sae.parallel.data_parallel import use_data_parallel_losses
 

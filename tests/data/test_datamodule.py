@@ -60,21 +60,34 @@ def test_reads_manifest_in_init(shards):
     assert len(dm.shards("train")) == 8
 
 
-@pytest.mark.parametrize("batch", [48, 50])
-def test_exactly_once_two_ranks_two_workers(shards, batch):
+@pytest.mark.parametrize("batch,world", [(48, 2), (50, 2), (48, 4)])
+def test_global_batch_is_the_same_tokens_on_any_world_size(shards, batch, world):
+    """data.batch_size_tokens is the global batch: W ranks hold batch / W rows each, and the W parts of step j are
+    exactly step j of one process (the same rows in the same order), every token at most once per epoch."""
     dm = ActivationDataModule(shards, batch_size_tokens=batch, shuffle_buffer_tokens=96)
-    per_rank = [run_epoch(dm, r, 2, workers=2) for r in range(2)]
-    n = 1000 // (2 * batch)
-    assert [len(b) for b in per_rank] == [n, n] == [len(dm.train_dataset(rank=r, world_size=2)) for r in range(2)]
-    assert all(b["acts"].shape == (batch, 8) and b["acts"].dtype == torch.float16 for bs in per_rank for b in bs)
-    ids = [i for bs in per_rank for b in bs for i in ids_of(b)]
-    assert len(ids) == len(set(ids)) == 2 * n * batch
+    one = run_epoch(dm, 0, 1, workers=2)
+    per_rank = [run_epoch(dm, r, world, workers=2) for r in range(world)]
+    n = 1000 // batch
+    assert len(one) == n and [len(b) for b in per_rank] == [n] * world
+    assert [len(dm.train_dataset(rank=r, world_size=world)) for r in range(world)] == [n] * world
+    assert all(b["acts"].shape == (batch // world, 8) and b["acts"].dtype == torch.float16 for bs in per_rank
+               for b in bs)
+    for j in range(n):
+        assert sum((ids_of(bs[j]) for bs in per_rank), []) == ids_of(one[j]), j
+        assert torch.equal(torch.cat([bs[j]["acts"] for bs in per_rank]), one[j]["acts"])
+    ids = [i for b in one for i in ids_of(b)]
+    assert len(ids) == len(set(ids)) == n * batch
     # Drop rule: the unused tokens are the tail of the epoch's shard order.
-    ds = dm.train_dataset(rank=0, world_size=2)
+    ds = dm.train_dataset(rank=0, world_size=world)
     order = [i for ref in ds.shard_order(0) for i in range(int(ref.name[6:12]) * 128, int(ref.name[6:12]) * 128
                                                             + ref.tokens)]
-    assert set(range(1000)) - set(ids) == set(order[2 * n * batch:])
-    assert ds.dropped_tokens == 1000 - 2 * n * batch < 2 * batch
+    assert set(range(1000)) - set(ids) == set(order[n * batch:])
+    assert ds.dropped_tokens == 1000 - n * batch < batch
+
+
+def test_a_global_batch_that_does_not_split_is_refused(shards):
+    with pytest.raises(ValueError, match=r"data.batch_size_tokens=50 is the global batch .* multiple of 4"):
+        ActivationDataModule(shards, batch_size_tokens=50).train_dataset(rank=0, world_size=4)
 
 
 def test_worker_count_does_not_change_the_token_set(shards):
@@ -399,8 +412,8 @@ def test_nonfinite_skipped_and_counted(tmp_path, caplog, dtype):
 
 def test_train_split_smaller_than_a_batch(tmp_path):
     make_shards(tmp_path, {"train": 100})
-    with pytest.raises(ShardError, match=r"train split has 100 tokens, fewer than one batch per rank"):
-        ActivationDataModule(str(tmp_path), batch_size_tokens=64).train_dataset(rank=0, world_size=2)
+    with pytest.raises(ShardError, match=r"train split has 100 tokens, fewer than one global batch"):
+        ActivationDataModule(str(tmp_path), batch_size_tokens=128).train_dataset(rank=0, world_size=2)
 
 
 def test_stream_sizes_without_datamodule(shards):

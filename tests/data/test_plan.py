@@ -70,7 +70,8 @@ def _shards(out, sizes, d_in=8, block_tokens=32, tokens_per_shard=128):
 
 @pytest.mark.parametrize("workers,skip", [(0, 0), (2, 0), (2, 3), (3, 5)])
 def test_the_stream_follows_the_plan(tmp_path, workers, skip):
-    """The batches a train stream yields are exactly the plan's epoch positions (shard order and permutations)."""
+    """The batches a train stream yields are exactly the plan's epoch positions (shard order and permutations): on
+    rank 1 of 2, the second half of each of the one-process plan's global batches of 40."""
     _shards(tmp_path, {"train": 1000})
     dm = ActivationDataModule(str(tmp_path), batch_size_tokens=40, shuffle_buffer_tokens=96, num_workers=workers)
     ds = dm.train_dataset(rank=1, world_size=2)
@@ -85,8 +86,8 @@ def test_the_stream_follows_the_plan(tmp_path, workers, skip):
         s = int(np.searchsorted(offsets, p, side="right")) - 1
         return first_token[order[s].name] + int(p - offsets[s])
 
-    want = [sorted(token_at(p) for p in batch) for batch in epoch_batches(
-        ds.plan, 1, max(workers, 1), seed=0, epoch=2, shuffle=True, shuffle_buffer_tokens=96, skip_batches=skip)]
+    want = [sorted(token_at(p) for p in batch[20:]) for batch in epoch_batches(
+        ds.plan, 0, max(workers, 1), seed=0, epoch=2, shuffle=True, shuffle_buffer_tokens=96, skip_batches=skip)]
     assert got == want and len(got) == ds.num_batches - skip
 
 
@@ -120,7 +121,8 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_real_ddp_test_matches_one_process(tmp_path):
-    """301 test tokens, batches of 50: 2 ranks read 151/150 tokens in 4/3 batches, 3 ranks 101/100/100 in 3/2/2."""
+    """301 test tokens, a global batch of 50 (25 per rank on 2 ranks, 16 on 3): 2 ranks read 151/150 tokens in 7/6
+    batches, 3 ranks 101/100/100 in 7/7/7."""
     shards = _shards(tmp_path / "shards", {"train": 256, "test": 301})
     script = tmp_path / "ddp_test.py"
     script.write_text(textwrap.dedent(DDP_TEST))
@@ -131,11 +133,17 @@ def test_real_ddp_test_matches_one_process(tmp_path):
                               capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = [json.loads((tmp_path / f"w{world}-rank{r}.json").read_text()) for r in range(world)]
-    assert [r["batches"] for r in results[2]] == [4, 3] and [r["batches"] for r in results[3]] == [3, 2, 2]
+    assert [r["batches"] for r in results[2]] == [7, 6] and [r["batches"] for r in results[3]] == [7, 7, 7]
     nmse1 = results[1][0]["nmse"]
     assert 0 < nmse1 < 10
     for world, ranks in results.items():
         ids = [i for r in ranks for i in r["ids"]]
         assert sorted(ids) == list(range(256, 256 + 301))  # every test token once, whatever the world size
-        for r in ranks:  # the synced metric: the same on every rank and equal to the 1-process value
-            assert abs(r["nmse"] - nmse1) <= 1e-10, (world, r["nmse"], nmse1)
+        # The synced metric: the same on every rank and equal to the 1-process value to float32 rounding. Each
+        # token's error is a float32 reduction over d_in (8) computed in batches of another shape per world size
+        # (another BLAS blocking, CPU or thread count: another summation order), so each squared error may differ
+        # by about 2 * d_in * eps32 relative; the numerator and denominator of NMSE each carry that once. A token
+        # lost or counted twice moves NMSE by about 1/301, far above this.
+        tol = 4 * 8 * torch.finfo(torch.float32).eps * nmse1
+        for r in ranks:
+            assert abs(r["nmse"] - nmse1) <= tol, (world, r["nmse"], nmse1, tol)

@@ -1,8 +1,8 @@
 """DDP through the CLI equals one process on the global batch, and resumes exactly.
 
-``lit-sae fit --trainer.devices 2 --trainer.strategy ddp`` (gloo, CPU, float64) with ``data.batch_size_tokens`` B per
-process must train exactly as one process fed, at each step, the 2B tokens the two ranks read (``_global_batch.py``):
-per-step losses, final weights, EMA, Adam state, dead-latent counters and tokens_seen equal to 1e-5 after 24 steps,
+``lit-sae fit --trainer.devices 2 --trainer.strategy ddp`` (gloo, CPU, float64) with ``data.batch_size_tokens`` 2B (the
+global batch: B per process) must train exactly as ``lit-sae fit`` in one process with the same config, on the real
+``ActivationDataModule`` (each rank holds its half of every one-process batch): per-step losses, final weights, EMA, Adam state, dead-latent counters and tokens_seen equal to 1e-5 after 24 steps,
 with AuxK (latents die after 4 steps) and Multi-TopK on. A DDP run stopped at step 12 and resumed with
 ``--ckpt_path last`` ends in the same state as the uninterrupted DDP run. The export is written by rank 0 only.
 """
@@ -55,7 +55,7 @@ def _config(root: Path, shards: Path, data_class: str, extra_data=None) -> Path:
                   "dead_after_tokens": 4 * 2 * B, "init_tokens": 512, "warmup_steps": 3,
                   "export_dir": str(root / "sae")},
         "data": {"class_path": data_class,
-                 "init_args": {"path": str(shards), "batch_size_tokens": B, "shuffle_buffer_tokens": 256,
+                 "init_args": {"path": str(shards), "batch_size_tokens": 2 * B, "shuffle_buffer_tokens": 256,
                                "num_workers": 0, **(extra_data or {})}},
     }
     path = root / "config.yaml"
@@ -103,7 +103,7 @@ def runs(tmp_path_factory):
     _write_shards(shards)
     plain = "lit_sae.data.datamodule.ActivationDataModule"
     ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
-    _lit_sae(_config(base / "ref", shards, "tests.support.global_batch.GlobalBatchOfRanks", {"ranks": 2}))
+    _lit_sae(_config(base / "ref", shards, plain))  # one process, the same config
     _lit_sae(_config(base / "ddp", shards, plain), *ddp)
     half = _config(base / "half", shards, plain)
     _lit_sae(half, *ddp, "--trainer.max_steps", "12")
@@ -129,10 +129,11 @@ def test_ddp_resume_from_last_is_exact(runs):
 
 
 def test_a_failing_rank_ends_every_rank(tmp_path):
-    """Rank 1 meets a NaN row in its half of the (unshuffled) train split mid-run; rank 0 waits in a collective.
-    The command must end (not hang) with the shard named, and leave no process behind."""
+    """Rank 1 meets a NaN row in its half of a global batch of the (unshuffled) train split mid-run; rank 0 waits in
+    a collective. The command must end (not hang) with the shard named, and leave no process behind."""
     shards = tmp_path / "shards"
-    _write_shards(shards, nan_row=1570)  # rank 1 reads tokens 960..1919; b_pre's sample does not touch 1570
+    # Row 434 is in rank 1's half (rows 416..447) of global batch 6 (rows 384..447); b_pre's sample does not touch it
+    _write_shards(shards, nan_row=434)
     cfg = _config(tmp_path / "run", shards, "lit_sae.data.datamodule.ActivationDataModule", {"shuffle": False})
     proc = _lit_sae(cfg, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     ok=False)

@@ -22,7 +22,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 pytest.importorskip("triton")
 
-from lit_sae.sae import kernels
+from lit_sae.sae import kernels, scatter
 from lit_sae.sae.model import TopKSAE
 from lit_sae.sae.selection import stable_topk_reference
 from lit_sae.sae.triton_kernels import dispatch
@@ -125,7 +125,7 @@ def test_sparse_kernels_match_float64_references(tk, dtype):
     _close(dv, (W[idx] * G[:, None]).sum(-1), eps, d, "gather_dot")
 
     flat = idx.reshape(-1)
-    order, starts = kernels._latent_order(flat, n)
+    order, starts = scatter._latent_order(flat, n)
     dW = sparse.scatter_sorted(order // m, v.reshape(-1)[order].to(dtype), starts, G.to(dtype), n)
     ref = torch.zeros(n, d, dtype=torch.float64).index_add_(0, flat, v.reshape(-1)[:, None] * G.repeat_interleave(m, 0))
     _close(dW, ref, eps, B * m / n * 4, "scatter_sorted")

@@ -704,7 +704,7 @@ def resume_epoch_boundary(tmp: Path) -> Result:
 
 def ddp_eval_uneven(tmp: Path) -> Result:
     """`lit-sae test` of one checkpoint on 1, 2 and 3 CPU processes: every test token evaluated exactly once, so
-    test NMSE agrees to 1e-10 and the report's token count is the split's."""
+    test NMSE agrees to float32 rounding and the report's token count is the split's."""
     import json
 
     n_test = 2 * BATCH + 17  # not a multiple of 2 or 3 processes' batches
@@ -731,7 +731,11 @@ def ddp_eval_uneven(tmp: Path) -> Result:
         seen[world] = (metrics["nmse"], metrics["n_tokens"])
     spread = max(v[0] for v in seen.values()) - min(v[0] for v in seen.values())
     counts = {w: v[1] for w, v in seen.items()}
-    ok = spread <= 1e-10 and set(counts.values()) == {n_test}
+    # Each token's squared error is a float32 reduction over d_in computed in batches of another shape per process
+    # count (another summation order): about 2 * d_in * eps32 relative; NMSE's numerator and denominator each carry
+    # it once. One token lost or counted twice moves NMSE by about 1 / n_test, far above this.
+    tol = 4 * D_IN * torch.finfo(torch.float32).eps * seen[1][0]
+    ok = spread <= tol and set(counts.values()) == {n_test}
     return Result(ok, f"test nmse spread over 1/2/3 processes {spread:.1e}; tokens {counts} (split: {n_test})")
 
 
@@ -803,7 +807,7 @@ SCENARIOS = [
     Scenario("test_without_checkpoint", "test w/o checkpoint: exit 2 naming the folder", test_without_checkpoint),
     Scenario("resume_epoch_boundary", "resume from the last batch of an epoch: same batches, 48 steps",
              resume_epoch_boundary, True),
-    Scenario("ddp_eval_uneven", "test on 1/2/3 processes: same nmse (1e-10) and token count", ddp_eval_uneven,
+    Scenario("ddp_eval_uneven", "test on 1/2/3 processes: same nmse (float32 rounding) and token count", ddp_eval_uneven,
              True),
     Scenario("offline_model", "missing model, tokenizer or dataset offline: exit 2, one line, nothing created",
              offline_model),
