@@ -9,7 +9,7 @@ batch of the data-parallel group (``GroupSum``), as under DDP.
 
 Initialisation is shard-local and equal to one process's: the CLI builds the module's unsharded placeholder on the
 meta device (no memory), which keeps the RNG state its decoder draw would have used; each rank then draws the decoder
-block by block from that state and keeps its rows (``lit_sae.sae.model.draw_decoder``), so the sharded SAE starts
+block by block from that state and keeps its rows (``lit_sae.sae.init.draw_decoder``), so the sharded SAE starts
 from the same weights as one process with the same seed, and no rank ever holds the full matrices. With
 ``model.init_from`` the SAE to start from is read whole on every rank and sliced (an SAE that fits one host).
 """

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from lit_sae.parallel.collectives import all_gather_cat, copy_to_shards, sum_over_shards
 from lit_sae.sae import kernels
 from lit_sae.sae.config import SHARDED_KEYS, defaults
+from lit_sae.sae.init import draw_decoder
 from lit_sae.sae.losses import LOCAL
-from lit_sae.sae.model import ENCODER_INIT_NORM, TopKSAE, _check_config, draw_decoder
+from lit_sae.sae.model import ENCODER_INIT_NORM, TopKSAE, _check_config
 from lit_sae.sae.selection import topk_exact
 
 # The settings a sharded SAE takes besides its shape (d_in, n_latents, k): lit_sae.sae.config.SHARDED_KEYS.
@@ -123,7 +124,7 @@ class ShardedTopKSAE(TopKSAE):
 
     Build it with :meth:`from_full` (slices an unsharded SAE: tests, small models) or directly: with ``generator``
     (in the state one process's ``TopKSAE`` would draw its decoder from) each rank keeps its rows of that very draw
-    (:func:`lit_sae.sae.model.draw_decoder`), so the sharded SAE starts where one process starts; without it, from
+    (:func:`lit_sae.sae.init.draw_decoder`), so the sharded SAE starts where one process starts; without it, from
     a generator seeded with ``seed`` and the shard. Either way no rank ever holds the full matrices.
 
     Raises:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from lit_sae.sae import activations, kernels
 from lit_sae.sae.checks import check_acts, check_code, check_mask
 from lit_sae.sae.config import ENCODER_INIT_NORM, REBUILD_KEYS
+from lit_sae.sae.init import draw_decoder
 from lit_sae.sae.losses import LOCAL, BatchSum, auxk_loss, normalized_mse
 from lit_sae.sae.median import geometric_median
 
@@ -36,29 +37,7 @@ Normalize = Literal["none", "scalar", "layernorm"]
 # std on the way in only; decoding multiplies by std itself.
 LAYERNORM_EPS = 1e-5
 # ENCODER_INIT_NORM (W_enc's initial row norm, imported above) carries its measured reason in lit_sae.sae.config.
-DRAW_ROWS = 4096  # rows of W_dec drawn at a time by draw_decoder (bounds the memory a shard's draw needs)
 
-
-def draw_decoder(n_latents: int, d_in: int, rows: Optional[slice] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """Rows ``rows`` (default: all) of the initial decoder: standard normal rows scaled to unit norm.
-
-    The matrix is drawn in blocks of ``DRAW_ROWS`` rows, always all of them and in order, from ``generator`` (default:
-    torch's global CPU generator), keeping only the blocks' parts inside ``rows``: a shard of the latents draws the
-    same values as one process holding the whole matrix, without ever holding it. Returns (len(rows), d_in) float32.
-    """
-    rows = rows if rows is not None else slice(0, n_latents)
-    if torch.empty(0).is_meta:  # inside torch.device("meta"): shapes only, nothing drawn
-        return torch.empty(rows.stop - rows.start, d_in)
-    parts = []
-    for start in range(0, n_latents, DRAW_ROWS):
-        stop = min(start + DRAW_ROWS, n_latents)
-        block = torch.randn(stop - start, d_in, generator=generator)
-        lo, hi = max(rows.start, start), min(rows.stop, stop)
-        if lo < hi:
-            parts.append(block[lo - start:hi - start])
-    W_dec = torch.cat(parts) if parts else torch.empty(0, d_in)
-    return W_dec / W_dec.norm(dim=1, keepdim=True)
 
 
 class SAEOutput(NamedTuple):

@@ -1,7 +1,7 @@
 """The same config and seed train the same SAE on 1 or 2 processes, data-parallel or latent-sharded, through
 ``lit-sae fit`` on the real ``ActivationDataModule``, from the SAE's own initialisation (no ``model.init_from``):
 ``data.batch_size_tokens`` is the global batch, which lit-sae splits over the data-parallel ranks, and a sharded SAE
-starts from its rows of the one-process draw (``lit_sae.sae.model.draw_decoder``)."""
+starts from its rows of the one-process draw (``lit_sae.sae.init.draw_decoder``)."""
 
 import json
 import os

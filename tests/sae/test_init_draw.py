@@ -1,16 +1,17 @@
-"""The decoder's initial draw (``lit_sae.sae.model.draw_decoder``) is the same whether a process keeps all rows or a
+"""The decoder's initial draw (``lit_sae.sae.init.draw_decoder``) is the same whether a process keeps all rows or a
 shard keeps its own: what lets a latent-sharded SAE start where one process starts (``lit_sae.parallel.sharding``)."""
 
 import pytest
 import torch
 
-from lit_sae.sae import model as sae_model
-from lit_sae.sae.model import TopKSAE, draw_decoder
+from lit_sae.sae import init as sae_init
+from lit_sae.sae.init import draw_decoder
+from lit_sae.sae.model import TopKSAE
 
 
 @pytest.mark.parametrize("n,d,shards", [(64, 8, 2), (96, 5, 4), (30, 7, 3)])
 def test_shard_rows_equal_the_full_draw(monkeypatch, n, d, shards):
-    monkeypatch.setattr(sae_model, "DRAW_ROWS", 16)  # several blocks, some cut by shard boundaries
+    monkeypatch.setattr(sae_init, "DRAW_ROWS", 16)  # several blocks, some cut by shard boundaries
     full = draw_decoder(n, d, generator=torch.Generator().manual_seed(7))
     assert full.shape == (n, d) and torch.allclose(full.norm(dim=1), torch.ones(n))
     step = n // shards
