@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lit_sae.sae.model import TopKSAE
+from lit_sae.safe_io import SafeFileSystemReader, torch_load
 
 SHARDED = ("W_enc", "b_enc", "W_dec")
 MESH_FILE = "mesh.json"
@@ -116,7 +117,7 @@ def load_sharded(path: str | Path, sae, optimizer: torch.optim.Optimizer, mesh: 
         raise ValueError(f"{path} was written on another mesh or model ({'; '.join(diff)}): resume with the "
                          "strategy's data_parallel_size / tensor_parallel_size and model settings that wrote it")
     state = _state(sae, optimizer, dead_counts, mesh)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=SafeFileSystemReader(path))
     with torch.no_grad():  # DCP loads into the DTensors' local tensors; make sure the live tensors hold the values
         for name, p in sae.named_parameters():
             local = state["model"][name].to_local()
@@ -153,13 +154,13 @@ def load_full(path: str | Path) -> tuple[TopKSAE, dict]:
     info = json.loads((path / MESH_FILE).read_text())
     cfg = dict(info["config"])
     sae = TopKSAE(cfg.pop("d_in"), cfg.pop("n_latents"), cfg.pop("k"), **cfg)
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    meta = SafeFileSystemReader(path).read_metadata()
     dtype = meta.state_dict_metadata["model.W_dec"].properties.dtype
     sae.to(dtype)
     state = {"model": {name: t.data for name, t in [*sae.named_parameters(), *sae.named_buffers()]}}
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=True)
     return sae, info
 
 
@@ -188,13 +189,13 @@ def read_strategy_checkpoint(path: str | Path) -> dict[str, Any]:
     for name in (META_FILE, MESH_FILE, ".metadata"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: not a sharded lit-sae checkpoint folder (no {name})")
-    ckpt = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    ckpt = torch_load(path / META_FILE, "checkpoint metadata")
+    meta = SafeFileSystemReader(path).read_metadata()
     flat = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in meta.state_dict_metadata.items()
             if isinstance(md, dcp.metadata.TensorStorageMetadata)}
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(flat, checkpoint_id=str(path), no_dist=True)
+        dcp.load(flat, storage_reader=SafeFileSystemReader(path), no_dist=True)
     ckpt["state_dict"] = {k[len("state_dict."):]: v for k, v in flat.items() if k.startswith("state_dict.")}
     groups = [g["param_groups"] for g in ckpt.get("optimizer_states", [])]
     states: list[dict] = []

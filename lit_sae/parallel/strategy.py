@@ -35,6 +35,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lit_sae.parallel.dcp import _wrap
 from lit_sae.parallel.tensor import check_mesh
+from lit_sae.safe_io import SafeFileSystemReader, torch_load
 
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 MESH_FILE = "mesh.json"
@@ -175,7 +176,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
         if diff:
             raise ValueError(f"{path} was written on another mesh ({'; '.join(diff)}): resume on the mesh that "
                              "wrote it (or export it with `lit-sae export` and start a new run with --model.init_from)")
-        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+        meta = torch_load(path / META_FILE, "checkpoint metadata")
         _check_model(path, meta, self.lightning_module)
         module = self.lightning_module
         optim_states = []
@@ -188,7 +189,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
                                            enumerate(p for group in opt.param_groups for p in group["params"])}})
         live = module.state_dict(keep_vars=True)
         state = self._dcp_state({k: v.data for k, v in live.items()}, optim_states)
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=SafeFileSystemReader(path))
         with torch.no_grad():  # DCP writes into the DTensors' local tensors, which share storage with the live ones
             for key, value in state["state_dict"].items():
                 local = value.to_local() if hasattr(value, "to_local") else value

@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_sae import compat
 from lit_sae.fsync import fsync_dir
+from lit_sae.safe_io import torch_load
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         fsync_dir(path.parent)  # make the rename itself durable
         log.debug("saved checkpoint %s", path)
+
+
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load a local checkpoint with tensors and plain data only (``lit_sae.safe_io.torch_load``, whatever
+        ``weights_only`` says: lit-sae never unpickles code); a file holding anything else is refused, naming it."""
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return torch_load(path, "checkpoint", map_location=map_location)
 
 
 def _is_local(path: _PATH) -> bool:
