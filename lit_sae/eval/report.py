@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lit_sae.eval.ablation import ablation_sparsity
 from lit_sae.eval.downstream import downstream_loss, mean_activation
 from lit_sae.eval.probes import probe_dataset, probe_loss
+from lit_sae.fsync import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -286,11 +287,8 @@ def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "report.json", out / "report.md"
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False))
-    os.replace(tmp, js)
-    tmp_md = md.with_suffix(".md.tmp")
-    tmp_md.write_text(render_markdown(report))
-    os.replace(tmp_md, md)
+    for path, text in ((js, json.dumps(_jsonable(report), indent=2, sort_keys=False)), (md, render_markdown(report))):
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(text)
     log.info("evaluation report written to %s and %s", js, md)
     return js, md

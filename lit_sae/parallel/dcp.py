@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from lit_sae.fsync import fsync_dir, temp_dir_beside
 from lit_sae.sae.model import TopKSAE
 from lit_sae.safe_io import SafeFileSystemReader, torch_load
 
@@ -82,16 +83,16 @@ def save_sharded(path: str | Path, sae, optimizer: torch.optim.Optimizer, mesh: 
     values saved by rank 0 in mesh.json (e.g. the step). An existing ``path`` is replaced only once the new one is
     complete."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-save")
-    if dist.get_rank() == 0 and tmp.exists():
-        shutil.rmtree(tmp)
-    dist.barrier()
+    made = [str(temp_dir_beside(path, "tmp-")) if dist.get_rank() == 0 else None]  # exclusive, unpredictable
+    dist.broadcast_object_list(made, src=0)
+    tmp = Path(made[0])
     dcp.save(_state(sae, optimizer, dead_counts, mesh), checkpoint_id=str(tmp))
     if dist.get_rank() == 0:
         (tmp / MESH_FILE).write_text(json.dumps(_mesh_info(sae, mesh) | {"extra": extra or {}}, indent=2))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     dist.barrier()
     return path
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lit_sae.fsync import fsync_dir, temp_dir_beside
 from lit_sae.parallel.dcp import _wrap
 from lit_sae.parallel.tensor import check_mesh
 from lit_sae.safe_io import SafeFileSystemReader, torch_load
@@ -133,10 +134,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
         path = Path(self.broadcast(str(filepath)))
-        tmp = path.with_name(f".{path.name}.tmp")
-        if self.is_global_zero and tmp.exists():
-            shutil.rmtree(tmp)
-        self.barrier()
+        tmp = Path(self.broadcast(str(temp_dir_beside(path, "tmp-")) if self.is_global_zero else None))
         optim_states = checkpoint.pop("optimizer_states", [])
         state = self._dcp_state(checkpoint.pop("state_dict"), optim_states)
         dcp.save(state, checkpoint_id=str(tmp))
@@ -146,13 +144,16 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
             torch.save(checkpoint, tmp / META_FILE)
             dp, tp, _ = self._sizes()
             (tmp / MESH_FILE).write_text(json.dumps({"data_parallel_size": dp, "tensor_parallel_size": tp}))
-            old = path.with_name(f".{path.name}.old")
+            old = None
             if path.is_file():
                 path.unlink()
             elif path.exists():
-                os.replace(path, old)
+                old = temp_dir_beside(path, "old-")
+                os.replace(path, old / path.name)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            fsync_dir(path.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         self.barrier()
 
     def remove_checkpoint(self, filepath) -> None:

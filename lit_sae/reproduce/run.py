@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lit_sae.fsync import atomic_write
+
 log = logging.getLogger(__name__)
 
 __all__ = ["reproduce", "render_markdown"]
@@ -191,6 +193,5 @@ def _jsonable(x):
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)

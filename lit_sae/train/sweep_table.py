@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from lit_sae.fsync import atomic_write
+
 log = logging.getLogger(__name__)
 
 #: Columns of the sweep test table: (row key, header, format); a column shows when any row has its value.
@@ -55,7 +57,6 @@ def write_test_table(root: Path, rows: list[dict[str, Any]]) -> None:
                      + " |")
     for path, text in ((root / "sweep_test.json", json.dumps(rows, indent=2)),
                        (root / "sweep_test.md", "\n".join(lines) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(text)
     log.info("sweep test table written to %s", root / "sweep_test.md")
