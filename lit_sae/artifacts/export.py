@@ -28,6 +28,7 @@ import torch
 from lit_sae.formats import openai, saelens, sparsify
 from lit_sae.formats.common import write_folder
 from lit_sae.sae.model import TopKSAE
+from lit_sae.safe_io import dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,15 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, *, hook_point: Optional[str] =
         from safetensors.torch import save
 
         folder = sparsify.hookpoint_of(hook_point)
-        return write_folder(out_dir, {f"{folder}/{sparsify.CONFIG}": json.dumps(cfg, indent=2).encode(),
+        text = dumps_json(cfg, where=f"{out_dir}/{folder}/{sparsify.CONFIG}", indent=2)
+        return write_folder(out_dir, {f"{folder}/{sparsify.CONFIG}": text.encode(),
                                       f"{folder}/{sparsify.WEIGHTS}": save(tensors)}, overwrite=overwrite)
     if format == "openai":
         buf = io.BytesIO()
         torch.save(openai.to_openai(sae.config(), sae.state_dict()), buf)
         _, cfg = saelens.to_saelens(sae.config(), sae.state_dict(), {"hook_name": hook_point}, own)
-        return write_folder(out_dir, {openai.WEIGHTS: buf.getvalue(),
-                                      "cfg.json": json.dumps({"lit_sae": cfg["lit_sae"]}, indent=2).encode()},
+        text = dumps_json({"lit_sae": cfg["lit_sae"]}, where=f"{out_dir}/cfg.json", indent=2)
+        return write_folder(out_dir, {openai.WEIGHTS: buf.getvalue(), "cfg.json": text.encode()},
                             overwrite=overwrite)
     raise ValueError(f"format={format!r}: use one of {', '.join(FORMATS)}")
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 from lit_sae.data.shard_format import DTYPES, FIX_HINT, FORMAT, MANIFEST_NAME, ShardError, ShardNotFoundError, is_url
 from lit_sae.fsync import atomic_write
+from lit_sae.safe_io import dumps_json
 
 
 @dataclass
@@ -263,7 +264,7 @@ def write_manifest_atomic(out_dir: str, manifest: Union[Manifest, dict]) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MANIFEST_NAME)
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write(dumps_json(obj, where=path, indent=1, sort_keys=False))
         f.write("\n")
     return path
 

@@ -7,7 +7,6 @@ is renamed into place at the end, so an interrupted write never leaves a folder 
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from lit_sae.features.collect import FeatureStats
+from lit_sae.safe_io import dumps_json
 
 __all__ = ["FORMAT", "CHUNK", "latent_records", "write_browser"]
 
@@ -118,7 +118,7 @@ def _top_tokens(rec: dict, contexts: list[list[int]], vocab: dict[int, str], n: 
 
 def _explanation_text(rec: dict, vocab: dict[int, str]) -> str:
     pats = rec.get("explanation", {}).get("patterns", [])
-    return " | ".join(" ".join("*" if t is None else json.dumps(vocab.get(t, "?"), ensure_ascii=False)
+    return " | ".join(" ".join("*" if t is None else dumps_json(vocab.get(t, "?"), ensure_ascii=False)
                                 for t in p["tokens"]) for p in pats[:3])
 
 
@@ -146,7 +146,7 @@ def _summary(records: list[dict], contexts, vocab, stats: FeatureStats, meta: di
 
 
 def _dump(path: Path, obj: Any, js_var: str | None = None, js_dir: Path | None = None, gz: bool = True) -> None:
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = dumps_json(obj, where=str(path), ensure_ascii=False, separators=(",", ":"))
     if gz:
         with gzip.open(path.with_name(path.name + ".gz"), "wt", encoding="utf-8", compresslevel=6) as f:
             f.write(text)
@@ -199,7 +199,8 @@ def write_browser(out_dir: str | os.PathLike, records: list[dict], contexts: lis
         for s in range(0, len(records), CHUNK):
             name = f"{s // CHUNK:05d}"
             _dump(data / "latents" / f"{name}.json", records[s:s + CHUNK], None)
-            text = json.dumps(records[s:s + CHUNK], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            text = dumps_json(records[s:s + CHUNK], where=f"latents-{name}.js", ensure_ascii=False,
+                              separators=(",", ":"))
             (js / f"latents-{name}.js").write_text(
                 f"LITSAE.chunk({s // CHUNK},{text.replace('</', '<' + chr(92) + '/')});\n", encoding="utf-8")
         page = resources.files("lit_sae.features").joinpath("static", "index.html").read_text(encoding="utf-8")

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lit_sae.fsync import fsync_dir, temp_dir_beside
 from lit_sae.sae.model import TopKSAE
-from lit_sae.safe_io import SafeFileSystemReader, torch_load
+from lit_sae.safe_io import SafeFileSystemReader, dumps_json, torch_load
 
 SHARDED = ("W_enc", "b_enc", "W_dec")
 MESH_FILE = "mesh.json"
@@ -88,7 +88,7 @@ def save_sharded(path: str | Path, sae, optimizer: torch.optim.Optimizer, mesh: 
     tmp = Path(made[0])
     dcp.save(_state(sae, optimizer, dead_counts, mesh), checkpoint_id=str(tmp))
     if dist.get_rank() == 0:
-        (tmp / MESH_FILE).write_text(json.dumps(_mesh_info(sae, mesh) | {"extra": extra or {}}, indent=2))
+        (tmp / MESH_FILE).write_text(dumps_json(_mesh_info(sae, mesh) | {"extra": extra or {}}, indent=2))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -36,7 +36,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lit_sae.fsync import fsync_dir, temp_dir_beside
 from lit_sae.parallel.dcp import _wrap
 from lit_sae.parallel.tensor import check_mesh
-from lit_sae.safe_io import SafeFileSystemReader, torch_load
+from lit_sae.safe_io import SafeFileSystemReader, dumps_json, torch_load
 
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 MESH_FILE = "mesh.json"
@@ -143,7 +143,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
             checkpoint["optimizer_states"] = [{"param_groups": s["param_groups"]} for s in optim_states]
             torch.save(checkpoint, tmp / META_FILE)
             dp, tp, _ = self._sizes()
-            (tmp / MESH_FILE).write_text(json.dumps({"data_parallel_size": dp, "tensor_parallel_size": tp}))
+            (tmp / MESH_FILE).write_text(dumps_json({"data_parallel_size": dp, "tensor_parallel_size": tp}))
             old = None
             if path.is_file():
                 path.unlink()

@@ -7,12 +7,13 @@ details (field names, folding, supported architectures) live in ``lit_sae.format
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
+
+from lit_sae.safe_io import dumps_json
 
 if TYPE_CHECKING:
     from lit_sae.sae.model import TopKSAE
@@ -36,7 +37,7 @@ def save_pretrained(sae: "TopKSAE", path: str | Path, metadata: Optional[dict[st
     from lit_sae.formats.common import write_folder
 
     tensors, cfg = saelens.to_saelens(sae.config(), sae.state_dict(), metadata, lit_sae)
-    return write_folder(path, {saelens.CONFIG: json.dumps(cfg, indent=2).encode(),
+    return write_folder(path, {saelens.CONFIG: dumps_json(cfg, where=f"{path}/{saelens.CONFIG}", indent=2).encode(),
                                saelens.WEIGHTS: save(tensors)}, overwrite=overwrite)
 
 
