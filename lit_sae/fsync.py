@@ -84,3 +84,31 @@ def atomic_write(path: "str | os.PathLike", mode: str = "wb", encoding: Optional
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_writable(folder: "str | os.PathLike", key: str) -> None:
+    """Raise a one-line ValueError unless files can be created in ``folder`` (or in the folder that will hold it).
+
+    The check writes and removes a probe file (``tempfile.mkstemp``) in ``folder``, or in its nearest existing
+    ancestor when it does not exist yet (nothing is created for it), so it sees what a write would see: permissions,
+    a read-only or full file system, a file in the way (which ``os.access`` misses, e.g. when running as root).
+
+    Args:
+        folder: where a run will write (checkpoints, the export, the report, TensorBoard files).
+        key: the setting that names it, for the message (e.g. ``"trainer.default_root_dir"``).
+    """
+    path = Path(folder).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{key}: {path} cannot be created: {existing} is a file, not a folder; set {key} to another "
+                         "path (or move the file away)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lit-sae-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exn:
+        where = "" if existing == path else f" (it does not exist yet; {existing} would hold it)"
+        raise ValueError(f"{key}: cannot write in {existing}{where}: {exn.strerror or exn}; set {key} to a "
+                         "writable folder or fix its permissions, before any step is computed") from None

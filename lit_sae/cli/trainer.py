@@ -27,6 +27,7 @@ from lit_sae import compat
 from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.callbacks.interrupt import SaveOnInterrupt
 from lit_sae.callbacks.progress import QuietProgressBar
+from lit_sae.callbacks.writable import check_outputs_writable
 from lit_sae.cli.check import add_lit_sae_arguments
 from lit_sae.cli.messages import config_error
 from lit_sae.data import datamodule as _datamodule  # noqa: F401  known subclasses of --data (named in --help)
@@ -155,12 +156,15 @@ class SAECLI(LightningCLI):
             log.info("%s starts from %s", command, path)
 
     def before_fit(self) -> None:
+        check_outputs_writable(self.trainer, self.model, "fit")  # before Lightning creates the first folder
         self._resolve_weights("fit")
 
     def before_validate(self) -> None:
+        check_outputs_writable(self.trainer, self.model, "validate")
         self._resolve_weights("validate")
 
     def before_test(self) -> None:
+        check_outputs_writable(self.trainer, self.model, "test")
         self._resolve_weights("test")
 
 
