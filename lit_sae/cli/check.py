@@ -245,7 +245,7 @@ def build_parser(command: str, model: str = "module") -> Any:
                                 __name__, methods=(command,),
                                 skip={command: METHOD_SKIP[command]})
     parser = ArgumentParser(prog="lit-sae", parser_mode="omegaconf+", exit_on_error=False, env_prefix="PL",
-                            default_env=False)
+                            default_env=False, allow_abbrev=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file.")
     parser.add_argument("--seed_everything", type=Union[bool, int], default=True, help=SEED_HELP)
     parser.add_class_arguments(model_cls, "model", fail_untyped=False, sub_configs=True)

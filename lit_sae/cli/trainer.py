@@ -218,7 +218,9 @@ def run_lightning(args: Optional[list[str]] = None, cli_class: type[SAECLI] = SA
         subclass_mode_data=True,
         save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf+", "prog": "lit-sae"},
+        # allow_abbrev=False (jsonargparse passes it on to the subcommands' parsers): `--trainer.max_step 2` is an
+        # unknown key with a did-you-mean, never silently `--trainer.max_steps 2` (argparse's prefix matching)
+        parser_kwargs={"parser_mode": "omegaconf+", "prog": "lit-sae", "allow_abbrev": False},
         args=args,
         auto_configure_optimizers=False,
         **kwargs,

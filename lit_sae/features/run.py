@@ -278,7 +278,7 @@ def features(
             "report": _latest_report(run_root(ckpt_path)),
             "explainability": summarize(result) if result else None,
             "window": list(stats.window)}
-    page = write_browser(out, records, contexts, _vocab(tokenizer, used), stats, meta)
+    page = write_browser(out, records, contexts, _vocab(tokenizer, used), stats, meta, tokenizer=tokenizer)
     log.info("feature browser for %d latents (%d dead) on %d tokens written in %.1f s: %s", L,
              int((stats.count == 0).sum()), stats.n_tokens, time.perf_counter() - t0, page)
     return page
@@ -288,5 +288,5 @@ def cli_main(args: Optional[list[str]] = None) -> None:
     """``lit-sae features --ckpt_path PATH [--manifest ...]``: the arguments of :func:`features`."""
     from jsonargparse import CLI
 
-    page = CLI(features, args=args, as_positional=False, prog="lit-sae features")
+    page = CLI(features, args=args, as_positional=False, prog="lit-sae features", allow_abbrev=False)
     print(page)
