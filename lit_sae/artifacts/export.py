@@ -32,7 +32,7 @@ from lit_sae.safe_io import dumps_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export", "export_sae", "export_checkpoint", "load_exported", "provenance"]
+__all__ = ["export", "export_sae", "export_checkpoint", "final_checkpoint", "load_exported", "provenance"]
 
 Format = Literal["saelens", "sparsify", "openai"]
 FORMATS = ("saelens", "sparsify", "openai")
@@ -132,6 +132,21 @@ def provenance(ckpt: str | Path, info: dict[str, Any], manifest: Optional[str | 
         if (folder / "config.json").is_file():
             prov["model_name_resolvable"] = str(folder)
     return prov
+
+
+def final_checkpoint(trainer: Any) -> Optional[Path]:
+    """The checkpoint holding ``trainer``'s state at the end of fit: its checkpoint callback's ``last.ckpt`` when that
+    was saved at the final step (``lit_sae.callbacks.checkpoint.Checkpoint`` saves it in ``on_train_end``, before
+    ``on_fit_end``), else None (checkpointing off, or no save at the last step)."""
+    from lit_sae import compat
+
+    cb = getattr(trainer, "checkpoint_callback", None)
+    path = getattr(cb, "last_model_path", "") if cb is not None else ""
+    if not path or not Path(path).exists():
+        return None
+    if compat.last_global_step_saved(cb) != trainer.global_step:
+        return None
+    return Path(path)
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
