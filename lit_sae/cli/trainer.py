@@ -27,6 +27,7 @@ from lit_sae import compat
 from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.callbacks.interrupt import SaveOnInterrupt
 from lit_sae.callbacks.progress import QuietProgressBar
+from lit_sae.callbacks.settings_check import IneffectiveSettings
 from lit_sae.callbacks.writable import check_outputs_writable
 from lit_sae.cli.check import add_lit_sae_arguments
 from lit_sae.cli.messages import config_error
@@ -134,7 +135,7 @@ class SAECLI(LightningCLI):
         if cfg.get("enable_progress_bar") is not False and not _has(given, ProgressBar):
             extra.append(QuietProgressBar())
         if self.subcommand == "fit":
-            extra.append(SaveOnInterrupt())
+            extra += [SaveOnInterrupt(), IneffectiveSettings()]
         cfg["callbacks"] = given + extra
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
