@@ -178,6 +178,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             # sys.argv stays as typed: DDP re-launches it for the other ranks, which must take this branch too
             run_lightning(argv[1:], model_class=SAESweepModule)
         elif argv and argv[0] in LIGHTNING_COMMANDS:
+            from lit_sae.cli.run_folder import with_run_config
+
+            typed, argv = argv, with_run_config(argv)  # validate / test of a run: its saved config.yaml first
+            if from_console and argv != typed:
+                sys.argv[1:] = argv  # LightningCLI (and DDP's re-launch of this command) read sys.argv
             check_command_line(argv)  # a mistyped key or value fails here, before Lightning loads (~5 s)
             # From the console, LightningCLI reads sys.argv itself (passing it as well makes it warn).
             run_lightning(None if from_console else argv)

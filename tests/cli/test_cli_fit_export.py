@@ -53,3 +53,10 @@ def test_fit_export_equals_cli_export(tmp_path, monkeypatch):
     assert cfg_fit["context_size"] == 16 and cfg_fit["prepend_bos"] is False
     for name in ("sae_weights.safetensors",):
         assert (at_fit / name).read_bytes() == (by_cli / name).read_bytes()
+    # the same run tested from another folder: the saved config's relative data path is found under the run's
+    # ancestors (the fit ran there)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, err = cli(["test", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert code == 0, err
+    assert str(tmp_path / "shards") in (run / "config_test.yaml").read_text()
