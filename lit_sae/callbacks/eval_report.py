@@ -27,7 +27,7 @@ from lit_sae.eval.saebench import CoreMetrics, saebench_section
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalReport", "DownstreamDuringFit"]
+__all__ = ["EvalReport", "DownstreamDuringFit", "log_eval_numbers"]
 
 
 def _manifest(trainer) -> Optional[dict]:
@@ -38,6 +38,21 @@ def _manifest(trainer) -> Optional[dict]:
 
 def _tensorboard(trainer):
     return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def log_eval_numbers(trainer, numbers: dict[str, float], title: str = "eval/numbers") -> None:
+    """Log an evaluation's one-point numbers: to TensorBoard as one text card ``title`` (a two-column table; ~150
+    one-point scalar cards would otherwise sort above the training curves and bury them), to every other logger
+    (CSV, W&B, ...) as metrics at the current step."""
+    step = trainer.global_step
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            rows = "\n".join(f"| {key} | {value:.6g} |" for key, value in sorted(numbers.items()))
+            lg.experiment.add_text(title, f"| number | value |\n|---|---|\n{rows}", step)
+            lg.experiment.flush()
+        else:
+            lg.log_metrics(numbers, step=step)
+            lg.save()
 
 
 def _flat_numbers(d: dict, prefix: str) -> dict[str, float]:
@@ -223,9 +238,7 @@ class EvalReport(L.Callback):
                                              f"eval/{section}"))
         if "probes" in report:
             numbers.update(_flat_numbers(report["probes"], "eval/probes"))
-        for lg in trainer.loggers:
-            lg.log_metrics(numbers, step=trainer.global_step)
-            lg.save()
+        log_eval_numbers(trainer, numbers)
         tb = _tensorboard(trainer)
         if tb is not None:
             live = self._density[self._density > 0]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lit_sae.callbacks.eval_report import EvalReport, _flat_numbers, _manifest
+from lit_sae.callbacks.eval_report import EvalReport, _flat_numbers, _manifest, log_eval_numbers
 from lit_sae.eval.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 from lit_sae.eval.saebench import CoreMetrics, saebench_section
 
@@ -158,6 +158,4 @@ class SweepEvalReport(EvalReport):
             if section in report:
                 numbers.update(_flat_numbers({k: v for k, v in report[section].items() if k != "latents"},
                                              f"eval/{name}/{section}"))
-        for lg in trainer.loggers:
-            lg.log_metrics(numbers, step=trainer.global_step)
-            lg.save()
+        log_eval_numbers(trainer, numbers, f"eval/{name}/numbers")

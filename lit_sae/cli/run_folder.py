@@ -9,10 +9,11 @@ later ``lit-sae test`` has to repeat the SAE's shape and the data. So, when ``va
   whose ancestors hold a ``config.yaml``): that run;
 
 and the command becomes ``<command> --config <run>/config.yaml --trainer.default_root_dir <run> ...`` followed by
-whatever else was typed (so any key can still be overridden), with the data path of the saved config found again
-when the command runs from another folder than the fit did (a relative path is also looked for under the run's
-ancestors). The report, ``config_test.yaml`` and the TensorBoard points then go into the run folder. A command with
-``--config`` is left as typed.
+whatever else was typed (so any key can still be overridden, and a preset such as ``--config callbacks/eval.yaml``
+adds to it), with the data path of the saved config found again when the command runs from another folder than the
+fit did (a relative path is also looked for under the run's ancestors). The report, ``config_test.yaml`` and the
+TensorBoard points then go into the run folder. A command whose own ``--config`` has a ``model`` or ``data`` section
+(a full recipe) is left as typed.
 """
 
 from __future__ import annotations
@@ -76,16 +77,35 @@ def _data_path_override(config: Path, run: Path) -> list[str]:
     return []
 
 
+def _has_recipe(options: list[str]) -> bool:
+    """Whether a ``--config`` among ``options`` has a ``model`` or ``data`` section (a recipe, not a preset)."""
+    import yaml
+
+    for i, arg in enumerate(options):
+        value = options[i + 1] if arg in ("-c", "--config") and i + 1 < len(options) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if value is None:
+            continue
+        try:
+            cfg = yaml.safe_load(Path(value).read_text()) if Path(value).is_file() else yaml.safe_load(value)
+        except (OSError, yaml.YAMLError):
+            return True  # cannot tell: leave the command to LightningCLI as typed
+        if not isinstance(cfg, dict) or "model" in cfg or "data" in cfg:
+            return True
+    return False
+
+
 def with_run_config(argv: list[str]) -> list[str]:
     """``argv`` (``[command, *options]``) with the run's saved configuration put first (see the module doc); as
     given for other commands, or when ``--config`` is given or no run folder is found.
 
     Raises FileNotFoundError when ``--run`` names a folder without a ``config.yaml``."""
-    if not argv or argv[0] not in EVALUATING or any(a in ("-c", "--config") or a.startswith("--config=")
-                                                   for a in argv[1:]):
-        run_dir, rest = _option(argv, "--run")
-        if run_dir is not None and argv and argv[0] in EVALUATING:
-            raise ValueError("--run: give either --run or --config (--run uses the run's own config.yaml)")
+    if not argv or argv[0] not in EVALUATING:
+        return argv
+    if _has_recipe(argv[1:]):
+        if _option(argv, "--run")[0] is not None:
+            raise ValueError("--run: give either --run or a --config with model/data sections (--run uses the run's "
+                             "own config.yaml)")
         return argv
     command, options = argv[0], argv[1:]
     run_dir, options = _option(options, "--run")

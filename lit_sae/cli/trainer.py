@@ -28,6 +28,7 @@ from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.callbacks.interrupt import SaveOnInterrupt
 from lit_sae.callbacks.progress import QuietProgressBar
 from lit_sae.callbacks.settings_check import IneffectiveSettings
+from lit_sae.callbacks.tensorboard_layout import TrainingCurvesFirst
 from lit_sae.callbacks.writable import check_outputs_writable
 from lit_sae.cli.check import add_lit_sae_arguments
 from lit_sae.cli.messages import config_error
@@ -136,6 +137,8 @@ class SAECLI(LightningCLI):
             extra.append(QuietProgressBar())
         if self.subcommand == "fit":
             extra += [SaveOnInterrupt(), IneffectiveSettings()]
+            if cfg.get("logger") is not False:
+                extra.append(TrainingCurvesFirst())
         cfg["callbacks"] = given + extra
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
