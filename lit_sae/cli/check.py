@@ -286,3 +286,17 @@ def check(argv: list[str], model: str = "module") -> None:
                 raise config_error(exn, argv[0], parser) from None
     except CannotCheck:
         return
+
+
+def suggesting_parser() -> type:
+    """jsonargparse's ArgumentParser whose errors for an unknown option add the nearest valid one (``--ou``: did you
+    mean 'out'?), as ``lit-sae fit`` does (``lit_sae.cli.messages.suggest_key``)."""
+    from jsonargparse import ArgumentParser
+
+    class SuggestingParser(ArgumentParser):
+        def error(self, message: str, ex: Optional[Exception] = None):
+            from lit_sae.cli.messages import suggest_key
+
+            return super().error(f"{message}{suggest_key(message, self)}", ex)
+
+    return SuggestingParser

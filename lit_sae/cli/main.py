@@ -67,10 +67,12 @@ def run_tools(argv: list[str]) -> Any:
     from jsonargparse import CLI, ArgumentParser, DefaultHelpFormatter
 
     if argv and argv[0] in TOOLS:
+        from lit_sae.cli.check import suggesting_parser
+
         fn = tool(argv[0])
         # allow_abbrev=False: `--ou x` is an unknown key (with a did-you-mean), never silently `--out x`
         return CLI(fn, args=_bare_bool_flags(argv[1:], fn), prog=f"lit-sae {argv[0]}", parser_mode="omegaconf",
-                   parser_class=_suggesting_parser(), allow_abbrev=False)
+                   parser_class=suggesting_parser(), allow_abbrev=False)
 
     class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Keeps the command table of the description as written."""
@@ -80,20 +82,6 @@ def run_tools(argv: list[str]) -> Any:
     parser.add_argument("command", choices=[*TOOLS, *LIGHTNING_COMMANDS, SWEEP[0]], help=argparse.SUPPRESS)
     parser.parse_args(argv[:1])  # prints the table for --help; exit 2 naming the valid commands otherwise
     return None
-
-
-def _suggesting_parser() -> type:
-    """jsonargparse's ArgumentParser whose errors for an unknown option add the nearest valid one (``--ou``: did you
-    mean 'out'?), as ``lit-sae fit`` does (``lit_sae.cli.messages.suggest_key``)."""
-    from jsonargparse import ArgumentParser
-
-    class SuggestingParser(ArgumentParser):
-        def error(self, message: str, ex: Optional[Exception] = None):
-            from lit_sae.cli.messages import suggest_key
-
-            return super().error(f"{message}{suggest_key(message, self)}", ex)
-
-    return SuggestingParser
 
 
 def _bare_bool_flags(args: list[str], fn: Callable) -> list[str]:
