@@ -135,3 +135,13 @@ def test_dumps_json_is_strict():
     with pytest.raises(ValueError, match=r"manifest.json.*exclusions.norm_median"):
         dumps_json({"exclusions": {"norm_median": float("nan")}}, where="manifest.json")
     assert dumps_json({"x": [float("inf"), 1.0]}, nonfinite="null") == '{"x": [null, 1.0]}'
+
+
+def test_fit_init_from_a_payload_checkpoint_exits_2(genuine, in_tmp):
+    from tests.cli.test_cli_runs import recipe
+    from tests.support.faults import cli, error_line
+
+    evil = _evil_copy(genuine, in_tmp / "shared_run.ckpt")
+    code, err = cli(["fit", "--config", str(recipe(in_tmp)), "--model.init_from", str(evil)])
+    assert code == 2 and "UnsafeFileError" in error_line(err) and str(evil) in error_line(err)
+    assert not (in_tmp / MARKER).exists() and not list(in_tmp.rglob("*.ckpt"))[1:]  # only the crafted file
