@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["UnsafeFileError", "torch_load", "SafeFileSystemReader", "dumps_json", "finite_or_none"]
+__all__ = ["UnsafeFileError", "torch_load", "refusal", "SafeFileSystemReader", "dumps_json", "finite_or_none"]
 
 #: What every refusal adds: why, and what to do.
 _NEVER = ("lit-sae never executes code stored in files it reads; load only files holding tensors and plain data "
@@ -57,17 +57,23 @@ def torch_load(path: "str | os.PathLike", what: str = "file", map_location: Any 
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exn:
-        text = str(exn)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found is None:  # not a refused object: a corrupt file or not a pickle at all
-            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-            reason = detail.group(1) if detail else text.splitlines()[0][:200]
-            raise ValueError(f"{path}: not a readable torch file (expected a {what}; {reason})") from None
-        raise UnsafeFileError(f"{path}: {what} holds a Python object lit-sae refuses to load ({found.group(1)}); "
-                              f"{_NEVER}") from None
+        raise refusal(path, exn, what) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exn:
         raise ValueError(f"{path}: not a readable torch file (expected a {what}; "
                          f"{str(exn).splitlines()[0][:200]})") from None
+
+
+def refusal(path: "str | os.PathLike", exn: pickle.UnpicklingError, what: str = "file") -> ValueError:
+    """The one-line error for ``torch.load(path, weights_only=True)``'s UnpicklingError ``exn`` (e.g. raised inside
+    Lightning): an UnsafeFileError naming the refused global, or a ValueError for a file that is not a torch file."""
+    text = str(exn)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found is None:  # not a refused object: a corrupt file or not a pickle at all
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        reason = detail.group(1) if detail else text.splitlines()[0][:200]
+        return ValueError(f"{path}: not a readable torch file (expected a {what}; {reason})")
+    return UnsafeFileError(f"{path}: {what} holds a Python object lit-sae refuses to load ({found.group(1)}); "
+                           f"{_NEVER}")
 
 
 # ------------------------------------------------------------------------------------ DCP metadata (a pickle file)

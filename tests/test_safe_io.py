@@ -145,3 +145,13 @@ def test_fit_init_from_a_payload_checkpoint_exits_2(genuine, in_tmp):
     code, err = cli(["fit", "--config", str(recipe(in_tmp)), "--model.init_from", str(evil)])
     assert code == 2 and "UnsafeFileError" in error_line(err) and str(evil) in error_line(err)
     assert not (in_tmp / MARKER).exists() and not list(in_tmp.rglob("*.ckpt"))[1:]  # only the crafted file
+
+
+def test_test_ckpt_path_of_a_payload_checkpoint_exits_2(genuine, in_tmp):
+    from tests.cli.test_cli_runs import recipe
+    from tests.support.faults import cli, error_line
+
+    evil = _evil_copy(genuine, in_tmp / "shared_run.ckpt")
+    code, err = cli(["test", "--config", str(recipe(in_tmp)), "--ckpt_path", str(evil)])
+    assert code == 2 and "UnsafeFileError" in error_line(err) and str(evil) in error_line(err), err
+    assert not (in_tmp / MARKER).exists()

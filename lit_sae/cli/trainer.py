@@ -97,7 +97,15 @@ class SAECLI(LightningCLI):
         # file (not for "last"): a changed --model.lr or n_latents would be ignored without a word. In fit, the config
         # stays authoritative; other subcommands keep Lightning's behaviour (test a checkpoint as it was trained).
         if self.config.get("subcommand") != "fit":
-            compat.run_cli_parse_ckpt_path(self)
+            import pickle
+
+            try:
+                compat.run_cli_parse_ckpt_path(self)  # torch.load(weights_only=True) of the checkpoint
+            except pickle.UnpicklingError as exn:
+                from lit_sae.safe_io import refusal
+
+                command = self.config.get("subcommand")
+                raise refusal(self.config.get(command, {}).get("ckpt_path"), exn, "checkpoint") from None
 
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; refuse a model.d_in that differs from the data's."""
