@@ -6,6 +6,7 @@ and follows the umask."""
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +98,25 @@ def test_reports_ignore_planted_links(tmp_path, victim):
     write_test_table(out, [{"name": "a", "nmse": 0.5}])
     assert (out / "sweep_test.md").is_file()
     _untouched(out, names, victim)
+
+
+def test_check_writable_probes_the_folder_or_its_nearest_ancestor(tmp_path):
+    from lit_sae.fsync import check_writable
+
+    check_writable(tmp_path / "new" / "deeper", "model.export_dir")  # not created, its ancestor is writable
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # the probe left nothing
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^--out_dir: .*file/sub cannot be created: .*file is a file, not a folder"):
+        check_writable(tmp_path / "file" / "sub", "--out_dir")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes anywhere: the permission bits cannot make a folder unwritable here
+        check_writable(locked, "trainer.default_root_dir")
+    else:
+        with pytest.raises(ValueError, match=r"^trainer.default_root_dir: cannot write in .*locked"):
+            check_writable(locked / "run", "trainer.default_root_dir")
+    proc = Path("/proc/self")  # Linux: not writable by anyone, root included
+    if proc.is_dir():
+        with pytest.raises(ValueError, match=r"^trainer.default_root_dir: cannot write in /proc/self .*set "
+                                             r"trainer.default_root_dir to a writable folder"):
+            check_writable(proc / "run", "trainer.default_root_dir")

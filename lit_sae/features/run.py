@@ -208,6 +208,9 @@ def features(
     s = settings_from_manifest(man)
     out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
     check_out_dir(out)  # before any work: a folder that is not an earlier browser is never replaced
+    from lit_sae.fsync import check_writable
+
+    check_writable(out.parent, "--out_dir")  # the browser is written beside it, then renamed: before any work too
     L = sae.n_latents
     mem = memory_estimate(L)
     log.info("estimated memory for %d latents: %.1f MB (%s), plus the LM and, for N2G, k x 12 bytes per token of "
