@@ -44,8 +44,10 @@ def current_umask() -> int:
 
 
 def temp_dir_beside(path: "str | os.PathLike", tag: str = "") -> Path:
-    """Create (exclusively, mode 0777 & ~umask) an empty folder ``.{name}.{tag}XXXXXXXX`` beside ``path``."""
+    """Create (exclusively, mode 0777 & ~umask) an empty folder ``.{name}.{tag}XXXXXXXX`` beside ``path`` (its
+    parent folder is created if missing)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{tag}", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
