@@ -32,7 +32,7 @@ def test_modelcheckpoint_save_last_and_step(tmp_path):
     assert compat.last_global_step_saved(ck) == 3
     (tmp_path / "checkpoints" / "last.ckpt").unlink()
     compat.save_last_checkpoint(ck, trainer)
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 3 and ck.last_model_path.endswith("last.ckpt")
 
 

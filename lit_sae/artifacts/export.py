@@ -28,10 +28,12 @@ import torch
 from lit_sae.formats import openai, saelens, sparsify
 from lit_sae.formats.common import write_folder
 from lit_sae.sae.model import TopKSAE
+from lit_sae.safe_io import dumps_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export", "export_sae", "export_checkpoint", "export_sharded", "load_exported", "provenance"]
+__all__ = ["export", "export_sae", "export_checkpoint", "export_sharded", "final_checkpoint", "load_exported",
+           "provenance"]
 
 Format = Literal["saelens", "sparsify", "openai"]
 FORMATS = ("saelens", "sparsify", "openai")
@@ -83,14 +85,15 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, *, hook_point: Optional[str] =
         from safetensors.torch import save
 
         folder = sparsify.hookpoint_of(hook_point)
-        return write_folder(out_dir, {f"{folder}/{sparsify.CONFIG}": json.dumps(cfg, indent=2).encode(),
+        text = dumps_json(cfg, where=f"{out_dir}/{folder}/{sparsify.CONFIG}", indent=2)
+        return write_folder(out_dir, {f"{folder}/{sparsify.CONFIG}": text.encode(),
                                       f"{folder}/{sparsify.WEIGHTS}": save(tensors)}, overwrite=overwrite)
     if format == "openai":
         buf = io.BytesIO()
         torch.save(openai.to_openai(sae.config(), sae.state_dict()), buf)
         _, cfg = saelens.to_saelens(sae.config(), sae.state_dict(), {"hook_name": hook_point}, own)
-        return write_folder(out_dir, {openai.WEIGHTS: buf.getvalue(),
-                                      "cfg.json": json.dumps({"lit_sae": cfg["lit_sae"]}, indent=2).encode()},
+        text = dumps_json({"lit_sae": cfg["lit_sae"]}, where=f"{out_dir}/cfg.json", indent=2)
+        return write_folder(out_dir, {openai.WEIGHTS: buf.getvalue(), "cfg.json": text.encode()},
                             overwrite=overwrite)
     raise ValueError(f"format={format!r}: use one of {', '.join(FORMATS)}")
 
@@ -130,6 +133,21 @@ def provenance(ckpt: str | Path, info: dict[str, Any], manifest: Optional[str | 
         if (folder / "config.json").is_file():
             prov["model_name_resolvable"] = str(folder)
     return prov
+
+
+def final_checkpoint(trainer: Any) -> Optional[Path]:
+    """The checkpoint holding ``trainer``'s state at the end of fit: its checkpoint callback's ``last.ckpt`` when that
+    was saved at the final step (``lit_sae.callbacks.checkpoint.Checkpoint`` saves it in ``on_train_end``, before
+    ``on_fit_end``), else None (checkpointing off, or no save at the last step)."""
+    from lit_sae import compat
+
+    cb = getattr(trainer, "checkpoint_callback", None)
+    path = getattr(cb, "last_model_path", "") if cb is not None else ""
+    if not path or not Path(path).exists():
+        return None
+    if compat.last_global_step_saved(cb) != trainer.global_step:
+        return None
+    return Path(path)
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:

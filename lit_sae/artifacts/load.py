@@ -16,12 +16,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lit_sae.formats import openai, saelens, sparsify
 from lit_sae.formats.common import read_json
 from lit_sae.sae.config import MODULE_KEYS
 from lit_sae.sae.model import TopKSAE
+from lit_sae.safe_io import torch_load
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +131,6 @@ def read_checkpoint(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` (tensors, dicts, strings: what SAE files hold); a checkpoint that
-    needs more is loaded fully only if it is lit-sae's own (``.ckpt``)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exn:  # an UnpicklingError for objects outside the safe set, or not a torch file at all
-        if path.suffix == ".ckpt":
-            log.info("%s: loading with weights_only=False (%s)", path, str(exn).splitlines()[0][:120])
-            return torch.load(path, map_location="cpu", weights_only=False)
-        raise ValueError(f"{path}: not a readable torch file ({str(exn).splitlines()[0][:200]})") from None
+    """A ``torch.save`` file, tensors and plain data only (``lit_sae.safe_io.torch_load``: ``weights_only=True``;
+    an UnsafeFileError names the file and the refused object, a ValueError a file that is not a torch file)."""
+    return torch_load(path, "SAE file")

@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 
 from lit_sae.sae.config import SHARDED_KEYS
 from lit_sae.sae.model import TopKSAE
+from lit_sae.safe_io import SafeFileSystemReader, torch_load
 
 META_FILE = "meta.pt"
 """Lightning's name for the non-tensor part of a distributed checkpoint (``SAEModelParallelStrategy``)."""
@@ -47,13 +48,13 @@ def load_full(path: str | Path) -> tuple[TopKSAE, dict]:
     info = json.loads((path / MESH_FILE).read_text())
     cfg = dict(info["config"])
     sae = TopKSAE(cfg.pop("d_in"), cfg.pop("n_latents"), cfg.pop("k"), **cfg)
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    meta = SafeFileSystemReader(path).read_metadata()
     dtype = meta.state_dict_metadata["model.W_dec"].properties.dtype
     sae.to(dtype)
     state = {"model": {name: t.data for name, t in [*sae.named_parameters(), *sae.named_buffers()]}}
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=True)
     return sae, info
 
 
@@ -69,13 +70,13 @@ def read_strategy_checkpoint(path: str | Path) -> dict[str, Any]:
     for name in (META_FILE, MESH_FILE, ".metadata"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: not a sharded lit-sae checkpoint folder (no {name})")
-    ckpt = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    ckpt = torch_load(path / META_FILE, "checkpoint metadata")
+    meta = SafeFileSystemReader(path).read_metadata()
     flat = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in meta.state_dict_metadata.items()
             if isinstance(md, dcp.metadata.TensorStorageMetadata)}
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(flat, checkpoint_id=str(path), no_dist=True)
+        dcp.load(flat, storage_reader=SafeFileSystemReader(path), no_dist=True)
     ckpt["state_dict"] = {k[len("state_dict."):]: v for k, v in flat.items() if k.startswith("state_dict.")}
     groups = [g["param_groups"] for g in ckpt.get("optimizer_states", [])]
     states: list[dict] = []

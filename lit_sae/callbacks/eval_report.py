@@ -22,6 +22,7 @@ import torch
 from lit_sae.callbacks.report_common import (
     checkpoint_info,
     flat_numbers,
+    log_eval_numbers,
     manifest_of,
     report_config,
     tensorboard_of,
@@ -33,7 +34,7 @@ from lit_sae.eval.saebench import CoreMetrics, saebench_section
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalReport", "DownstreamDuringFit"]
+__all__ = ["EvalReport", "DownstreamDuringFit", "log_eval_numbers"]
 
 
 class EvalReport(L.Callback):
@@ -185,9 +186,7 @@ class EvalReport(L.Callback):
                                              f"eval/{section}"))
         if "probes" in report:
             numbers.update(flat_numbers(report["probes"], "eval/probes"))
-        for lg in trainer.loggers:
-            lg.log_metrics(numbers, step=trainer.global_step)
-            lg.save()
+        log_eval_numbers(trainer, numbers)
         tb = tensorboard_of(trainer)
         if tb is not None:
             live = self._density[self._density > 0]

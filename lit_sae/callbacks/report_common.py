@@ -70,3 +70,18 @@ def checkpoint_info(trainer) -> Optional[dict]:
     files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
     return {"path": str(p), "sha256": file_sha256(p) if p.is_file() else None,
             "files": {str(q.relative_to(p) if p.is_dir() else q.name): file_sha256(q) for q in files}}
+
+
+def log_eval_numbers(trainer, numbers: dict[str, float], title: str = "eval/numbers") -> None:
+    """Log an evaluation's one-point numbers: to TensorBoard as one text card ``title`` (a two-column table; ~150
+    one-point scalar cards would otherwise sort above the training curves and bury them), to every other logger
+    (CSV, W&B, ...) as metrics at the current step."""
+    step = trainer.global_step
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            rows = "\n".join(f"| {key} | {value:.6g} |" for key, value in sorted(numbers.items()))
+            lg.experiment.add_text(title, f"| number | value |\n|---|---|\n{rows}", step)
+            lg.experiment.flush()
+        else:
+            lg.log_metrics(numbers, step=step)
+            lg.save()

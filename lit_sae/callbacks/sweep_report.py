@@ -20,7 +20,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_sae.callbacks.report_common import checkpoint_info, flat_numbers, manifest_of, report_config, write_partial
+from lit_sae.callbacks.report_common import (
+    checkpoint_info,
+    flat_numbers,
+    log_eval_numbers,
+    manifest_of,
+    report_config,
+    write_partial,
+)
 from lit_sae.eval.metrics import L0, FeatureDensity, NormalizedMSE, RelativeMSE
 from lit_sae.eval.saebench import CoreMetrics, saebench_section
 
@@ -160,6 +167,4 @@ class SweepEvalReport(L.Callback):
             if section in report:
                 numbers.update(flat_numbers({k: v for k, v in report[section].items() if k != "latents"},
                                              f"eval/{name}/{section}"))
-        for lg in trainer.loggers:
-            lg.log_metrics(numbers, step=trainer.global_step)
-            lg.save()
+        log_eval_numbers(trainer, numbers, f"eval/{name}/numbers")

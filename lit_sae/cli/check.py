@@ -245,7 +245,7 @@ def build_parser(command: str, model: str = "module") -> Any:
                                 __name__, methods=(command,),
                                 skip={command: METHOD_SKIP[command]})
     parser = ArgumentParser(prog="lit-sae", parser_mode="omegaconf+", exit_on_error=False, env_prefix="PL",
-                            default_env=False)
+                            default_env=False, allow_abbrev=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file.")
     parser.add_argument("--seed_everything", type=Union[bool, int], default=True, help=SEED_HELP)
     parser.add_class_arguments(model_cls, "model", fail_untyped=False, sub_configs=True)
@@ -286,3 +286,17 @@ def check(argv: list[str], model: str = "module") -> None:
                 raise config_error(exn, argv[0], parser) from None
     except CannotCheck:
         return
+
+
+def suggesting_parser() -> type:
+    """jsonargparse's ArgumentParser whose errors for an unknown option add the nearest valid one (``--ou``: did you
+    mean 'out'?), as ``lit-sae fit`` does (``lit_sae.cli.messages.suggest_key``)."""
+    from jsonargparse import ArgumentParser
+
+    class SuggestingParser(ArgumentParser):
+        def error(self, message: str, ex: Optional[Exception] = None):
+            from lit_sae.cli.messages import suggest_key
+
+            return super().error(f"{message}{suggest_key(message, self)}", ex)
+
+    return SuggestingParser

@@ -26,14 +26,18 @@ def run_tools(argv: list[str]) -> Any:
     from jsonargparse import CLI, ArgumentParser, DefaultHelpFormatter
 
     if argv and argv[0] in TOOLS:
+        from lit_sae.cli.check import suggesting_parser
+
         fn = tool(argv[0])
-        return CLI(fn, args=_bare_bool_flags(argv[1:], fn), prog=f"lit-sae {argv[0]}", parser_mode="omegaconf")
+        # allow_abbrev=False: `--ou x` is an unknown key (with a did-you-mean), never silently `--out x`
+        return CLI(fn, args=_bare_bool_flags(argv[1:], fn), prog=f"lit-sae {argv[0]}", parser_mode="omegaconf",
+                   parser_class=suggesting_parser(), allow_abbrev=False)
 
     class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Keeps the command table of the description as written."""
 
     parser = ArgumentParser(prog="lit-sae", usage="lit-sae COMMAND [options]", description=description(),
-                            formatter_class=Formatter)
+                            formatter_class=Formatter, allow_abbrev=False)
     parser.add_argument("command", choices=[*TOOLS, *LIGHTNING_COMMANDS, SWEEP[0]], help=argparse.SUPPRESS)
     parser.parse_args(argv[:1])  # prints the table for --help; exit 2 naming the valid commands otherwise
     return None
@@ -114,6 +118,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             # sys.argv stays as typed: DDP re-launches it for the other ranks, which must take this branch too
             run_lightning(argv[1:], model_class=SAESweepModule)
         elif argv and argv[0] in LIGHTNING_COMMANDS:
+            from lit_sae.cli.run_folder import with_run_config
+
+            typed, argv = argv, with_run_config(argv)  # validate / test of a run: its saved config.yaml first
+            if from_console and argv != typed:
+                sys.argv[1:] = argv  # LightningCLI (and DDP's re-launch of this command) read sys.argv
             check_command_line(argv)  # a mistyped key or value fails here, before Lightning loads (~5 s)
             # From the console, LightningCLI reads sys.argv itself (passing it as well makes it warn).
             run_lightning(None if from_console else argv)

@@ -17,7 +17,7 @@ from lit_sae.cli.errors import ConfigError
 _UNKNOWN_KEY = (  # how jsonargparse 4.x names an unknown key
     r"unknown key ([\w.]+) in the config",
     r"does not accept option '([\w.]+)'",
-    r"unrecognized arguments: --([\w.]+)",
+    r"unrecognized arguments: (?:\w+ )?--([\w.]+)",  # LightningCLI names the subcommand first
     r"No action for key \"?'?([\w.]+)",
 )
 

@@ -28,6 +28,9 @@ from lit_sae import compat
 from lit_sae.callbacks.checkpoint import Checkpoint
 from lit_sae.callbacks.interrupt import SaveOnInterrupt
 from lit_sae.callbacks.progress import QuietProgressBar
+from lit_sae.callbacks.settings_check import IneffectiveSettings
+from lit_sae.callbacks.tensorboard_layout import TrainingCurvesFirst
+from lit_sae.callbacks.writable import check_outputs_writable
 from lit_sae.cli.check import add_lit_sae_arguments
 from lit_sae.cli.commands import LIGHTNING_COMMANDS
 from lit_sae.cli.messages import config_error
@@ -90,7 +93,15 @@ class SAECLI(LightningCLI):
         # file (not for "last"): a changed --model.lr or n_latents would be ignored without a word. In fit, the config
         # stays authoritative; other subcommands keep Lightning's behaviour (test a checkpoint as it was trained).
         if self.config.get("subcommand") != "fit":
-            compat.run_cli_parse_ckpt_path(self)
+            import pickle
+
+            try:
+                compat.run_cli_parse_ckpt_path(self)  # torch.load(weights_only=True) of the checkpoint
+            except pickle.UnpicklingError as exn:
+                from lit_sae.safe_io import refusal
+
+                command = self.config.get("subcommand")
+                raise refusal(self.config.get(command, {}).get("ckpt_path"), exn, "checkpoint") from None
 
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; refuse a model.d_in that differs from the data's."""
@@ -129,7 +140,9 @@ class SAECLI(LightningCLI):
         if cfg.get("enable_progress_bar") is not False and not _has(given, ProgressBar):
             extra.append(QuietProgressBar())
         if self.subcommand == "fit":
-            extra.append(SaveOnInterrupt())
+            extra += [SaveOnInterrupt(), IneffectiveSettings()]
+            if cfg.get("logger") is not False:
+                extra.append(TrainingCurvesFirst())
         cfg["callbacks"] = given + extra
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
@@ -165,12 +178,15 @@ class SAECLI(LightningCLI):
             log.info("%s starts from %s", command, path)
 
     def before_fit(self) -> None:
+        check_outputs_writable(self.trainer, self.model, "fit")  # before Lightning creates the first folder
         self._resolve_weights("fit")
 
     def before_validate(self) -> None:
+        check_outputs_writable(self.trainer, self.model, "validate")
         self._resolve_weights("validate")
 
     def before_test(self) -> None:
+        check_outputs_writable(self.trainer, self.model, "test")
         self._resolve_weights("test")
 
 
@@ -224,7 +240,9 @@ def run_lightning(args: Optional[list[str]] = None, cli_class: type[SAECLI] = SA
         subclass_mode_data=True,
         save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf+", "prog": "lit-sae"},
+        # allow_abbrev=False (jsonargparse passes it on to the subcommands' parsers): `--trainer.max_step 2` is an
+        # unknown key with a did-you-mean, never silently `--trainer.max_steps 2` (argparse's prefix matching)
+        parser_kwargs={"parser_mode": "omegaconf+", "prog": "lit-sae", "allow_abbrev": False},
         args=args,
         auto_configure_optimizers=False,
         **kwargs,

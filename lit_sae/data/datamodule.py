@@ -18,7 +18,6 @@ treats it as resumable.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from typing import Any, Optional
 
@@ -32,6 +31,7 @@ from lit_sae.data.shard_format import ShardError
 from lit_sae.data.shard_set import resolve_shards, sample_activations, verify_shards
 from lit_sae.data.stream import ActivationStream
 from lit_sae.data.transport import StreamLoader
+from lit_sae.safe_io import dumps_json
 
 __all__ = ["ActivationDataModule", "ActivationStream", "ShardRef", "read_range", "read_range_with_refs", "read_shard"]
 
@@ -300,7 +300,7 @@ class ActivationDataModule(L.LightningDataModule):
             "shuffle_buffer_tokens": self.shuffle_buffer_tokens,
             "shuffle": self.shuffle,
             "seed": self.seed,
-            "train_shards": hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16],
+            "train_shards": hashlib.sha256(dumps_json(names).encode()).hexdigest()[:16],
         }
 
     def _epoch_batches(self) -> Optional[int]:

@@ -82,7 +82,22 @@ def _norm_median(model, tokenizer, source, config: dict, device) -> float:
         raise ValueError(f"text source {config['source']!r} yields no context of {config['context_length']} tokens")
     acts = truncated_forward(model, ids.to(device), config["hook_point"]).float()
     first = first_position(config["drop_first_position"])
-    return float(acts[:, first:].norm(dim=-1).median())
+    rows = acts[:, first:].reshape(-1, acts.shape[-1])
+    # Rows the harvest will drop as non-finite (in the storage dtype) are excluded first: one NaN row makes the
+    # median NaN, and every finite row would then fail `norm <= multiple * NaN` and be dropped as an "outlier".
+    storage = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config["dtype"], torch.float32)
+    finite = torch.isfinite(rows.to(storage)).all(dim=-1)
+    if not bool(finite.all()):
+        log.warning("norm median: %d of %d rows of the first %d contexts are not finite in %s and are left out",
+                    int((~finite).sum()), len(rows), len(ids), config["dtype"])
+    median = float(rows[finite].norm(dim=-1).median()) if bool(finite.any()) else math.nan
+    if not math.isfinite(median) or median <= 0:
+        raise FloatingPointError(
+            f"norm_filter_multiple: the median activation norm of the first {len(ids)} contexts at "
+            f"{config['hook_point']} is {median} ({int(finite.sum())} of {len(rows)} rows finite in {config['dtype']}):"
+            " the model's activations overflow or vanish; use model_dtype float32 (or bfloat16), or "
+            "norm_filter_multiple: null to harvest without the norm filter")
+    return median
 
 
 def run_harvest(

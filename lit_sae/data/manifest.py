@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 from lit_sae.data.shard_format import DTYPES, FIX_HINT, FORMAT, MANIFEST_NAME, ShardError, ShardNotFoundError, is_url
-from lit_sae.fsync import fsync_dir
+from lit_sae.fsync import atomic_write
+from lit_sae.safe_io import dumps_json
 
 
 @dataclass
@@ -278,14 +279,9 @@ def write_manifest_atomic(out_dir: str, manifest: Union[Manifest, dict]) -> str:
     obj = manifest.to_json() if isinstance(manifest, Manifest) else manifest
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MANIFEST_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(dumps_json(obj, where=path, indent=1, sort_keys=False))
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(out_dir)
     return path
 
 

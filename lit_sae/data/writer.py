@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lit_sae.data.shard_format import DTYPES, MEMBERS, block_key, npy_bytes, shard_name, to_storage
-from lit_sae.fsync import fsync_dir
+from lit_sae.fsync import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class ShardWriter:
     """Buffers activation rows and writes complete shards crash-safely.
 
     Rows added with :meth:`add` are cut into blocks of ``block_tokens``; every ``tokens_per_shard`` rows a shard
-    ``{split}-{index:06d}.tar`` is written into ``{name}.tmp``, fsynced, and renamed over the final name, then
-    ``on_shard({"name", "tokens", "blocks", "sha256"})`` is called (harvest appends the info to the manifest and
+    ``{split}-{index:06d}.tar`` is written into an exclusive temporary file, fsynced, and renamed over the final name,
+    then ``on_shard({"name", "tokens", "blocks", "sha256"})`` is called (harvest appends the info to the manifest and
     rewrites it with :func:`write_manifest_atomic`). Tars are byte-deterministic (fixed mtime/owner), so a resumed
     harvest that writes the same rows writes the same bytes.
 
@@ -165,9 +165,9 @@ class ShardWriter:
         n = acts.shape[0]
         name = shard_name(self.split, self.index)
         final = os.path.join(self.out_dir, name)
-        tmp = final + ".tmp"
         n_blocks = 0
-        with open(tmp, "wb") as raw:
+        # an exclusive, unpredictable temporary name ending in .tar.tmp (a harvest's restart removes leftovers)
+        with atomic_write(final, suffix=".tar.tmp") as raw:
             hf = _HashingFile(raw)
             with tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for b, start in enumerate(range(0, n, self.block_tokens)):
@@ -181,10 +181,6 @@ class ShardWriter:
                         info.mode = 0o644
                         tar.addfile(info, io.BytesIO(data))
                     n_blocks += 1
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, final)
-        fsync_dir(self.out_dir)
         info = {"name": name, "tokens": int(n), "blocks": n_blocks, "sha256": hf.sha.hexdigest()}
         log.debug("wrote shard %s (%d tokens, %d blocks)", final, n, n_blocks)
         self.written.append(info)

@@ -9,7 +9,6 @@ whole file), so they use documents the harvest never reached when the source has
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,6 +23,8 @@ from torch import Tensor, nn
 from lit_sae.eval.ablation import ablation_sparsity
 from lit_sae.eval.downstream import downstream_loss, mean_activation
 from lit_sae.eval.probes import probe_dataset, probe_loss
+from lit_sae.fsync import atomic_write
+from lit_sae.safe_io import dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -297,11 +298,8 @@ def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "report.json", out / "report.md"
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False))
-    os.replace(tmp, js)
-    tmp_md = md.with_suffix(".md.tmp")
-    tmp_md.write_text(render_markdown(report))
-    os.replace(tmp_md, md)
+    for path, text in ((js, dumps_json(_jsonable(report), nonfinite="null", indent=2)), (md, render_markdown(report))):
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(text)
     log.info("evaluation report written to %s and %s", js, md)
     return js, md

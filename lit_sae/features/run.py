@@ -229,6 +229,9 @@ def features(
     s = settings_from_manifest(man, where)
     out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
     check_out_dir(out)  # before any work: a folder that is not an earlier browser is never replaced
+    from lit_sae.fsync import check_writable
+
+    check_writable(out.parent, "--out_dir")  # the browser is written beside it, then renamed: before any work too
     L = sae.n_latents
     mem = memory_estimate(L)
     log.info("estimated memory for %d latents: %.1f MB (%s), plus the LM and, for N2G, k x 12 bytes per token of "
@@ -299,7 +302,7 @@ def features(
             "report": _latest_report(run_root(ckpt_path)),
             "explainability": summarize(result) if result else None,
             "window": list(stats.window)}
-    page = write_browser(out, records, contexts, _vocab(tokenizer, used), stats, meta)
+    page = write_browser(out, records, contexts, _vocab(tokenizer, used), stats, meta, tokenizer=tokenizer)
     log.info("feature browser for %d latents (%d dead) on %d tokens written in %.1f s: %s", L,
              int((stats.count == 0).sum()), stats.n_tokens, time.perf_counter() - t0, page)
     return page
@@ -309,5 +312,5 @@ def cli_main(args: Optional[list[str]] = None) -> None:
     """``lit-sae features --ckpt_path PATH [--manifest ...]``: the arguments of :func:`features`."""
     from jsonargparse import CLI
 
-    page = CLI(features, args=args, as_positional=False, prog="lit-sae features")
+    page = CLI(features, args=args, as_positional=False, prog="lit-sae features", allow_abbrev=False)
     print(page)

@@ -7,18 +7,19 @@ is renamed into place at the end, so an interrupted write never leaves a folder 
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import os
 import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
+from lit_sae.data.detok import decode_runs, token_pieces
 from lit_sae.features.collect import FeatureStats
+from lit_sae.safe_io import dumps_json
 
 __all__ = ["FORMAT", "CHUNK", "latent_records", "write_browser"]
 
@@ -107,22 +108,41 @@ def _token_ids(records: list[dict], contexts: list[list[int]]) -> set[int]:
     return ids
 
 
-def _top_tokens(rec: dict, contexts: list[list[int]], vocab: dict[int, str], n: int = 3) -> list[str]:
-    """The most frequent tokens at the max of the latent's top contexts (for the index and its search)."""
+def _top_tokens(rec: dict, contexts: list[list[int]], vocab: dict[int, str], pieces: list[dict[int, str]],
+                n: int = 3) -> list[str]:
+    """The most frequent tokens at the max of the latent's top contexts (for the index and its search), as the
+    context's decoding shows them (``pieces``), else the token's own text."""
     seen: dict[str, int] = {}
     for c in rec["top"]:
-        tok = vocab.get(contexts[c["ctx"]][c["pos"]], "")
+        tok = _shown(c["ctx"], c["pos"], contexts, vocab, pieces)
         seen[tok] = seen.get(tok, 0) + 1
     return [t for t, _ in sorted(seen.items(), key=lambda kv: -kv[1])[:n]]
 
 
-def _explanation_text(rec: dict, vocab: dict[int, str]) -> str:
+def _shown(ctx: int, pos: int, contexts: list[list[int]], vocab: dict[int, str], pieces: list[dict[int, str]]) -> str:
+    """Token ``pos`` of context ``ctx`` as the context's decoding shows it; a token that only starts a character
+    shows the character (the first non-empty piece after it)."""
+    row = contexts[ctx]
+    if not pieces:
+        return vocab.get(row[pos], "")
+    for j in range(pos, len(row)):
+        text = pieces[ctx].get(j, vocab.get(row[j], ""))
+        if text:
+            return text
+    return ""
+
+
+def _explanation_text(rec: dict, vocab: dict[int, str], decode: Optional[Callable] = None) -> str:
+    """The top N2G patterns, each run of consecutive tokens decoded together when ``decode`` is given."""
     pats = rec.get("explanation", {}).get("patterns", [])
-    return " | ".join(" ".join("*" if t is None else json.dumps(vocab.get(t, "?"), ensure_ascii=False)
-                                for t in p["tokens"]) for p in pats[:3])
+    if decode is None:
+        runs = [[None if t is None else vocab.get(t, "?") for t in p["tokens"]] for p in pats[:3]]
+    else:
+        runs = [decode_runs(decode, p["tokens"]) for p in pats[:3]]
+    return " | ".join(" ".join("*" if s is None else dumps_json(s, ensure_ascii=False) for s in r) for r in runs)
 
 
-def _summary(records: list[dict], contexts, vocab, stats: FeatureStats, meta: dict) -> dict:
+def _summary(records: list[dict], contexts, vocab, stats: FeatureStats, meta: dict, pieces, decode) -> dict:
     live = stats.density[stats.count > 0]
     edges = torch.linspace(-8, 0, 33) if live.numel() == 0 else torch.linspace(
         math.floor(float(live.log10().min())), 0, 33)
@@ -139,14 +159,14 @@ def _summary(records: list[dict], contexts, vocab, stats: FeatureStats, meta: di
             "precision": [r.get("explanation", {}).get("precision") for r in records],
             "recall": [r.get("explanation", {}).get("recall") for r in records],
             "status": [r.get("explanation", {}).get("status") for r in records],
-            "explanation": [_explanation_text(r, vocab) for r in records],
-            "top_tokens": [_top_tokens(r, contexts, vocab) for r in records],
+            "explanation": [_explanation_text(r, vocab, decode) for r in records],
+            "top_tokens": [_top_tokens(r, contexts, vocab, pieces) for r in records],
         },
     }
 
 
 def _dump(path: Path, obj: Any, js_var: str | None = None, js_dir: Path | None = None, gz: bool = True) -> None:
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = dumps_json(obj, where=str(path), ensure_ascii=False, separators=(",", ":"))
     if gz:
         with gzip.open(path.with_name(path.name + ".gz"), "wt", encoding="utf-8", compresslevel=6) as f:
             f.write(text)
@@ -172,7 +192,7 @@ def check_out_dir(out: Path) -> None:
 
 
 def write_browser(out_dir: str | os.PathLike, records: list[dict], contexts: list[list[int]], vocab: dict[int, str],
-                  stats: FeatureStats, meta: dict) -> Path:
+                  stats: FeatureStats, meta: dict, tokenizer: Any = None) -> Path:
     """Write the browser folder ``out_dir`` and return the path of its index.html.
 
     An earlier feature browser in ``out_dir`` is replaced; any other non-empty folder there is never touched
@@ -181,7 +201,10 @@ def write_browser(out_dir: str | os.PathLike, records: list[dict], contexts: lis
 
     ``records``: :func:`latent_records`; ``contexts``: token ids of every context the records refer to (by index);
     ``vocab``: token id -> text for the ids used; ``meta``: JSON-able facts about the SAE and the run (``sae``,
-    ``source``, ``report``, ``explainability``)."""
+    ``source``, ``report``, ``explainability``); ``tokenizer``: the LM's tokenizer (or a ``list[int] -> str``
+    decode function): each context is then shown as the tokenizer decodes it, cut at its tokens
+    (``lit_sae.data.detok.token_pieces``: a character split over byte-level tokens shows whole, on the token that
+    finishes it), stored in ``pieces.json`` as ``{position: text}`` where that differs from the token's own text."""
     out = Path(out_dir)
     check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,14 +215,20 @@ def write_browser(out_dir: str | os.PathLike, records: list[dict], contexts: lis
         js.mkdir()
         used = _token_ids(records, contexts)
         vocab_used = {str(t): vocab.get(t, f"<{t}>") for t in sorted(used)}
-        summary = _summary(records, contexts, {int(k): v for k, v in vocab_used.items()}, stats, meta)
+        ids_text = {int(k): v for k, v in vocab_used.items()}
+        pieces = [] if tokenizer is None else [
+            {j: p for j, (t, p) in enumerate(zip(row, token_pieces(tokenizer, row))) if p != ids_text.get(t)}
+            for row in contexts]
+        summary = _summary(records, contexts, ids_text, stats, meta, pieces, tokenizer)
         _dump(data / "summary.json", summary, "summary", js, gz=False)
         _dump(data / "vocab.json", vocab_used, "vocab", js)
         _dump(data / "contexts.json", contexts, "contexts", js)
+        _dump(data / "pieces.json", [{str(j): p for j, p in row.items()} for row in pieces], "pieces", js)
         for s in range(0, len(records), CHUNK):
             name = f"{s // CHUNK:05d}"
             _dump(data / "latents" / f"{name}.json", records[s:s + CHUNK], None)
-            text = json.dumps(records[s:s + CHUNK], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            text = dumps_json(records[s:s + CHUNK], where=f"latents-{name}.js", ensure_ascii=False,
+                              separators=(",", ":"))
             (js / f"latents-{name}.js").write_text(
                 f"LITSAE.chunk({s // CHUNK},{text.replace('</', '<' + chr(92) + '/')});\n", encoding="utf-8")
         page = resources.files("lit_sae.features").joinpath("static", "index.html").read_text(encoding="utf-8")

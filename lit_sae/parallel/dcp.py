@@ -33,7 +33,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from lit_sae.artifacts.export import export_sharded as export_sharded
 from lit_sae.artifacts.sharded import load_full as load_full
 from lit_sae.artifacts.sharded import read_strategy_checkpoint as read_strategy_checkpoint
+from lit_sae.fsync import fsync_dir, temp_dir_beside
 from lit_sae.parallel.layout import CONFIG_KEYS, MESH_FILE, SHARDED_PARAMS, as_dtensor
+from lit_sae.safe_io import SafeFileSystemReader, dumps_json
 
 
 def _state(sae, optimizer: torch.optim.Optimizer, dead_counts: Optional[Tensor], mesh: DeviceMesh) -> dict:
@@ -70,16 +72,16 @@ def save_sharded(path: str | Path, sae, optimizer: torch.optim.Optimizer, mesh: 
     values saved by rank 0 in mesh.json (e.g. the step). An existing ``path`` is replaced only once the new one is
     complete."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-save")
-    if dist.get_rank() == 0 and tmp.exists():
-        shutil.rmtree(tmp)
-    dist.barrier()
+    made = [str(temp_dir_beside(path, "tmp-")) if dist.get_rank() == 0 else None]  # exclusive, unpredictable
+    dist.broadcast_object_list(made, src=0)
+    tmp = Path(made[0])
     dcp.save(_state(sae, optimizer, dead_counts, mesh), checkpoint_id=str(tmp))
     if dist.get_rank() == 0:
-        (tmp / MESH_FILE).write_text(json.dumps(_mesh_info(sae, mesh) | {"extra": extra or {}}, indent=2))
+        (tmp / MESH_FILE).write_text(dumps_json(_mesh_info(sae, mesh) | {"extra": extra or {}}, indent=2))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     dist.barrier()
     return path
 
@@ -105,7 +107,7 @@ def load_sharded(path: str | Path, sae, optimizer: torch.optim.Optimizer, mesh: 
         raise ValueError(f"{path} was written on another mesh or model ({'; '.join(diff)}): resume with the "
                          "strategy's data_parallel_size / tensor_parallel_size and model settings that wrote it")
     state = _state(sae, optimizer, dead_counts, mesh)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=SafeFileSystemReader(path))
     with torch.no_grad():  # DCP loads into the DTensors' local tensors; make sure the live tensors hold the values
         for name, p in sae.named_parameters():
             local = state["model"][name].to_local()

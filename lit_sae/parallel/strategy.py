@@ -33,8 +33,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lit_sae.fsync import fsync_dir, temp_dir_beside
 from lit_sae.parallel.layout import MESH_FILE, META_FILE, as_dtensor, latent_sharded_keys
 from lit_sae.parallel.tensor import check_mesh
+from lit_sae.safe_io import SafeFileSystemReader, dumps_json, torch_load
 
 
 class SAEModelParallelStrategy(ModelParallelStrategy):
@@ -127,10 +129,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
         path = Path(self.broadcast(str(filepath)))
-        tmp = path.with_name(f".{path.name}.tmp")
-        if self.is_global_zero and tmp.exists():
-            shutil.rmtree(tmp)
-        self.barrier()
+        tmp = Path(self.broadcast(str(temp_dir_beside(path, "tmp-")) if self.is_global_zero else None))
         optim_states = checkpoint.pop("optimizer_states", [])
         state = self._dcp_state(checkpoint.pop("state_dict"), optim_states)
         dcp.save(state, checkpoint_id=str(tmp))
@@ -139,14 +138,17 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
             checkpoint["optimizer_states"] = [{"param_groups": s["param_groups"]} for s in optim_states]
             torch.save(checkpoint, tmp / META_FILE)
             dp, tp, _ = self._sizes()
-            (tmp / MESH_FILE).write_text(json.dumps({"data_parallel_size": dp, "tensor_parallel_size": tp}))
-            old = path.with_name(f".{path.name}.old")
+            (tmp / MESH_FILE).write_text(dumps_json({"data_parallel_size": dp, "tensor_parallel_size": tp}))
+            old = None
             if path.is_file():
                 path.unlink()
             elif path.exists():
-                os.replace(path, old)
+                old = temp_dir_beside(path, "old-")
+                os.replace(path, old / path.name)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            fsync_dir(path.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         self.barrier()
 
     def remove_checkpoint(self, filepath) -> None:
@@ -170,7 +172,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
         if diff:
             raise ValueError(f"{path} was written on another mesh ({'; '.join(diff)}): resume on the mesh that "
                              "wrote it (or export it with `lit-sae export` and start a new run with --model.init_from)")
-        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+        meta = torch_load(path / META_FILE, "checkpoint metadata")
         _check_model(path, meta, self.lightning_module)
         module = self.lightning_module
         optim_states = []
@@ -183,7 +185,7 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
                                            enumerate(p for group in opt.param_groups for p in group["params"])}})
         live = module.state_dict(keep_vars=True)
         state = self._dcp_state({k: v.data for k, v in live.items()}, optim_states)
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=SafeFileSystemReader(path))
         with torch.no_grad():  # DCP writes into the DTensors' local tensors, which share storage with the live ones
             for key, value in state["state_dict"].items():
                 local = value.to_local() if hasattr(value, "to_local") else value

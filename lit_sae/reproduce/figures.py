@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from lit_sae.fsync import atomic_write
 
 __all__ = ["FIGURES", "write_figures"]
 
@@ -15,10 +16,9 @@ ARCH_STYLE = {"topk": "o-", "batchtopk": "s-", "relu": "^-", "jumprelu": "v-"}
 
 def _save(fig, folder: Path, name: str) -> Path:
     path = folder / f"{name}.png"
-    tmp = folder / f".{name}.png.tmp"
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
     return path
 
 

@@ -3,7 +3,6 @@ of Gao et al. (2024) and write ``reproduce.json`` (every number), ``reproduce.md
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -13,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lit_sae.fsync import atomic_write
+from lit_sae.safe_io import dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def reproduce(harvest: str, out: str, quick: bool = False, seed: int = 0, device
     r["timing"] = timing
     r["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": device,
                     "cpu_count": os.cpu_count()}
-    _write(root / "reproduce.json", json.dumps(_jsonable(r), indent=2))
+    _write(root / "reproduce.json", dumps_json(_jsonable(r), nonfinite="null", indent=2))
     md = root / "reproduce.md"
     _write(md, render_markdown(r))
     log.info("reproduction written to %s (%.0f s)", md, timing["total_s"])
@@ -191,6 +193,5 @@ def _jsonable(x):
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)

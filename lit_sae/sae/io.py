@@ -7,12 +7,13 @@ details (field names, folding, supported architectures) live in ``lit_sae.format
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+from lit_sae.safe_io import dumps_json
 
 # The SAE class: ``lit_sae.sae.model.TopKSAE`` (or a subclass), which calls these functions; this module sits
 # below it and names it only through the type variable (the model imports io, never the reverse).
@@ -38,7 +39,7 @@ def save_pretrained(sae: nn.Module, path: str | Path, metadata: Optional[dict[st
     from lit_sae.formats.common import write_folder
 
     tensors, cfg = saelens.to_saelens(sae.config(), sae.state_dict(), metadata, lit_sae)
-    return write_folder(path, {saelens.CONFIG: json.dumps(cfg, indent=2).encode(),
+    return write_folder(path, {saelens.CONFIG: dumps_json(cfg, where=f"{path}/{saelens.CONFIG}", indent=2).encode(),
                                saelens.WEIGHTS: save(tensors)}, overwrite=overwrite)
 
 

@@ -9,7 +9,6 @@ Here the checkpoint appears under its final name only once it is complete on dis
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,13 +18,15 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_sae import compat
-from lit_sae.fsync import fsync_dir
+from lit_sae.fsync import atomic_write
+from lit_sae.safe_io import torch_load
 
 log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves are atomic: ``.{name}.{pid}.tmp`` + fsync + ``os.replace``.
+    """``TorchCheckpointIO`` whose local saves are atomic: ``.{name}.XXXXXXXX.tmp`` (``lit_sae.fsync.atomic_write``) +
+    fsync + ``os.replace``.
 
     The temporary name does not end in ``.ckpt``, so Lightning's ``ckpt_path="last"`` search never selects it.
     Remote paths (``s3://`` ...) fall back to Lightning's own writer.
@@ -37,18 +38,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)  # make the rename itself durable
+        with atomic_write(path) as f:  # an exclusive, unpredictable temporary name; fsync; rename; fsync the folder
+            torch.save(checkpoint, f)
         log.debug("saved checkpoint %s", path)
+
+
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load a local checkpoint with tensors and plain data only (``lit_sae.safe_io.torch_load``, whatever
+        ``weights_only`` says: lit-sae never unpickles code); a file holding anything else is refused, naming it."""
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return torch_load(path, "checkpoint", map_location=map_location)
 
 
 def _is_local(path: _PATH) -> bool:

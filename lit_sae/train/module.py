@@ -345,15 +345,25 @@ class SAEModule(ResumeChecks, L.LightningModule):
 
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
-        """Export the trained SAE (EMA weights when on) in SAELens's layout."""
+        """Export the trained SAE (EMA weights when on) in SAELens's layout: from the final checkpoint by the
+        function ``lit-sae export`` runs (the same files and provenance: checkpoint and manifest sha256, context
+        size, BOS, dataset) when ``last.ckpt`` was written at the last step; from the weights in memory otherwise."""
         if self.hparams.export_dir == "none":
             return
         out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))
         if is_sharded(self):  # every rank takes part in gathering the shards
             return export_at_fit_end(self, out)
+        from lit_sae.artifacts.export import export, export_sae, final_checkpoint
+
+        ckpt = final_checkpoint(self.trainer)
+        if ckpt is not None:
+            if self.trainer.is_global_zero:
+                export(str(ckpt), str(out), overwrite=True)
+                log.info("exported the SAE of %s to %s", ckpt, out)
+            self.trainer.strategy.barrier()
+            return
         if not self.trainer.is_global_zero:
             return
-        from lit_sae.artifacts.export import export_sae
 
         with ExitStack() as stack:
             if self.ema is not None:

@@ -3,10 +3,12 @@ delta CE, probe loss, ablation sparsity and explainability), written as ``sweep_
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
+
+from lit_sae.fsync import atomic_write
+from lit_sae.safe_io import dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,8 @@ def write_test_table(root: Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         lines.append("| " + " | ".join("-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in cols)
                      + " |")
-    for path, text in ((root / "sweep_test.json", json.dumps(rows, indent=2)),
+    for path, text in ((root / "sweep_test.json", dumps_json(rows, nonfinite="null", indent=2)),
                        (root / "sweep_test.md", "\n".join(lines) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(text)
     log.info("sweep test table written to %s", root / "sweep_test.md")

@@ -265,7 +265,8 @@ def test_crash_then_resume_equals_uninterrupted(tiny_gpt2, corpus, tmp_path, mon
 
 
 def test_crash_inside_shard_write_leaves_no_final_name(tiny_gpt2, corpus, tmp_path, monkeypatch, reference):
-    """A crash while a tar is being written leaves only its .tmp file; the final name never appears half-written."""
+    """An error while a tar is being written removes its temporary file (a kill -9 leaves it, and the next run removes
+    it); the final name never appears half-written."""
     from lit_sae.data import writer
 
     out = tmp_path / "w"
@@ -281,7 +282,7 @@ def test_crash_inside_shard_write_leaves_no_final_name(tiny_gpt2, corpus, tmp_pa
     monkeypatch.setattr(writer, "npy_bytes", failing)
     with pytest.raises(OSError, match="injected"):
         run_harvest(**_args(tiny_gpt2, corpus, out, norm_filter_multiple=1.1))
-    assert (out / "train-000002.tar.tmp").exists() and not (out / "train-000002.tar").exists()
+    assert not list(out.glob("*.tmp")) and not (out / "train-000002.tar").exists()
     assert [sh["name"] for sh in read_manifest(str(out))["splits"]["train"]["shards"]] == [
         "train-000000.tar", "train-000001.tar"]
     monkeypatch.setattr(writer, "npy_bytes", real)

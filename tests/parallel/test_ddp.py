@@ -80,7 +80,7 @@ def _losses(root: Path) -> dict[int, float]:
 
 
 def _state(root: Path) -> dict:
-    ck = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ck["global_step"] == STEPS
     state = dict(ck["state_dict"])
     state["dead_counts"] = ck["state_dict"]["tokens_since_fired"]  # a module buffer (also compared as such)

@@ -83,7 +83,7 @@ def _state(root: Path) -> dict:
         ck = read_strategy_checkpoint(path)
         adam = ck["optimizer_states"][0]["state"]
     else:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
         names = ["sae." + n for n, _ in _unsharded_names()]
         adam = {names[i]: s for i, s in ck["optimizer_states"][0]["state"].items()}
     assert ck["global_step"] == STEPS

@@ -205,7 +205,7 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
 
 
 def ckpt_step(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
 def cli(args: list[str]) -> tuple[int, str]:
@@ -241,7 +241,7 @@ def checkpoints_sound(run: Path, allow: bool = False) -> bool:
     if not allow:
         return not found
     for p in found:
-        state = torch.load(p, map_location="cpu", weights_only=False)
+        state = torch.load(p, map_location="cpu", weights_only=True)
         if not all(bool(torch.isfinite(t).all()) for t in state["state_dict"].values() if t.is_floating_point()):
             return False
     return True
@@ -284,8 +284,8 @@ def resume_after_kill(tmp: Path, kill_after_steps: int = 14, model: str = "") ->
         return Result(False, f"resumed run did steps {steps[:3]}...{steps[-2:]}, expected {resumed_from + 1}..")
     same_data = all(after[s][1] == ref[s][1] for s in steps) and all(before[s][1] == ref[s][1] for s in before)
     diff = max(abs(after[s][0] - ref[s][0]) for s in steps)
-    final_a = torch.load(tmp / "full" / "checkpoints" / "last.ckpt", weights_only=False)
-    final_b = torch.load(last, weights_only=False)
+    final_a = torch.load(tmp / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    final_b = torch.load(last, weights_only=True)
     w_diff = max(float((final_a["state_dict"][k].float() - final_b["state_dict"][k].float()).abs().max())
                  for k in final_a["state_dict"])
     dead_same = torch.equal(final_a["state_dict"]["tokens_since_fired"], final_b["state_dict"]["tokens_since_fired"])
@@ -451,7 +451,7 @@ def _divergence(tmp: Path, how: str) -> Result:
     except FloatingPointError as exn:
         message = str(exn)
     files = sorted(p.name for p in (tmp / "ck").iterdir())
-    state = torch.load(tmp / "ck" / "last.ckpt", weights_only=False)
+    state = torch.load(tmp / "ck" / "last.ckpt", weights_only=True)
     finite = all(bool(torch.isfinite(t).all()) for t in state["state_dict"].values() if t.is_floating_point())
     clear = ("lower" in message and "lr" in message) and ("last" in message)
     last_good = at - CKPT_EVERY if how == "nan" else 2 * CKPT_EVERY  # nan: the save at `at` itself is refused
@@ -629,7 +629,7 @@ def changed_lr_on_resume(tmp: Path) -> Result:
     cfg2 = write_config(tmp / "cfg2.yaml", shards, tmp / "run", trainer="max_steps: 8",
                         model="warmup_steps: 0\ndecay_start: null\nlr: 0.0005")
     code, err = cli(["fit", "--config", str(cfg2), "--ckpt_path", "last"])
-    state = torch.load(tmp / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(tmp / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     lr = state["optimizer_states"][0]["param_groups"][0]["lr"]
     return Result(code == 0 and abs(lr - 5e-4) < 1e-12, f"exit {code}; optimizer lr after resume: {lr}")
 
