@@ -33,11 +33,10 @@ def _run_steps(trainer) -> Optional[int]:
 
 
 def _tokens_per_step(trainer) -> Optional[int]:
-    """The global batch in tokens: the DataModule's per-process batch x the data-parallel ranks."""
-    from lit_sae.parallel.data import data_parallel_size
-
-    per = getattr(trainer.datamodule, "batch_size_tokens", None) if trainer.datamodule is not None else None
-    return int(per) * data_parallel_size(trainer) if per else None
+    """The global batch in tokens: ``data.batch_size_tokens`` is the global batch (each data-parallel rank holds
+    its 1/W of it)."""
+    batch = getattr(trainer.datamodule, "batch_size_tokens", None) if trainer.datamodule is not None else None
+    return int(batch) if batch else None
 
 
 def _first_validation(trainer) -> Optional[int]:
