@@ -33,6 +33,7 @@ import torch
 
 import lit_sae
 from lit_sae.data.contexts import SPLITS, first_position, iter_contexts, split_of
+from lit_sae.data.filters import keep_masks, norm_threshold
 from lit_sae.data.harvest_state import (
     HarvestConfigError,
     SplitProgress,
@@ -49,7 +50,8 @@ from lit_sae.data.overlap import BackgroundWorker, Prefetch
 from lit_sae.data.text import ContentHash, open_source
 from lit_sae.data.writer import ShardWriter
 
-__all__ = ["run_harvest", "HarvestConfigError", "iter_contexts", "split_of"]
+__all__ = ["run_harvest", "HarvestConfigError", "forward_hooks", "iter_contexts", "norm_medians", "split_batches",
+           "split_of"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 _NOT_IN_CONFIG = ("out_dir", "device", "overwrite", "progress")
 
 
-def _batches(contexts: Iterator[tuple[int, list]], split: str, batch_size: int, seed: int, val_fraction: float,
+def split_batches(contexts: Iterator[tuple[int, list]], split: str, batch_size: int, seed: int, val_fraction: float,
              test_fraction: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Group the contexts of one split into batches: (context ids (B,) int64, token ids (B, T) int64)."""
     ctx, ids = [], []
@@ -214,8 +216,7 @@ def run_harvest(
                 write_manifest_atomic(str(folders[h]), manifests[h])
         else:
             log.info("resuming the harvest in %s after its last complete shard", out)
-        thresholds = {h: norm_filter_multiple * manifests[h].exclusions.norm_median
-                      if norm_filter_multiple is not None else math.inf for h in hooks}
+        thresholds = {h: norm_threshold(norm_filter_multiple, manifests[h].exclusions.norm_median) for h in hooks}
         sinks = [_Sink(h, folders[h], manifests[h], thresholds[h]) for h in hooks]
 
         bar = tqdm(total=n_contexts * kept_per_context, unit="tok", unit_scale=True, dynamic_ncols=True,
@@ -294,7 +295,7 @@ def _harvest_split(split, sinks: list[_Sink], lm, tokenizer, text, config, n_con
     content_hash = ContentHash()
     contexts = iter_contexts(tokenizer, text.documents(), L, n_contexts, config["max_contexts_per_document"],
                              content_hash)
-    batches = _batches(contexts, split, config["batch_size"], config["seed"], config["val_fraction"],
+    batches = split_batches(contexts, split, config["batch_size"], config["seed"], config["val_fraction"],
                        config["test_fraction"])
     if prog.done:  # finished before the interruption (the bar advances by the contexts it kept)
         bar.update(prog.contexts * kept_per_context)
@@ -323,8 +324,7 @@ def _harvest_split(split, sinks: list[_Sink], lm, tokenizer, text, config, n_con
         n_pos = len(ctx) * kept_per_context
         keys = (ctx[:, None] * L + positions[None, :]).reshape(-1)
         fresh = keys > prog.last_key  # rows of the batch straddling the resume point that are already stored
-        finite = np.logical_and.reduce([torch.isfinite(acts[s.hook].to(storage)).all(dim=1).numpy() for s in sinks])
-        small = np.logical_and.reduce([(acts[s.hook].norm(dim=1) <= s.threshold).numpy() for s in sinks])
+        finite, small = keep_masks(acts, {s.hook: s.threshold for s in sinks}, storage)
         keep = fresh & finite & small
         drop_nonfinite_keys = keys[fresh & ~finite]
         drop_norm_keys = keys[fresh & finite & ~small]
@@ -376,3 +376,10 @@ def _harvest_split(split, sinks: list[_Sink], lm, tokenizer, text, config, n_con
         _check_source_hash(sink.manifest, content_hash)
         refresh_totals(sink.manifest)
         write_manifest_atomic(str(sink.folder), sink.manifest)
+
+
+#: Public name of the median estimate (scripts/bench_harvest.py times it under its private name, which
+#: run_harvest looks up at call time).
+def norm_medians(model, tokenizer, source, config: dict, device, hooks: list[str]) -> dict[str, float]:
+    """Median activation norm per hook over the first ``batch_size`` contexts (see :func:`run_harvest`)."""
+    return _norm_median(model, tokenizer, source, config, device, hooks)
