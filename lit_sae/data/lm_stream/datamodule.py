@@ -72,6 +72,9 @@ class LMStreamDataModule(L.LightningDataModule):
         val_tokens, test_tokens: evaluate on the first this many rows of the split (None: all; 0: skip).
         hook_points, target_hook_point: several hook points from one forward; see ActivationDataModule.
         device: where the LM runs ("cpu", "cuda", "cuda:1"; "auto": the trainer's device).
+        chat: ``source`` is JSONL of conversations (``{"messages": [{"role", "content"}, ...]}`` per line) rendered
+            by the tokenizer's chat template; rows of its special tokens are dropped like position 0
+            (:mod:`lit_sae.data.chat`). A malformed line fails at once naming file:line.
 
     Raises ValueError (one line naming the key) for an unknown hook point, a text source too small for
     ``total_tokens``, bad settings; the model check gives harvest's one-line error for a model missing offline.
@@ -87,7 +90,7 @@ class LMStreamDataModule(L.LightningDataModule):
                  norm_filter_multiple: Optional[float] = 5.0, val_fraction: float = 0.05, test_fraction: float = 0.05,
                  seed: int = 0, batch_size_tokens: int = 4096, shuffle_buffer_tokens: int = 65536,
                  num_workers: int = 0, val_tokens: Optional[int] = None, test_tokens: Optional[int] = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", chat: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if batch_size_tokens <= 0:
@@ -122,12 +125,18 @@ class LMStreamDataModule(L.LightningDataModule):
                                 hf_split=hf_split, hf_config=hf_config, hf_streaming=hf_streaming)
         self.lm, self.tokenizer = load_lm(model, gguf_file=gguf_file, dtype=model_dtype,
                                           device="cpu" if device == "auto" else device)
+        self.chat, self.drop_token_ids = bool(chat), None
+        if chat:
+            from lit_sae.data.chat import chat_source, special_token_ids
+
+            self.text = chat_source(source, self.tokenizer, shuffle_seed=seed if shuffle_documents else None)
+            self.drop_token_ids = special_token_ids(self.tokenizer)
         for h in self.hooks:
             try:
                 resolve_site(self.lm, h)
             except ValueError as exn:
                 raise ValueError(f"data.hook_point{'s' if hook_points else ''}: {exn}") from None
-        if not self.text.kind == "hf":
+        if self.text.kind != "hf":
             self._check_source_size()
         with torch.inference_mode():
             probe = next(iter(lm_batches(self.tokenizer, self.text, self.config, "train")))[1][:1]
@@ -188,7 +197,7 @@ class LMStreamDataModule(L.LightningDataModule):
                         batch_size_tokens=self.batch_size_tokens, shuffle_buffer_tokens=self.shuffle_buffer_tokens,
                         seed=self.seed, rank=r if rank is None else rank,
                         world_size=w if world_size is None else world_size, target=self.target_hook_point,
-                        max_tokens=max_tokens)
+                        max_tokens=max_tokens, drop_token_ids=self.drop_token_ids)
 
     def _loader(self, ds: LMStream, train: bool = False):
         return LMStreamLoader(ds, on_iter=self._begin_train_epoch if train else None, state=self if train else None,
@@ -238,7 +247,7 @@ class LMStreamDataModule(L.LightningDataModule):
     def _layout(self) -> dict:
         _, world = self._world()
         return {"world_size": world, "batch_size_tokens": self.batch_size_tokens,
-                "shuffle_buffer_tokens": self.shuffle_buffer_tokens, "hooks": self.hooks,
+                "shuffle_buffer_tokens": self.shuffle_buffer_tokens, "hooks": self.hooks, "chat": self.chat,
                 "config": {k: v for k, v in self.config.items() if k not in ("hf_streaming",)}}
 
     def state_dict(self) -> dict:
@@ -270,7 +279,8 @@ class LMStreamDataModule(L.LightningDataModule):
         hook = hook_point or self.hook_point
         thresholds = {h: norm_threshold(self.config["norm_filter_multiple"], self.medians[h]) for h in self.hooks}
         out, have = [], 0
-        for rows in lm_rows(self.lm, self.tokenizer, self.text, self.config, self.hooks, thresholds, "train"):
+        for rows in lm_rows(self.lm, self.tokenizer, self.text, self.config, self.hooks, thresholds, "train",
+                            drop_token_ids=self.drop_token_ids):
             out.append(from_storage(rows.acts[hook][: n_tokens - have].copy(), self.config["dtype"]).float())
             have += out[-1].shape[0]
             if have >= n_tokens:

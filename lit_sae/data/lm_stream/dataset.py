@@ -33,17 +33,20 @@ class LMStream(IterableDataset):
         split: "train" (mixed, partial tail dropped, positions attached) or "val"/"test" (in order, every row).
         batch_size_tokens, shuffle_buffer_tokens, seed: see :mod:`lit_sae.data.lm_stream.mixing`.
         max_tokens: evaluation only: the first this many rows of the rank (None: all).
+        drop_token_ids: rows of these token ids are dropped (a chat template's special tokens).
     """
 
     def __init__(self, context: tuple, hooks: list[str], thresholds: dict[str, float], split: str, *,
                  batch_size_tokens: int, shuffle_buffer_tokens: int = 0, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, target: Optional[str] = None, max_tokens: Optional[int] = None):
+                 world_size: int = 1, target: Optional[str] = None, max_tokens: Optional[int] = None,
+                 drop_token_ids=None):
         super().__init__()
         self.lm, self.tokenizer, self.text, self.config = context
         self.hooks, self.thresholds, self.split, self.target = list(hooks), dict(thresholds), split, target
         self.batch_size_tokens, self.shuffle_buffer_tokens = int(batch_size_tokens), int(shuffle_buffer_tokens)
         self.seed, self.rank, self.world_size, self.max_tokens = int(seed), int(rank), int(world_size), max_tokens
         self.position = Position()
+        self.drop_token_ids = drop_token_ids
 
     def set_position(self, position: Position) -> None:
         """Where the next pass starts (training)."""
@@ -51,7 +54,7 @@ class LMStream(IterableDataset):
 
     def _rows(self, start: int = 0):
         return lm_rows(self.lm, self.tokenizer, self.text, self.config, self.hooks, self.thresholds, self.split,
-                       rank=self.rank, world_size=self.world_size, start=start)
+                       rank=self.rank, world_size=self.world_size, start=start, drop_token_ids=self.drop_token_ids)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
