@@ -51,6 +51,10 @@ SAE_KEYS = tuple(key for key in MODULE_KEYS if key not in ("d_in", "fast"))
 #: which the lr decays linearly to 0, the decay of an EMA of the weights used for validation, test and export, and
 #: a jumprelu SAE's threshold learning rate as a multiple of its lr.
 TRAINING_KEYS = ("lr", "warmup_steps", "decay_start", "ema_decay", "jumprelu_threshold_lr_scale")
+#: Per-SAE data settings: the hook point the SAE reads (``batch["acts@{hook_point}"]`` of a DataModule reading several
+#: hook points from one LM pass; default: the data's main hook point, ``batch["acts"]``) and its width (default: the
+#: model's ``d_in``; checked against the data's).
+DATA_KEYS = ("hook_point", "d_in")
 # Bytes per SAE parameter during training: fp32 weight, gradient and Adam's two moments.
 BYTES_PER_PARAM = 16
 # Dense (B, n_latents) fp32 temporaries alive at once in a step (pre-activations, their gradient, the code's mask).
@@ -65,7 +69,7 @@ def expand_specs(saes: Optional[list[dict[str, Any]]], grid: Optional[dict[str, 
     unknown keys, an empty grid list, duplicate names, and an architecture setting an entry or the grid gives to an
     activation it does not apply to (``lit_sae.sae.activations.APPLIES_TO``; ``defaults`` may hold settings of several
     architectures)."""
-    allowed = set(SAE_KEYS) | set(TRAINING_KEYS) | {"name"}
+    allowed = set(SAE_KEYS) | set(TRAINING_KEYS) | set(DATA_KEYS) | {"name"}
     base = [dict(s) for s in (saes or [{}])]
     for i, spec in enumerate(base):
         unknown = sorted(set(spec) - allowed)
@@ -141,9 +145,11 @@ class SAESweepModule(L.LightningModule):
 
     Args:
         d_in: width of the activations (linked from the data by the CLI).
-        saes: a list of SAEs, each a dict of TopKSAE settings (``SAE_KEYS``) plus optional ``name`` and training
+        saes: a list of SAEs, each a dict of TopKSAE settings (``SAE_KEYS``) plus optional ``name``, training
             settings (``TRAINING_KEYS``: ``lr``, ``warmup_steps``, ``decay_start``, ``ema_decay``,
-            ``jumprelu_threshold_lr_scale``, with ``SAEModule``'s meaning, each SAE its own).
+            ``jumprelu_threshold_lr_scale``, with ``SAEModule``'s meaning, each SAE its own) and data settings
+            (``DATA_KEYS``: its own ``hook_point`` among the data's ``hook_points``, and that hook's ``d_in``), so
+            one LM pass (or one multi-hook harvest) trains SAEs on several layers.
         grid: lists of values whose Cartesian product is applied to every entry of ``saes`` (e.g.
             ``{k: [16, 32], activation: [topk, batchtopk]}``).
         defaults: settings every SAE starts from (entries of ``saes`` and ``grid`` override them).
@@ -176,7 +182,7 @@ class SAESweepModule(L.LightningModule):
             check_schedule(spec.get("warmup_steps", 0), spec.get("decay_start"), key)
             check_threshold_lr_scale(spec.get("jumprelu_threshold_lr_scale"), key)
             try:
-                sae = TopKSAE(d_in, kwargs.pop("n_latents"), kwargs.pop("k"), **kwargs)
+                sae = TopKSAE(int(spec.get("d_in") or d_in), kwargs.pop("n_latents"), kwargs.pop("k"), **kwargs)
                 members[spec["name"]] = SweepMember(sae, spec.get("ema_decay"))
             except ValueError as exn:
                 raise ValueError(f"{key}{exn}") from None
@@ -193,7 +199,7 @@ class SAESweepModule(L.LightningModule):
     # ------------------------------------------------------------------ set-up
     def memory_estimate(self, batch_tokens: int) -> dict[str, int]:
         """Estimated training bytes per SAE (``estimate_bytes``)."""
-        return {s["name"]: estimate_bytes(self.hparams.d_in, s, batch_tokens) for s in self.specs}
+        return {s["name"]: estimate_bytes(int(s.get("d_in") or self.hparams.d_in), s, batch_tokens) for s in self.specs}
 
     def check_memory(self, batch_tokens: int, device: torch.device) -> None:
         """Refuse a sweep whose estimate exceeds ``memory_budget_gib`` (or the device's free memory)."""
@@ -219,21 +225,62 @@ class SAESweepModule(L.LightningModule):
             raise ValueError("trainer.gradient_clip_val with the norm algorithm would clip all SAEs of a sweep "
                              "jointly: use trainer.gradient_clip_algorithm=value or no clipping")
         dm = self.trainer.datamodule
+        self.check_hooks(dm)
         batch_tokens = int(getattr(dm, "batch_size_tokens", 0) or 4096)
         self.check_memory(batch_tokens, self.device if self.device.type != "meta" else torch.device("cpu"))
 
+    def hook_of(self, name: str) -> Optional[str]:
+        """The hook point SAE ``name`` reads (None: the data's main one, ``batch["acts"]``)."""
+        hook = next(s for s in self.specs if s["name"] == name).get("hook_point")
+        return None if hook is None or hook == self.hparams.hook_point else hook
+
+    def check_hooks(self, dm) -> None:
+        """Every entry's hook point must be read by the data, with the entry's width (ValueError naming the key)."""
+        widths = getattr(dm, "d_ins", None) or {self.hparams.hook_point: self.hparams.d_in}
+        for spec in self.specs:
+            hook = self.hook_of(spec["name"])
+            if hook is None:
+                continue
+            key = f"model.saes[{spec['name']}]"
+            if hook not in widths:
+                raise ValueError(f"{key}.hook_point: {hook!r} is not read by the data (it reads {sorted(widths)}); add "
+                                 "it to data.hook_points (one LM pass or one multi-hook harvest serves them all)")
+            d = self.members[spec["name"]].sae.d_in
+            if widths[hook] != d:
+                raise ValueError(f"{key}.d_in: {hook!r} is {widths[hook]} wide in the data, the SAE {d}; set the "
+                                 f"entry's d_in: {widths[hook]}")
+
+    def acts_of(self, batch: Any, name: str) -> Tensor:
+        """The batch's activations for SAE ``name``: ``batch["acts@{hook}"]`` for its own hook point."""
+        from lit_sae.data.multi_hook import batch_key
+
+        hook = self.hook_of(name)
+        if hook is None:
+            return batch_acts(batch)
+        if batch_key(hook) not in batch:
+            raise ValueError(f"model.saes[{name}].hook_point: the batch has no {batch_key(hook)!r}; add {hook!r} to "
+                             "data.hook_points")
+        return batch[batch_key(hook)]
+
     def on_fit_start(self) -> None:
-        """b_pre (geometric median) and input scale of every SAE from one shared sample, once (never on resume)."""
-        todo = [m.sae for m in self.members.values() if not bool(m.sae.data_initialized)]
+        """b_pre (geometric median) and input scale of every SAE from one shared sample per hook point, once (never
+        on resume)."""
+        todo = [n for n, m in self.members.items() if not bool(m.sae.data_initialized)]
         if not todo:
             return
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "sample_activations"):
             raise ValueError("data: a sweep needs a DataModule with sample_activations (ActivationDataModule, "
                              "SyntheticDataModule)")
-        sample = dm.sample_activations(self.hparams.init_tokens).float().to(self.device)
-        for sae in todo:
-            sae.init_from_data_(sample)
+        samples: dict[Optional[str], Tensor] = {}
+        for name in todo:
+            hook = self.hook_of(name)
+            if hook not in samples:
+                sample = (dm.sample_activations(self.hparams.init_tokens) if hook is None else
+                          dm.sample_activations(self.hparams.init_tokens, hook_point=hook))
+                samples[hook] = sample.float().to(self.device)
+            sae = self.members[name].sae
+            sae.init_from_data_(samples[hook])
             sae.b_pre.data.copy_(self.trainer.strategy.broadcast(sae.b_pre.data, src=0))
             sae.norm_scale.copy_(self.trainer.strategy.broadcast(sae.norm_scale, src=0))
 
@@ -274,11 +321,13 @@ class SAESweepModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The batch is read once; every SAE takes its own step on it. Returns the summed loss."""
-        x = check_acts(batch_acts(batch), self.hparams.d_in, "training batch acts")
+        xs = {name: check_acts(self.acts_of(batch, name), m.sae.d_in, f"training batch acts of {name}")
+              for name, m in self.members.items()}
+        x = next(iter(xs.values()))
         total = x.new_zeros((), dtype=torch.float32)
         metrics = {}
         for name, member in self.members.items():
-            out = member.sae(x, self.dead_latent_mask(name))
+            out = member.sae(xs[name], self.dead_latent_mask(name))
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(f"SAE {name!r}: non-finite training loss {out.loss.item()} at step "
                                          f"{self.global_step}: lower its lr (model.saes) and resume")
@@ -318,12 +367,14 @@ class SAESweepModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: Any, metrics: nn.ModuleDict, prefix: str) -> dict[str, Any]:
-        x = check_acts(batch_acts(batch), self.hparams.d_in, f"{prefix} batch acts").float()
         outs = {}
+        x = None
         for name, member in self.members.items():
-            out = outs[name] = member.sae(x)
+            xi = check_acts(self.acts_of(batch, name), member.sae.d_in, f"{prefix} batch acts of {name}").float()
+            x = xi if x is None or self.hook_of(name) is None else x
+            out = outs[name] = member.sae(xi)
             nmse, l0 = metrics[name]
-            nmse.update(x, out.x_hat)
+            nmse.update(xi, out.x_hat)
             l0.update(out.latent_values)
             self.log(f"{prefix}/{name}/nmse", nmse)
             self.log(f"{prefix}/{name}/l0", l0)
@@ -354,5 +405,6 @@ class SAESweepModule(L.LightningModule):
         out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))
         for name, member in self.members.items():
             with member.eval_weights():
-                export_sae(member.sae, out / name, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name)
+                export_sae(member.sae, out / name, hook_point=self.hook_of(name) or self.hparams.hook_point,
+                           lm_name=self.hparams.lm_name)
         log.info("exported %d SAEs under %s", len(self.members), out)

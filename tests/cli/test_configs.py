@@ -57,7 +57,9 @@ def test_sweep_recipe_parses_and_expands(path):
     cfg = parse(path, model_class=SAESweepModule)
     specs = expand_specs(cfg.model.saes, cfg.model.grid, {"n_latents": 16384, "k": 32, **(cfg.model.defaults or {})})
     assert len(specs) >= 2 and cfg.data.class_path.startswith("lit_sae.")
-    SAESweepModule(cfg.data.init_args.d_in, saes=cfg.model.saes, grid=cfg.model.grid, defaults=cfg.model.defaults)
+    d_in = getattr(cfg.data.init_args, "d_in", None) or (cfg.model.defaults or {}).get("d_in")  # an LM stream's
+    # width comes from the LM: such a recipe states it in model.defaults
+    SAESweepModule(d_in, saes=cfg.model.saes, grid=cfg.model.grid, defaults=cfg.model.defaults)
 
 
 def test_paper_recipe_has_the_papers_numbers():

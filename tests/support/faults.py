@@ -174,7 +174,8 @@ def fit_subprocess(config: Path, *args: str, env: Optional[dict] = None, command
     its workers too)."""
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
              PYTHONHASHSEED="0", OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [LIT_SAE, command, "--config", str(config), *args]  # the console script: DDP relaunches it as it is
+    cmd = [LIT_SAE, *command.split(), "--config", str(config), *args]  # the console script: DDP relaunches it
+    # as it is; command may be two words ("sweep fit")
     return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
