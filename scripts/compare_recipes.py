@@ -87,7 +87,7 @@ def run_one(args, work: Path, train, test, settings: dict, lr: Optional[float], 
     if not link.exists():
         link.symlink_to((work / "train.npy").resolve())
     sp_args = csp.sparsify_args(args.sparsify_args, len(order), lr)
-    sp_out = run_dir / ("sparsify_" + "_".join(sp_args).replace("-", ""))
+    sp_out = run_dir / ("sparsify_" + "_".join(sp_args).replace("-", "").replace(".", "p"))
     proc = None
     if args.sparsify_python and not (sp_out / "sae.safetensors").exists():
         proc = csp.start_sparsify(args.sparsify_python, run_dir, sp_out, args.n_latents, args.k, seed, sp_args,

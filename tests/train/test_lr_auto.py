@@ -35,7 +35,7 @@ class Recorder(L.Callback):
         self.nmse.append(float(trainer.callback_metrics.get("train/nmse", float("nan"))))
 
 
-def _fit(lr, tmp_path=None, steps=STEPS, **kw):
+def _fit(lr, tmp_path=None, steps=STEPS, callbacks=(), **kw):
     L.seed_everything(0, verbose=False)
     module = SAEModule(d_in=D_IN, n_latents=N, k=K, lr=lr, init_tokens=4 * B, dead_after_tokens=4 * B,
                        export_dir="none", **kw)
@@ -43,7 +43,7 @@ def _fit(lr, tmp_path=None, steps=STEPS, **kw):
     logger = L.pytorch.loggers.CSVLogger(str(tmp_path), name="csv", version=0) if tmp_path else False
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision="64-true", logger=logger,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        log_every_n_steps=1, callbacks=[rec])
+                        log_every_n_steps=1, callbacks=[rec, *callbacks])
     batches = _batches(steps)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return module, rec.nmse
@@ -77,6 +77,33 @@ def test_auto_chooses_by_progressive_nmse_and_continues_as_a_run_at_that_lr(tmp_
 def test_a_run_shorter_than_the_sweep_exports_the_best_candidate():
     module, _ = _fit("auto", steps=2, lr_auto_multipliers=[1.0, 8.0])
     assert module.lr_search.done and int(module.lr_search.scored_steps) == 1
+
+
+def test_validation_inside_the_sweep_scores_the_current_leader():
+    seen = {}
+
+    class Peek(L.Callback):  # the validation hooks, called after step 6 of an 8-step sweep
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            search = module.lr_search
+            if trainer.global_step != 6:
+                return
+            seen["scored"], seen["done"] = int(search.scored_steps), search.done
+            own = {k: v.clone() for k, v in module.sae.state_dict().items()}
+            leader = search.candidates[int(torch.argmin(search.scores()))]
+            module.on_validation_epoch_start()
+            seen["leader"] = torch.equal(module.sae.W_dec, leader.W_dec)
+            module.on_validation_epoch_end()
+            seen["restored"] = all(torch.equal(module.sae.state_dict()[k], v) for k, v in own.items())
+
+    _fit("auto", callbacks=[Peek()], lr_auto_multipliers=MULTIPLIERS, lr_auto_fraction=0.5)
+    assert seen == {"scored": 2, "done": False, "leader": True, "restored": True}
+
+
+def test_a_fit_stopped_inside_the_sweep_exports_its_best_candidate():
+    from tests.support.stop import StopAt
+
+    module, _ = _fit("auto", callbacks=[StopAt(6)], lr_auto_multipliers=MULTIPLIERS, lr_auto_fraction=0.5)
+    assert module.lr_search.done and int(module.lr_search.scored_steps) == 2  # steps 4 and 5 of 8 were scored
 
 
 @pytest.mark.parametrize("kw, match", [
