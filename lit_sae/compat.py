@@ -76,6 +76,22 @@ def embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag) -> Any:
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W, flat, offsets, bag, 0, -1)
 
 
+def ddp_find_unused_parameters(strategy: Any) -> bool:
+    """Under Lightning's ``DDPStrategy``, have the DDP wrapper it builds in ``strategy.setup`` accept parameters that
+    get no gradient in a step (``find_unused_parameters=True``); returns whether the strategy is one. Called from a
+    LightningModule's ``setup`` hook, before the wrap.
+
+    ``model.lr: auto`` trains its candidates during the sweep and the chosen SAE after it: each set is unused in the
+    other phase, which plain DDP refuses. The strategy's public constructor argument is the user's to set; nothing
+    public changes it once the Trainer exists, so this writes ``DDPStrategy._ddp_kwargs``."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if not isinstance(strategy, DDPStrategy):
+        return False
+    strategy._ddp_kwargs["find_unused_parameters"] = True
+    return True
+
+
 def private_names() -> Iterator[str]:
     """The private names used above, for the test that they still exist."""
     yield from ("ModelCheckpoint._save_last_checkpoint", "ModelCheckpoint._monitor_candidates",
@@ -83,4 +99,4 @@ def private_names() -> Iterator[str]:
                 "Trainer._accelerator_connector.cluster_environment", "Strategy._checkpoint_io", "FitLoop._data_source",
                 "LightningCLI._parse_ckpt_path",
                 "Trainer._signal_connector._slurm_sigusr_handler_fn", "ArgumentParser._subcommands_action",
-                "aten._embedding_bag_per_sample_weights_backward")
+                "aten._embedding_bag_per_sample_weights_backward", "DDPStrategy._ddp_kwargs")

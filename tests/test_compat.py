@@ -95,3 +95,11 @@ def test_embedding_bag_backward_is_a_gathered_dot_product():
     out = compat.embedding_bag_per_sample_weights_backward(G, W, flat, torch.arange(0, B * m, m),
                                                            torch.arange(B).repeat_interleave(m))
     torch.testing.assert_close(out.view(B, m), (W[idx] * G[:, None, :]).sum(-1))
+
+
+def test_ddp_find_unused_parameters_reaches_the_wrapper_kwargs():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = DDPStrategy(accelerator="cpu")
+    assert compat.ddp_find_unused_parameters(strategy) and strategy._ddp_kwargs["find_unused_parameters"] is True
+    assert not compat.ddp_find_unused_parameters(L.Trainer(logger=False).strategy)

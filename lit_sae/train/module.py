@@ -11,7 +11,7 @@ import math
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -27,6 +27,7 @@ from lit_sae.sae.config import MODULE_KEYS, SAEConfig
 from lit_sae.sae.ema import EMA
 from lit_sae.sae.model import ENCODER_INIT_NORM, SAEOutput, TopKSAE
 from lit_sae.train.dead_latents import DeadLatentTracker, count_fired_
+from lit_sae.train.lr_auto import LR_AUTO_FRACTION, LR_AUTO_MULTIPLIERS, LRAutoHooks, LRSearch, base_lr, check_lr
 from lit_sae.train.resume_checks import RESUME_MUST_MATCH, ResumeChecks, _same  # noqa: F401 (re-exported)
 from lit_sae.train.runs import export_dir
 from lit_sae.train.schedule import check_schedule, check_threshold_lr_scale, param_groups, step_scheduler
@@ -48,7 +49,7 @@ def batch_acts(batch: Any) -> Tensor:
     return batch["acts"] if isinstance(batch, dict) else batch
 
 
-class SAEModule(ResumeChecks, L.LightningModule):
+class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
     """Trains an SAE as Gao et al. (2024) train TopK SAEs (Adam, unit-norm decoder rows, AuxK, EMA, schedules),
     with any architecture of ``lit_sae.sae.activations``.
 
@@ -76,7 +77,11 @@ class SAEModule(ResumeChecks, L.LightningModule):
         encoder_init_norm: row norm of W_enc at init (W_enc = this * W_dec^T; the paper's tied init is 1.0, 0.5
             measured better on short runs).
         fast: sparse kernels (False: dense reference path).
-        lr: Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14).
+        lr: Adam learning rate; default (null) 2e-4 / sqrt(n_latents / 2^14); ``auto``: chosen by a short sweep on
+            the run's first tokens, after which the run continues with the best candidate (``lit_sae.train.lr_auto``).
+        lr_auto_multipliers: ``lr: auto``'s grid, multiples of the paper's law (default x0.5, 1, 2, 4, 8).
+        lr_auto_fraction: ``lr: auto``: the share of the run's optimizer steps spent on the sweep (default 0.1; they
+            count toward the run).
         betas: Adam betas.
         eps: Adam epsilon (6.25e-10, as OpenAI).
         warmup_steps: linear warm-up steps (0: none).
@@ -110,7 +115,9 @@ class SAEModule(ResumeChecks, L.LightningModule):
         normalize: Literal["none", "scalar", "layernorm"] = "none",
         encoder_init_norm: float = ENCODER_INIT_NORM,
         fast: bool = True,
-        lr: Optional[float] = None,
+        lr: Union[float, Literal["auto"], None] = None,
+        lr_auto_multipliers: Optional[list[float]] = None,
+        lr_auto_fraction: float = LR_AUTO_FRACTION,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = PAPER_EPS,
         warmup_steps: int = 0,
@@ -124,8 +131,10 @@ class SAEModule(ResumeChecks, L.LightningModule):
         init_from: Optional[str] = None,
     ):
         super().__init__()
-        if lr is not None and lr <= 0:
-            raise ValueError(f"model.lr={lr} must be positive (or null for the paper's default)")
+        check_lr(lr, lr_auto_multipliers or LR_AUTO_MULTIPLIERS, lr_auto_fraction)
+        if lr == "auto" and ema_decay is not None:
+            raise ValueError("model.lr=auto with model.ema_decay: the learning-rate sweep keeps no EMA per candidate; "
+                             "set ema_decay: null, or a number for lr")
         check_schedule(warmup_steps, decay_start)
         check_threshold_lr_scale(jumprelu_threshold_lr_scale)
         self.save_hyperparameters()
@@ -146,7 +155,11 @@ class SAEModule(ResumeChecks, L.LightningModule):
                         "assume inputs scaled to E||x||^2 = d_in (normalize: scalar)", normalize)
         if init_from is not None:
             self._load_export(init_from)
-        self.lr = lr if lr is not None else default_lr(n_latents)
+        self.lr = base_lr(lr, n_latents, default_lr)
+        self.lr_search: Optional[LRSearch] = None
+        if lr == "auto":
+            grid = lr_auto_multipliers or LR_AUTO_MULTIPLIERS
+            self.lr_search = LRSearch(self.sae, [default_lr(n_latents) * m for m in grid])
         self.ema = EMA(self.sae, ema_decay) if ema_decay is not None else None
         if dead_after_tokens <= 0:
             raise ValueError(f"model.dead_after_tokens={dead_after_tokens} must be positive (the paper: 10M)")
@@ -193,16 +206,22 @@ class SAEModule(ResumeChecks, L.LightningModule):
         """(n_latents,) bool: True for latents that have not fired within ``dead_after_tokens`` tokens."""
         return self.tokens_since_fired >= self.hparams.dead_after_tokens
 
-    def _count_fired_(self, latent_values: Tensor, latent_indices: Tensor) -> None:
-        """Advance every latent's counter by this step's tokens (summed over ranks); reset the ones that fired."""
+    @torch.no_grad()
+    def _count_fired_(self, latent_values: Tensor, latent_indices: Tensor, counts: Optional[Tensor] = None) -> None:
+        """Advance every latent's counter (``counts``, default the module's) by this step's tokens (summed over
+        ranks); reset the ones that fired."""
+        counts = self.tokens_since_fired if counts is None else counts
         local, owned = owned_indices(self, latent_indices)  # a latent-sharded SAE counts its own latents only
-        count_fired_(self.tokens_since_fired, latent_values, local, owned=owned,
+        count_fired_(counts, latent_values, local, owned=owned,
                      strategy=self.trainer.strategy if self._trainer is not None else None)
 
     def configure_model(self) -> None:
         """Under ``lit_sae.parallel.strategy.SAEModelParallelStrategy``: shard the SAE over the device mesh's
         tensor-parallel ranks (``lit_sae.parallel.sharding.configure_sharded``); no-op otherwise."""
         configure_sharded(self)
+        if self.lr_search is not None and is_sharded(self):
+            raise ValueError("model.lr=auto is not supported with a latent-sharded SAE: choose the lr on one device "
+                             "(or a DDP run) and give it as a number")
 
     def setup(self, stage: str) -> None:
         """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data_parallel``): DDP on W
@@ -211,6 +230,10 @@ class SAEModule(ResumeChecks, L.LightningModule):
             from lit_sae.parallel.data_parallel import use_data_parallel_losses
 
             use_data_parallel_losses(self.sae)
+            if self.lr_search is not None:  # the sweep's candidates, then the chosen SAE, each unused in turn
+                for cand in self.lr_search.candidates:
+                    use_data_parallel_losses(cand)
+                compat.ddp_find_unused_parameters(self.trainer.strategy)
 
     def on_fit_start(self) -> None:
         """Initialise b_pre (geometric median) and the input scale from data, once: never on resume."""
@@ -222,6 +245,8 @@ class SAEModule(ResumeChecks, L.LightningModule):
         self.sae.b_pre.data.copy_(self.trainer.strategy.broadcast(self.sae.b_pre.data, src=0))
         self.sae.norm_scale.copy_(self.trainer.strategy.broadcast(self.sae.norm_scale, src=0))
         log.info("b_pre initialised at the geometric median of %d tokens", sample.shape[0])
+        if self.lr_search is not None:  # every candidate starts from the same weights
+            self.lr_search.start_(self.sae)
 
     def _init_sample(self, n_tokens: int) -> Tensor:
         """A deterministic sample of training activations, from the DataModule's ``sample_activations`` if any."""
@@ -239,7 +264,11 @@ class SAEModule(ResumeChecks, L.LightningModule):
     def configure_optimizers(self):
         """Adam with the paper's betas and epsilon; optional linear warm-up and linear decay, per step."""
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
-        groups = param_groups(self.sae, self.lr, self.hparams.get("jumprelu_threshold_lr_scale"))
+        scale = self.hparams.get("jumprelu_threshold_lr_scale")
+        groups = param_groups(self.sae, self.lr, scale)
+        if self.lr_search is not None:  # after the SAE's own groups, those of each candidate (lr_auto.LRSearch)
+            for cand, lr in zip(self.lr_search.candidates, self.lr_search.lrs):
+                groups += param_groups(cand, lr, scale)
         opt = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused)
         schedule = (self.hparams.warmup_steps, self.hparams.decay_start, "model.")
         sched = step_scheduler(opt, self._trainer, [schedule] * len(groups))
@@ -247,8 +276,9 @@ class SAEModule(ResumeChecks, L.LightningModule):
 
     @staticmethod
     def default_lr_of(hparams: dict[str, Any]) -> float:
-        """The learning rate a run with these hyperparameters used (its ``lr``, else the paper's default)."""
-        return hparams.get("lr") or default_lr(int(hparams["n_latents"]))
+        """The learning rate a run with these hyperparameters started its own parameter group at (its ``lr``, else
+        the paper's default, which is also ``lr: auto``'s before its sweep chooses)."""
+        return base_lr(hparams.get("lr"), int(hparams["n_latents"]), default_lr)
 
     # ------------------------------------------------------------------ training
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
@@ -258,6 +288,10 @@ class SAEModule(ResumeChecks, L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """One step of the paper's objective; returns the sparse code for the callbacks."""
         x = check_acts(batch_acts(batch), self.sae.d_in, "training batch acts")
+        if self.lr_search is not None and not self.lr_search.done:
+            if self.global_step < self.lr_sweep_steps():
+                return self._sweep_step(x)
+            self._choose_lr()
         self.dead_mask = self.dead_latent_mask()
         out = self.sae(x, self.dead_mask)
         if not torch.isfinite(out.loss):
@@ -290,11 +324,13 @@ class SAEModule(ResumeChecks, L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Keep decoder rows on the unit sphere: drop the gradient component along each row."""
         self.sae.remove_parallel_grads_()
+        self._candidates_step_("remove_parallel_grads_")
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Adam step, then renormalise the decoder rows and fold the weights into the EMA."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.sae.normalize_decoder_()
+        self._candidates_step_("normalize_decoder_")
         if self.ema is not None:
             self.ema.update(self.sae)
 
@@ -302,6 +338,11 @@ class SAEModule(ResumeChecks, L.LightningModule):
     def _enter_ema(self) -> None:
         if self.ema is not None:
             self._eval_stack.enter_context(self.ema.swapped_into(self.sae))
+        search = self.lr_search
+        if search is not None and not search.done and int(search.scored_steps):  # mid-sweep: the current leader
+            saved = {k: v.clone() for k, v in self.sae.state_dict().items()}
+            self.sae.load_state_dict(search.candidates[int(torch.argmin(search.scores()))].state_dict())
+            self._eval_stack.callback(self.sae.load_state_dict, saved)
 
     def _exit_ema(self) -> None:
         self._eval_stack.close()
@@ -348,6 +389,8 @@ class SAEModule(ResumeChecks, L.LightningModule):
         """Export the trained SAE (EMA weights when on) in SAELens's layout: from the final checkpoint by the
         function ``lit-sae export`` runs (the same files and provenance: checkpoint and manifest sha256, context
         size, BOS, dataset) when ``last.ckpt`` was written at the last step; from the weights in memory otherwise."""
+        if self.lr_search is not None and not self.lr_search.done:
+            self._choose_lr()  # the run ended inside the sweep
         if self.hparams.export_dir == "none":
             return
         out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))

@@ -78,7 +78,7 @@ class ResumeChecks:
     def _apply_optimizer_changes(self, saved: dict[str, Any], checkpoint: dict[str, Any]) -> None:
         """Lightning restores the optimizer's lr, betas and eps from the checkpoint, which would silently ignore a
         changed ``model.lr`` (the usual fix after a divergence): rewrite the saved values to this config's."""
-        old_lr = saved.get("lr") or self.default_lr_of(saved)
+        old_lr = self.default_lr_of(saved)  # the saved lr, the law for null, the law (pre-sweep) for auto
         ratio = self.lr / old_lr
         # jumprelu's second group (its thresholds) also follows a changed jumprelu_threshold_lr_scale
         ratios = [ratio, ratio * threshold_lr_scale_of(self.hparams.get("jumprelu_threshold_lr_scale"))

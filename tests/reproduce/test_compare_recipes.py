@@ -1,6 +1,8 @@
-"""scripts/compare_recipes.py: the shared batch order, the test metrics (against float64 hand computations), the
-script-level init levers and lit-sae's training side; sparsify's side runs only where its venv is installed."""
+"""lit_sae.reproduce.compare / compare_sparsify (the library under scripts/compare_recipes.py): the shared batch
+order, the test metrics (against float64 hand computations), the init levers, lit-sae's training side, sparsify's
+schedule presets and the LR-sweep table; sparsify's side runs only where its venv is installed."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from lit_sae.reproduce import compare as cr
+from lit_sae.reproduce import compare_sparsify as csp
 from lit_sae.sae.model import TopKSAE
 from lit_sae.train.module import SAEModule
-from scripts import compare_recipes as cr
 
 
 def test_batch_order_is_a_permutation_per_epoch_and_seeded():
@@ -85,7 +88,7 @@ def test_extra_levers_mean_b_pre_and_data_encoder_scale():
     torch.manual_seed(1)
     module = SAEModule(d_in=6, n_latents=32, k=4)
     sample = torch.randn(500, 6) * 3 + 5
-    cr._apply_extra_levers(module, sample, "mean", "data")
+    cr.apply_extra_levers(module, sample, "mean", "data")
     sae = module.sae
     assert torch.allclose(sae.b_pre, sample.mean(0), atol=1e-5)
     values, indices = sae.encode(sample)
@@ -93,7 +96,7 @@ def test_extra_levers_mean_b_pre_and_data_encoder_scale():
     alpha = float(((sample - sae.b_pre) * d).sum() / d.pow(2).sum())
     assert alpha == pytest.approx(1.0, abs=1e-4)  # after rescaling, the initial reconstruction has the best scale
     with pytest.raises(ValueError, match="b_pre_init"):
-        cr._apply_extra_levers(module, sample, "mode", "fixed")
+        cr.apply_extra_levers(module, sample, "mode", "fixed")
 
 
 def test_parse_overrides():
@@ -149,10 +152,44 @@ def test_sparsify_runner_trains_on_the_same_batches(tmp_path):
     np.save(tmp_path / "train.npy", train)
     np.save(tmp_path / "order.npy", cr.batch_order(len(train), 256, 256 * 40, seed=0))
     out = tmp_path / "sp"
-    proc = cr.start_sparsify(
-        str(_sparsify_python()), tmp_path, out, 64, 4, seed=0, args=["--warmup-steps", "4"], threads=1
-    )
-    sae = cr.finish_sparsify(proc, out)
-    assert (sae.n_latents, sae.k) == (64, 4)
-    assert cr.test_metrics(sae, test)["nmse"] < 0.5
+    for spec in ("--warmup-steps 4", "constant"):
+        out = tmp_path / spec.replace(" ", "_")
+        proc = csp.start_sparsify(str(_sparsify_python()), tmp_path, out, 64, 4, seed=0,
+                                  args=csp.sparsify_args(spec, 40, lr=1e-3), threads=1)
+        sae = csp.finish_sparsify(proc, out)
+        assert (sae.n_latents, sae.k) == (64, 4)
+        assert cr.test_metrics(sae, test)["nmse"] < 0.5
+        info = json.loads((out / "train_info.json").read_text())
+        assert info["lr"] == 1e-3 and info["schedule"] == ("constant" if spec == "constant" else "linear")
     assert subprocess.run([str(_sparsify_python()), "-c", "import sparsify"]).returncode == 0
+
+
+def test_sparsify_presets_and_lrs():
+    assert csp.sparsify_args("constant", 200) == ["--schedule", "constant"]
+    assert csp.sparsify_args("decay", 200, lr=4e-4) == ["--schedule", "linear", "--warmup-steps", "20", "--lr",
+                                                         "0.0004"]
+    assert csp.sparsify_args("--warmup-steps 20", 200) == ["--warmup-steps", "20"]
+    assert csp.sparsify_args("", 200) == []
+    assert csp.parse_lrs("2e-4,4e-4") == [2e-4, 4e-4] and csp.parse_lrs(None) == [None]
+    with pytest.raises(ValueError, match="--lrs"):
+        csp.parse_lrs("2e-4,fast")
+    with pytest.raises(ValueError, match="positive"):
+        csp.parse_lrs("0")
+
+
+def _row(lr, seed, lit, sp, spec="constant"):
+    return {"name": f"q lr={lr} {spec}", "lr": lr, "seed": seed, "tokens": 8192, "batch_size": 4096, "sparsify_args": spec,
+            "lit_nmse": lit, "sparsify_nmse": sp, "lit_dead_fraction": 0.0, "sparsify_dead_fraction": 0.0}
+
+
+def test_lr_sweep_table_pairs_equal_lrs_and_each_best():
+    rows = [_row(4e-4, 0, 0.30, 0.32), _row(4e-4, 1, 0.32, 0.34), _row(8e-4, 0, 0.20, 0.25), _row(8e-4, 1, 0.22,
+            0.27), _row(1.6e-3, 0, 0.25, 0.22), _row(1.6e-3, 1, 0.25, 0.22), _row(8e-4, 0, 0.9, 0.9, spec="decay")]
+    table = csp.summarize_lr_sweep(rows, "constant")
+    lines = table.splitlines()
+    assert "| 0.0004 | 2 | 0.3100 | 0.3300 | 0.939 |" in lines  # seed means; ratio of the means at equal lr
+    assert "| 0.0008 | 2 | 0.2100 | 0.2600 | 0.808 |" in lines  # the decay row is another race
+    assert "| each at its best | | 0.2100 (lr 0.0008) | 0.2200 (lr 0.0016) | 0.955 |" in lines
+    assert csp.summarize_lr_sweep(rows, "--warmup-steps 20") == ""
+    assert "| q lr=0.0008 constant | 8,192 | 4096 | 2 | 0.2100 | 0.2600 | 0.807 (0.800-0.815) |" in csp.summarize(rows,
+                                                                                                         "constant")
