@@ -36,6 +36,7 @@ from lit_sae.cli.commands import LIGHTNING_COMMANDS
 from lit_sae.cli.messages import config_error
 from lit_sae.data import datamodule as _datamodule  # noqa: F401  known subclasses of --data (named in --help)
 from lit_sae.data import synthetic as _synthetic  # noqa: F401
+from lit_sae.fsync import check_writable
 from lit_sae.train.atomic_io import use_atomic_checkpoints
 from lit_sae.train.module import SAEModule
 from lit_sae.train.run_lock import RunLock
@@ -156,6 +157,7 @@ class SAECLI(LightningCLI):
         lock = None
         root = str(self.trainer.default_root_dir)
         if self.trainer.global_rank == 0 and "://" not in root:  # a remote root (s3://...) has no OS lock
+            check_writable(root, "trainer.default_root_dir")  # the lock is the first file written there
             lock = RunLock(root).acquire()
         try:
             super()._run_subcommand(subcommand)

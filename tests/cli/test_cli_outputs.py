@@ -54,5 +54,5 @@ def test_failed_export_at_fit_end_keeps_the_checkpoint(work, monkeypatch):
     state = torch.load(work / "runs" / "a" / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 4  # the 4 trained steps are kept, resumable and exportable later
     monkeypatch.undo()
-    code, err = cli(["export", str(work / "runs" / "a" / "checkpoints" / "last.ckpt"), "--out", "exported"])
+    code, err = cli(["export", str(work / "runs" / "a" / "checkpoints" / "last.ckpt"), "--out", str(work / "exported")])  # absolute: undo() also undid the chdir
     assert code == 0, err
