@@ -47,8 +47,9 @@ from lit_sae.data.harvest_state import (
 from lit_sae.data.hook_sets import HookSets
 from lit_sae.data.hub import check_model_available
 from lit_sae.data.identity import identify
-from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_site, truncated_forward, truncated_forward_many
+from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_site
 from lit_sae.data.manifest import Exclusions, LMInfo, Manifest, ShardInfo, SourceInfo, SplitInfo, write_manifest_atomic
+from lit_sae.data.norms import forward_hooks, norm_medians
 from lit_sae.data.overlap import BackgroundWorker, Prefetch
 from lit_sae.data.text import ContentHash, open_source
 from lit_sae.data.writer import ShardWriter
@@ -76,48 +77,6 @@ def split_batches(contexts: Iterator[tuple[int, list]], split: str, batch_size: 
             ctx, ids = [], []
     if ctx:
         yield np.asarray(ctx, dtype=np.int64), np.asarray(ids, dtype=np.int64)
-
-
-def forward_hooks(model, input_ids: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """Activations (B, T, d) at each hook from one truncated forward (one hook: :func:`truncated_forward`)."""
-    if len(hooks) == 1:
-        return {hooks[0]: truncated_forward(model, input_ids, hooks[0])}
-    return truncated_forward_many(model, input_ids, hooks)
-
-
-def _norm_median(model, tokenizer, source, config: dict, device, hooks: list[str]) -> dict[str, float]:
-    """Median activation norm per hook over the first ``batch_size`` contexts (all splits), positions kept."""
-    contexts = iter_contexts(tokenizer, source.documents(), config["context_length"], config["batch_size"],
-                             config["max_contexts_per_document"], ContentHash())
-    ids = torch.as_tensor([tokens for _, tokens in contexts], dtype=torch.long)
-    if len(ids) == 0:
-        raise ValueError(f"text source {config['source']!r} yields no context of {config['context_length']} tokens")
-    first = first_position(config["drop_first_position"])
-    acts = forward_hooks(model, ids.to(device), hooks)
-    return {h: _finite_median(a[:, first:].reshape(-1, a.shape[-1]), h, config, len(ids)) for h, a in acts.items()}
-
-
-def _finite_median(rows: torch.Tensor, hook: str, config: dict, n_contexts: int) -> float:
-    """The median norm of the rows finite in the storage dtype (the harvest drops the others as non-finite).
-
-    One NaN row would make the median NaN, and every finite row would then fail ``norm <= multiple * NaN`` and be
-    dropped as an "outlier"; so non-finite rows are counted and left out first.
-
-    Raises:
-        FloatingPointError: no finite row, or a median that is still not finite or not positive (names the key)."""
-    storage = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config["dtype"], torch.float32)
-    finite = torch.isfinite(rows.to(storage)).all(dim=-1)
-    if not bool(finite.all()):
-        log.warning("norm median at %s: %d of %d rows of the first %d contexts are not finite in %s and are left out",
-                    hook, int((~finite).sum()), len(rows), n_contexts, config["dtype"])
-    median = float(rows[finite].float().norm(dim=-1).median()) if bool(finite.any()) else math.nan
-    if not math.isfinite(median) or median <= 0:
-        raise FloatingPointError(
-            f"norm_filter_multiple: the median activation norm of the first {n_contexts} contexts at {hook} is "
-            f"{median} ({int(finite.sum())} of {len(rows)} rows finite in {config['dtype']}): the model's activations "
-            "overflow or vanish; use model_dtype float32 (or bfloat16), or norm_filter_multiple: null to harvest "
-            "without the norm filter")
-    return median
 
 
 def run_harvest(
@@ -242,7 +201,7 @@ def run_harvest(
         manifests = {}
     with torch.inference_mode():
         if not manifests:
-            medians = (_norm_median(lm, tokenizer, text, config, device, hooks) if norm_filter_multiple is not None
+            medians = (norm_medians(lm, tokenizer, text, config, device, hooks) if norm_filter_multiple is not None
                        else dict.fromkeys(hooks))
             manifests = {h: _new_manifest(configs[h], lm, tokenizer, text, medians[h]) for h in hooks}
             for h in hooks:
@@ -414,6 +373,3 @@ def _harvest_split(split, sinks: list[_Sink], lm, tokenizer, text, config, n_con
 
 #: Public name of the median estimate (scripts/bench_harvest.py times it under its private name, which
 #: run_harvest looks up at call time).
-def norm_medians(model, tokenizer, source, config: dict, device, hooks: list[str]) -> dict[str, float]:
-    """Median activation norm per hook over the first ``batch_size`` contexts (see :func:`run_harvest`)."""
-    return _norm_median(model, tokenizer, source, config, device, hooks)

@@ -28,12 +28,13 @@ import torch
 
 from lit_sae.data.contexts import SPLITS, first_position, iter_contexts, split_of
 from lit_sae.data.filters import norm_threshold
-from lit_sae.data.harvest import forward_hooks, norm_medians, run_harvest
+from lit_sae.data.harvest import run_harvest
 from lit_sae.data.harvest_state import hook_list, validate_settings
 from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, resolve_site
 from lit_sae.data.lm_stream.dataset import LMStream, LMStreamLoader
 from lit_sae.data.lm_stream.mixing import Position
 from lit_sae.data.lm_stream.rows import lm_batches, lm_rows, n_contexts
+from lit_sae.data.norms import forward_hooks, norm_medians
 from lit_sae.data.text import open_source
 
 log = logging.getLogger(__name__)
