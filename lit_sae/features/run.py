@@ -16,62 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 if TYPE_CHECKING:  # torch is imported where it is used: `lit-sae --help` lists this command without loading torch
-    from torch import Tensor, nn
+    from torch import Tensor
+
+from lit_sae.eval.inputs import find_manifest, load_sae, run_root  # load_sae, run_root: re-exported (former home)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["features", "load_sae", "run_root"]
 
 N2G_CONTEXTS = 2048  # contexts whose codes are kept for N2G (k x 12 bytes per token: 50 MB at 64-token contexts)
-
-
-def load_sae(path: str | Path) -> tuple[nn.Module, dict]:
-    """An SAE in eval mode and facts about it, from anything ``lit_sae.load_sae`` reads: a ``lit-sae fit``
-    checkpoint (its EMA weights when EMA was on), a SAELens folder (lit-sae's export is one), a sparsify folder or an
-    OpenAI ``.pt``.
-
-    Returns (sae, info) with info keys: kind ("checkpoint", or the folder's format: "saelens", "sparsify",
-    "openai"), path, hook_point, lm_name, tokens_seen (None except for checkpoints), data_path (the shard folder a
-    checkpoint was trained on, or None), config (dict).
-    Raises FileNotFoundError (missing path) or ValueError (unreadable file), naming the file.
-    """
-    from lit_sae.artifacts.load import detect_format, read_checkpoint
-    from lit_sae.artifacts.load import load_sae as load_any
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such checkpoint or exported SAE folder")
-    try:
-        fmt = detect_format(p)
-        if fmt == "litsae-checkpoint":
-            sae, ckpt = read_checkpoint(p)
-        else:
-            sae, ckpt = load_any(p), None
-    except FileNotFoundError:
-        raise
-    except Exception as exn:  # torch and safetensors raise several types for a truncated or foreign file
-        raise ValueError(f"{p}: not a readable SAE ({type(exn).__name__}: {str(exn).splitlines()[0][:300]}); pass "
-                         "a checkpoint written by `lit-sae fit`, an exported SAE folder, a SAELens or sparsify "
-                         "folder or an OpenAI .pt") from exn
-    config = {"d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k, "normalize": sae.normalize,
-              "activation": sae.activation}
-    if ckpt is None:
-        md = getattr(sae, "metadata", {}) or {}
-        info = {"kind": fmt, "path": str(p), "hook_point": md.get("hook_name"), "lm_name": md.get("model_name"),
-                "tokens_seen": None, "data_path": None, "config": config}
-        return sae.eval(), info
-    hp = ckpt["hparams"]
-    config.update({k: hp[k] for k in ("multi_topk", "ema_decay") if k in hp})
-    info = {"kind": "checkpoint", "path": str(p), "hook_point": hp.get("hook_point"), "lm_name": hp.get("lm_name"),
-            "tokens_seen": ckpt["tokens_seen"], "data_path": ckpt["datamodule"].get("path"), "config": config}
-    return sae.eval(), info
-
-
-def run_root(sae_path: str | Path) -> Path:
-    """The run's folder: the parent of a checkpoint's folder (runs/demo for runs/demo/checkpoints/last.ckpt), or
-    the parent of an exported SAE folder (runs/demo for runs/demo/sae)."""
-    p = Path(sae_path)
-    return p.parent.parent if p.is_file() else p.parent
 
 
 def _latest_report(root: Path) -> Optional[dict]:
@@ -115,17 +68,6 @@ def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
     if not rows:
         raise ValueError("no train-split context could be rebuilt from the manifest's text source")
     return torch.tensor(rows, dtype=torch.long)
-
-
-def _recorded_data(data_path: Optional[str], ckpt_path: str) -> Optional[str]:
-    """The shard folder a checkpoint recorded; a relative path was relative to where ``fit`` ran, so it is also
-    looked for under the checkpoint's ancestors (runs/demo/shards from runs/demo/checkpoints/last.ckpt)."""
-    if data_path is None or "://" in data_path or Path(data_path).is_absolute() or Path(data_path).exists():
-        return data_path
-    for parent in Path(ckpt_path).resolve().parents:
-        if (parent / data_path).exists():
-            return str(parent / data_path)
-    return data_path
 
 
 def _vocab(tokenizer, ids) -> dict[int, str]:
@@ -177,7 +119,6 @@ def features(
     from tqdm.auto import tqdm
 
     from lit_sae.data.lm import load_lm
-    from lit_sae.data.shards import read_manifest
     from lit_sae.eval.codes import CodeBatch, context_codes, stack_codes
     from lit_sae.eval.explain import n2g_explain, summarize
     from lit_sae.eval.report import held_out_contexts, settings_from_manifest
@@ -189,22 +130,7 @@ def features(
     if info["tokens_seen"] == 0 and not allow_untrained:
         raise ValueError(f"{ckpt_path}: this checkpoint has seen no training tokens (untrained weights); train it "
                          "first, or pass --allow_untrained true to browse it anyway")
-    source = manifest or _recorded_data(info["data_path"], ckpt_path)
-    if source is None and (run_root(ckpt_path) / "shards" / "manifest.json").is_file():
-        source = str(run_root(ckpt_path) / "shards")  # an export inside a run folder: the run's own shards
-        log.info("using the run's harvest manifest %s", source)
-    if source is None:
-        raise ValueError(f"{ckpt_path}: no harvest manifest given and none recorded in the SAE; pass --manifest "
-                         "runs/<run>/shards (the folder holding manifest.json)")
-    man = read_manifest(str(source))
-    where = str(Path(source) / "manifest.json") if Path(source).is_dir() else str(source)
-    if int(man["d_in"]) != sae.d_in:
-        raise ValueError(f"{ckpt_path}: the SAE's d_in={sae.d_in} differs from d_in={man['d_in']} of the hook point "
-                         f"{man['hook_point']} in {where}; pass the manifest of the activations this SAE was "
-                         "trained on")
-    if info["hook_point"] and info["hook_point"] != man["hook_point"]:
-        raise ValueError(f"{ckpt_path}: the SAE was trained at {info['hook_point']} but {where} harvested "
-                         f"{man['hook_point']}; pass the matching manifest")
+    man, where = find_manifest(sae, info, ckpt_path, manifest)
     s = settings_from_manifest(man)
     out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
     check_out_dir(out)  # before any work: a folder that is not an earlier browser is never replaced
