@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from lit_sae.autointerp.backend import Reply
+from lit_sae.autointerp.reply import Reply
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lit_sae.autointerp.backend import Reply
+from lit_sae.autointerp.reply import Reply
 
 log = logging.getLogger(__name__)
 

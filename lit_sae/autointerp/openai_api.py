@@ -16,7 +16,7 @@ import os
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Optional
 
-from lit_sae.autointerp.backend import Reply
+from lit_sae.autointerp.reply import Reply
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from typing import Callable, Literal, Optional
 
 from tqdm.auto import tqdm
 
-from lit_sae.autointerp.backend import Backend, Reply
 from lit_sae.autointerp.cache import ReplyCache
 from lit_sae.autointerp.examples import LatentExamples
 from lit_sae.autointerp.prompts import (
@@ -26,6 +25,7 @@ from lit_sae.autointerp.prompts import (
     parse_explanation,
     parse_predictions,
 )
+from lit_sae.autointerp.reply import Backend, Reply
 from lit_sae.autointerp.scorers import Sample, batches, detection_samples, fuzz_samples, score
 
 __all__ = ["ScoreSettings", "ask", "explain_and_score", "estimate_cost"]
