@@ -1,7 +1,8 @@
 """The settings that choose the answering model, and the factory that builds it.
 
 The interface every backend implements is in :mod:`lit_sae.autointerp.reply`. Implementations:
-:mod:`lit_sae.autointerp.local` (a transformers chat model) and :mod:`lit_sae.autointerp.openai_api` (any OpenAI-compatible endpoint).
+:mod:`lit_sae.autointerp.local` (a transformers chat model) and :mod:`lit_sae.autointerp.openai_api` (any
+OpenAI-compatible endpoint).
 """
 
 from __future__ import annotations
