@@ -35,9 +35,13 @@ def final_norm_and_unembedding(model: nn.Module) -> tuple[Tensor | None, Tensor]
 
 
 @torch.no_grad()
-def logit_effects(W_dec: Tensor, W_U: Tensor, g: Tensor | None = None, n: int = 10,
-                  chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def logit_effects(W_dec: Tensor, W_U: Tensor, g: Tensor | None = None, n: int = 10, chunk: int = 256,
+                  center: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top and bottom ``n`` tokens of each latent's direct effect on the logits, ``W_U (g * W_dec[i])``.
+
+    ``center``: rank the effect relative to the mean over latents, ``W_U (g * (W_dec[i] - mean_j W_dec[j]))``
+    (the map is linear, so this is the latent's effect minus the mean effect). With a tied unembedding every decoder
+    direction promotes much the same tokens; centring leaves what is specific to the latent.
 
     W_dec (L, d) decoder rows (in the LM's activation space), W_U (V, d), g (d,) the final norm's weight.
     Returns (top_values (L, n), top_tokens (L, n), bottom_values (L, n), bottom_tokens (L, n)); float32 / int64.
@@ -52,8 +56,11 @@ def logit_effects(W_dec: Tensor, W_U: Tensor, g: Tensor | None = None, n: int = 
     out = [torch.empty(L, n), torch.empty(L, n, dtype=torch.long),
            torch.empty(L, n), torch.empty(L, n, dtype=torch.long)]
     W_U = W_U.float()
+    mean = W_dec.float().mean(0) if center else None
     for s in range(0, L, chunk):
         rows = W_dec[s:s + chunk].float().to(W_U.device)
+        if mean is not None:
+            rows = rows - mean.to(W_U.device)
         if g is not None:
             rows = rows * g.float().to(W_U.device)
         logits = rows @ W_U.T

@@ -27,6 +27,20 @@ __all__ = ["features", "load_sae", "run_root"]
 N2G_CONTEXTS = 2048  # contexts whose codes are kept for N2G (k x 12 bytes per token: 50 MB at 64-token contexts)
 
 
+def _autointerp_into(browser: Path, root: Path, sae_path: str) -> None:
+    """Copy ``lit-sae explain``'s results of this SAE (``<run root>/autointerp/results.json``) into the browser."""
+    from lit_sae.autointerp.publish import browser_payload, read_results, write_browser_data
+
+    data = read_results(root / "autointerp" / "results.json")
+    if data is None:
+        return
+    if Path(data.get("sae", {}).get("path", "")).resolve() != Path(sae_path).resolve():
+        log.info("%s: autointerp results of another SAE (%s), not shown", root / "autointerp",
+                 data.get("sae", {}).get("path"))
+        return
+    write_browser_data(browser, browser_payload(data))
+
+
 def _latest_report(root: Path) -> Optional[dict]:
     """Headline numbers of the newest report.json under ``root`` (None when there is none)."""
     found = sorted(root.glob("**/report.json"), key=lambda q: q.stat().st_mtime)
@@ -45,7 +59,9 @@ def _latest_report(root: Path) -> Optional[dict]:
             v = (rep.get(section) or {}).get(k)
             if v is not None:
                 head[f"{section}.{k}"] = v
-    return {"path": str(found[-1]), "headline": head}
+    n = (rep.get("metrics") or {}).get("n_tokens")
+    return {"path": str(found[-1]), "headline": head,
+            "text": f"lit-sae test on the harvest's test split{f' ({n} tokens)' if n else ''}"}
 
 
 def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
@@ -79,9 +95,9 @@ def features(
     ckpt_path: str,
     manifest: Optional[str] = None,
     out_dir: Optional[str] = None,
-    split: Literal["test", "train"] = "test",
+    split: Literal["test", "train"] = "train",
     n_contexts: Optional[int] = None,
-    train_tokens: int = 200_000,
+    train_tokens: int = 40_000,
     batch_size: int = 32,
     device: str = "cpu",
     cache_mb: int = 2048,
@@ -99,10 +115,12 @@ def features(
             export, ``<run root>/shards`` when it exists.
         out_dir: where the browser goes (default: ``<run root>/features``, the run root being the checkpoint
             folder's parent, or the export folder's parent).
-        split: ``test`` (the harvest's held-out contexts, rebuilt as ``lit-sae test`` rebuilds them) or ``train``
-            (``train_tokens`` tokens of the train split, for rare latents).
+        split: ``train`` (default: ``train_tokens`` tokens of the train split) or ``test`` (the harvest's held-out
+            contexts, rebuilt as ``lit-sae test`` rebuilds them; the demo's is 7.9k tokens, too little for rare
+            latents: 464 of its 4,096 latents fired fewer than 20 times there). N2G is scored on contexts it was
+            not fitted on either way.
         n_contexts: at most this many contexts (default: the whole test split).
-        train_tokens: the token budget when ``split`` is ``train``.
+        train_tokens: the token budget when ``split`` is ``train`` (40k: about 5x the demo's test split).
         batch_size: contexts per LM forward.
         cache_mb: keep the text's sparse codes in memory (k x 12 bytes per token) when they fit in this many MB,
             so the LM runs once; above it, the LM re-encodes the text in each of the three passes.
@@ -190,11 +208,13 @@ def features(
     W_dec = sae.W_dec.detach()
     if getattr(sae, "normalize", "none") == "scalar":
         W_dec = W_dec / sae.norm_scale  # into the LM's activation space
-    logits = logit_effects(W_dec, W_U, g)
+    logits = logit_effects(W_dec, W_U, g, center=True)
+    mean_top = logit_effects(W_dec.float().mean(0, keepdim=True), W_U, g)[1][0].tolist()
     neighbours = decoder_neighbours(W_dec)
     records = latent_records(stats, logits=logits, neighbours=neighbours, n2g=result)
     contexts = ids.tolist()
     used = {t for row in contexts for t in row} | set(logits[1].flatten().tolist()) | set(logits[3].flatten().tolist())
+    used |= set(mean_top)
     for pats in (result.patterns if result else []):
         used.update(t for p, _ in pats[:10] for t in p if t is not None)
     meta = {"sae": {**info["config"], "path": info["path"], "tokens_seen": info["tokens_seen"]},
@@ -203,8 +223,11 @@ def features(
                        "first_position": s["first_position"], "norm_threshold": s["norm_threshold"]},
             "report": _latest_report(run_root(ckpt_path)),
             "explainability": summarize(result) if result else None,
-            "window": list(stats.window)}
+            "window": list(stats.window),
+            "logits": {"formula": "W_U (g * (W_dec[i] - mean_j W_dec[j]))", "subtracted": "the mean over latents "
+                       "of the direct logit effect", "mean_top": mean_top}}
     page = write_browser(out, records, contexts, _vocab(tokenizer, used), stats, meta)
+    _autointerp_into(page.parent, run_root(ckpt_path), info["path"])
     log.info("feature browser for %d latents (%d dead) on %d tokens written in %.1f s: %s", L,
              int((stats.count == 0).sum()), stats.n_tokens, time.perf_counter() - t0, page)
     return page
