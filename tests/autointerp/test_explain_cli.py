@@ -46,13 +46,19 @@ def generic(messages):
 
 
 def test_cli_outputs_and_browser_data(run, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_sae.eval.report import write_report
+
+    write_report(run, {"metrics": {"nmse": 0.2, "n_tokens": 100}})  # a run's report, as `lit-sae test` leaves it
     browser = run / "features"
     (browser / "data").mkdir(parents=True, exist_ok=True)
     (browser / "js").mkdir(exist_ok=True)
     (browser / "data" / "summary.json").write_text("{}")
     out = tmp_path / "ai"
-    with FakeOpenAI(generic) as srv:
-        main(args(run, srv.url, "--out_dir", str(out)))
+    with FakeOpenAI(generic, models=("fake-model", "other-model")) as srv:
+        main(args(run, srv.url, "--out_dir", str(out), "--reference.kind", "openai", "--reference.base_url", srv.url,
+                  "--reference.model", "other-model", "--reference_n", "3"))
     assert capsys.readouterr().out.strip() == str(out / "results.json")
     res = json.loads((out / "results.json").read_text())
     assert res["format"] == "lit-sae-autointerp/1" and len(res["latents"]) == 6
@@ -68,7 +74,20 @@ def test_cli_outputs_and_browser_data(run, tmp_path, capsys):
     assert row["layer"] == "blocks.0.hook_resid_post" and row["explanationModelName"] == "fake-model"
     delphi = list((out / "delphi" / "explanations").glob("blocks.0.hook_resid_post_latent*.txt"))
     assert len(delphi) == len(ex["explanations"]) and isinstance(json.loads(delphi[0].read_text()), str)
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    det = s["detection"]["accuracy"]
+    assert acc.Scalars("autointerp/detection/mean")[0].value == pytest.approx(det["mean"], rel=1e-6)
+    assert "autointerp/fuzz/frac_ge_0.8" in acc.Tags()["scalars"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["metrics"]["nmse"] == 0.2 and report["autointerp"]["detection"]["accuracy"]["n"] == det["n"]
+    md = (run / "report.md").read_text()
+    assert "## Autointerp" in md and "openai `fake-model`" in md and "fraction >= 0.8" in md
+    # the reference backend (the same oracle under another model name) agrees with the first one
+    ref = s["reference"]
+    assert ref["backend"]["model"] == "other-model" and ref["n_latents"] == min(3, len(scored))
+    assert ref["detection"]["sample_agreement"] == 1.0 and ref["detection"]["n_samples"] > 0
+    assert "Reference backend openai `other-model`" in md
     page = json.loads((browser / "data" / "autointerp.json").read_text())
     assert set(page["latents"]) == {str(r["latent"]) for r in res["latents"]}
     assert (browser / "js" / "autointerp.js").read_text().startswith("LITSAE.autointerp(")
