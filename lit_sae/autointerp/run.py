@@ -60,7 +60,7 @@ def explain(
     n: int = 16,
     seed: int = 0,
     split: Literal["train", "test"] = "train",
-    train_tokens: int = 100_000,
+    train_tokens: int = 40_000,
     n_contexts: Optional[int] = None,
     batch_size: int = 32,
     device: str = "cpu",
@@ -86,7 +86,8 @@ def explain(
         split: ``train``: ``train_tokens`` tokens of the harvest's train split (enough activations for most
             latents); ``test``: the harvest's held-out test split. Either way, the explainer sees even contexts
             and the scores come from odd ones.
-        train_tokens: token budget of the train split.
+        train_tokens: token budget of the train split (40k, as ``lit-sae features``: about 20 explainer and 20
+            held-out contexts for a latent of density 1e-3 in 64-token contexts).
         n_contexts: at most this many contexts.
         batch_size: contexts per LM forward when encoding the text.
         device: where the subject LM and the SAE run (the backend has its own ``device``).
