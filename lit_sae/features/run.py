@@ -208,7 +208,7 @@ def features(
     W_dec = sae.W_dec.detach()
     if getattr(sae, "normalize", "none") == "scalar":
         W_dec = W_dec / sae.norm_scale  # into the LM's activation space
-    logits = logit_effects(W_dec, W_U, g, center=True)
+    logits = logit_effects(W_dec, W_U, g, center=True, scale=True)
     mean_top = logit_effects(W_dec.float().mean(0, keepdim=True), W_U, g)[1][0].tolist()
     neighbours = decoder_neighbours(W_dec)
     records = latent_records(stats, logits=logits, neighbours=neighbours, n2g=result)
@@ -224,8 +224,9 @@ def features(
             "report": _latest_report(run_root(ckpt_path)),
             "explainability": summarize(result) if result else None,
             "window": list(stats.window),
-            "logits": {"formula": "W_U (g * (W_dec[i] - mean_j W_dec[j]))", "subtracted": "the mean over latents "
-                       "of the direct logit effect", "mean_top": mean_top}}
+            "logits": {"formula": "z = W_U (g * (W_dec[i] - mean_j W_dec[j])) / (the token's standard deviation over "
+                       "latents)", "subtracted": "the mean over latents of the direct logit effect (then divided by "
+                       "each token's spread over latents)", "mean_top": mean_top}}
     page = write_browser(out, records, contexts, _vocab(tokenizer, used), stats, meta)
     _autointerp_into(page.parent, run_root(ckpt_path), info["path"])
     log.info("feature browser for %d latents (%d dead) on %d tokens written in %.1f s: %s", L,

@@ -67,7 +67,7 @@ def test_files_and_data(run, browser):
         assert len(r["logits"]["top"]) == 10 and len(r["neighbours"]) == 5
         assert r["explanation"]["status"] in ("ok", "no held-out firing")
         assert r["explanation"]["n_fires"] >= 0 and r["explanation"]["n_matched"] >= 0  # every score's sample size
-    assert summary["logits"]["formula"].startswith("W_U (g * (W_dec[i] - mean_j") and len(summary["logits"]["mean_top"]) == 10
+    assert summary["logits"]["formula"].startswith("z = W_U (g * (W_dec[i] - mean_j") and len(summary["logits"]["mean_top"]) == 10
     for path in folder.rglob("*"):
         if path.is_file():
             raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
