@@ -42,7 +42,8 @@ class LocalChatBackend:
 
     def count_tokens(self, prompt: list[dict]) -> int:
         """Tokens of a rendered chat (for the cost estimate)."""
-        return len(self.tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], *, max_tokens: int, logprobs: bool = False,

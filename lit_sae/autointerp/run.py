@@ -160,8 +160,11 @@ def explain(
     log.info("text: %s split, %d contexts, %d encoded tokens; latents: %s", split, len(ids), n_tokens, selection)
 
     def count(prompt):  # the subject LM's tokenizer: exact for the local default, an estimate for other models
-        return len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)) \
-            if getattr(tokenizer, "chat_template", None) else sum(len(m["content"]) for m in prompt) // 4
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n".join(m["content"] for m in prompt)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     cost = estimate_cost(ex, decode, scoring, count)
     status = {}

@@ -115,6 +115,11 @@ def test_dry_run_prints_the_cost_and_asks_nothing(run, tmp_path, caplog):
     assert srv.requests == []
     text = caplog.text
     assert "cost:" in text and "explainer" in text and "prompt tokens" in text and "per density decade" in text
+    import re
+
+    m = re.search(r"(\d+) explainer \+ (\d+) scorer prompts; about (\d+) prompt tokens", text)
+    n_prompts, tokens = int(m.group(1)) + int(m.group(2)), int(m.group(3))
+    assert n_prompts > 0 and tokens >= 100 * n_prompts  # every prompt holds instructions and examples
 
 
 @pytest.mark.slow
