@@ -65,6 +65,7 @@ class ReplyCache:
                 json.dump({"request": request, "reply": reply.to_json()}, f, ensure_ascii=False)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp made it 0600
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
