@@ -17,7 +17,10 @@ lit-sae fit --config configs/quickstart.yaml "${resume[@]}"
 echo "== 3/4 test: the paper's evaluation suite on the held-out split"
 lit-sae test --config configs/quickstart.yaml --config callbacks/eval.yaml --ckpt_path last
 
-echo "== 4/4 features: the feature browser on the held-out split (N2G explanations included)"
+echo "== explain: SmolLM2-135M-Instruct explains ${AUTOINTERP_LATENTS:-8} latents, scored by detection and fuzzing"
+lit-sae explain --ckpt_path "$OUT/checkpoints/last.ckpt" --n "${AUTOINTERP_LATENTS:-8}" --progress false
+
+echo "== 4/4 features: the feature browser (N2G and the LLM explanations above)"
 lit-sae features --ckpt_path "$OUT/checkpoints/last.ckpt" --out_dir "$OUT/features"
 browser="$OUT/features/index.html"
 
@@ -32,5 +35,6 @@ Done in $(( $(date +%s) - start )) s. Results:
   TensorBoard logs             : $OUT/   (tensorboard --logdir $OUT)
   evaluation report            : ${report:-<missing>} (and report.json beside it)
   feature browser (offline)    : $browser
+  LLM explanations + scores    : $OUT/autointerp/ (results.json, explanations.json)
 MSG
 [ -n "$report" ] && cat "$report"

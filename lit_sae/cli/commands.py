@@ -31,6 +31,9 @@ TOOLS = {
     "features": ("lit_sae.features.run", "features",
                  "Collect per-latent statistics of an SAE and write the feature browser; returns the path of "
                  "index.html."),
+    "explain": ("lit_sae.autointerp.run", "explain",
+                "Explain a sample of an SAE's latents with an LLM and score them by detection and fuzzing; returns "
+                "results.json."),
     "reproduce": ("lit_sae.reproduce.run", "reproduce",
                   "Reproduce the claims of Gao et al. (2024) on a harvest: figures, reproduce.md and reproduce.json."),
 }

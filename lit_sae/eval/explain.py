@@ -55,7 +55,9 @@ class N2GResult:
     precision, recall: (L,) float64 with NaN where undefined (see ``status``; JSON output turns them into None);
     patterns[i]: list of (tokens, support), tokens a list of token ids or None (wildcard) from the earliest
     position to the firing token, support the number of fit-set firing positions it explains, largest first;
-    status[i]: "ok", "never fired" or "no held-out firing"; fires_fit, fires_score: (L,) int64 firing positions.
+    status[i]: "ok", "never fired" or "no held-out firing"; fires_fit, fires_score: (L,) int64 firing positions;
+    matched_score: (L,) int64 score-set positions some pattern matches (precision's denominator; recall's is
+    fires_score).
     """
 
     precision: Tensor
@@ -65,6 +67,7 @@ class N2GResult:
     fires_fit: Tensor
     fires_score: Tensor
     settings: dict = field(default_factory=dict)
+    matched_score: Tensor | None = None
 
 
 def _positions(codes: CodeBatch, mask: Tensor, max_len: int):
@@ -160,7 +163,7 @@ def n2g_explain(codes: CodeBatch, n_latents: int, *, fit: Tensor | None = None, 
     precision[undefined], recall[undefined] = math.nan, math.nan
     settings = dict(threshold=threshold, max_len=max_len, min_precision=min_precision, min_support=min_support,
                     fit_contexts=int(fit.sum()), score_contexts=int((~fit).sum()), fit_tokens=nf, score_tokens=ns)
-    return N2GResult(precision, recall, patterns, status, fires_fit, fires_score, settings)
+    return N2GResult(precision, recall, patterns, status, fires_fit, fires_score, settings, n_match.long())
 
 
 def summarize(result: N2GResult, good: float = 0.8) -> dict:

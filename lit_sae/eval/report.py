@@ -290,6 +290,10 @@ def render_markdown(report: dict) -> str:
         from lit_sae.eval.explain import render_markdown_section
 
         lines += render_markdown_section(report["explainability"])
+    if report.get("autointerp"):
+        from lit_sae.eval.autointerp_summary import render_autointerp_section
+
+        lines += render_autointerp_section(report["autointerp"])
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 if TYPE_CHECKING:  # torch is imported where it is used: `lit-sae --help` lists this command without loading torch
-    from torch import Tensor, nn
+    from torch import Tensor
+
+from lit_sae.eval.inputs import find_manifest, load_sae, run_root  # load_sae, run_root: re-exported (former home)
 
 log = logging.getLogger(__name__)
 
@@ -26,53 +28,18 @@ __all__ = ["features", "load_sae", "run_root"]
 N2G_CONTEXTS = 2048  # contexts whose codes are kept for N2G (k x 12 bytes per token: 50 MB at 64-token contexts)
 
 
-def load_sae(path: str | Path) -> tuple[nn.Module, dict]:
-    """An SAE in eval mode and facts about it, from anything ``lit_sae.load_sae`` reads: a ``lit-sae fit``
-    checkpoint (its EMA weights when EMA was on), a SAELens folder (lit-sae's export is one), a sparsify folder or an
-    OpenAI ``.pt``.
+def _autointerp_into(browser: Path, root: Path, sae_path: str) -> None:
+    """Copy ``lit-sae explain``'s results of this SAE (``<run root>/autointerp/results.json``) into the browser."""
+    from lit_sae.autointerp.publish import browser_payload, read_results, write_browser_data
 
-    Returns (sae, info) with info keys: kind ("checkpoint", or the folder's format: "saelens", "sparsify",
-    "openai"), path, hook_point, lm_name, tokens_seen (None except for checkpoints), data_path (the shard folder a
-    checkpoint was trained on, or None), config (dict).
-    Raises FileNotFoundError (missing path) or ValueError (unreadable file), naming the file.
-    """
-    from lit_sae.artifacts.load import detect_format, read_checkpoint
-    from lit_sae.artifacts.load import load_sae as load_any
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such checkpoint or exported SAE folder")
-    try:
-        fmt = detect_format(p)
-        if fmt == "litsae-checkpoint":
-            sae, ckpt = read_checkpoint(p)
-        else:
-            sae, ckpt = load_any(p), None
-    except FileNotFoundError:
-        raise
-    except Exception as exn:  # torch and safetensors raise several types for a truncated or foreign file
-        raise ValueError(f"{p}: not a readable SAE ({type(exn).__name__}: {str(exn).splitlines()[0][:300]}); pass "
-                         "a checkpoint written by `lit-sae fit`, an exported SAE folder, a SAELens or sparsify "
-                         "folder or an OpenAI .pt") from exn
-    config = {"d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k, "normalize": sae.normalize,
-              "activation": sae.activation}
-    if ckpt is None:
-        md = getattr(sae, "metadata", {}) or {}
-        info = {"kind": fmt, "path": str(p), "hook_point": md.get("hook_name"), "lm_name": md.get("model_name"),
-                "tokens_seen": None, "data_path": None, "config": config}
-        return sae.eval(), info
-    hp = ckpt["hparams"]
-    config.update({k: hp[k] for k in ("multi_topk", "ema_decay") if k in hp})
-    info = {"kind": "checkpoint", "path": str(p), "hook_point": hp.get("hook_point"), "lm_name": hp.get("lm_name"),
-            "tokens_seen": ckpt["tokens_seen"], "data_path": ckpt["datamodule"].get("path"), "config": config}
-    return sae.eval(), info
-
-
-def run_root(sae_path: str | Path) -> Path:
-    """The run's folder: the parent of a checkpoint's folder (runs/demo for runs/demo/checkpoints/last.ckpt), or
-    the parent of an exported SAE folder (runs/demo for runs/demo/sae)."""
-    p = Path(sae_path)
-    return p.parent.parent if p.is_file() else p.parent
+    data = read_results(root / "autointerp" / "results.json")
+    if data is None:
+        return
+    if Path(data.get("sae", {}).get("path", "")).resolve() != Path(sae_path).resolve():
+        log.info("%s: autointerp results of another SAE (%s), not shown", root / "autointerp",
+                 data.get("sae", {}).get("path"))
+        return
+    write_browser_data(browser, browser_payload(data))
 
 
 def _latest_report(root: Path) -> Optional[dict]:
@@ -93,7 +60,9 @@ def _latest_report(root: Path) -> Optional[dict]:
             v = (rep.get(section) or {}).get(k)
             if v is not None:
                 head[f"{section}.{k}"] = v
-    return {"path": str(found[-1]), "headline": head}
+    n = (rep.get("metrics") or {}).get("n_tokens")
+    return {"path": str(found[-1]), "headline": head,
+            "text": f"lit-sae test on the harvest's test split{f' ({n} tokens)' if n else ''}"}
 
 
 def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
@@ -117,17 +86,6 @@ def _train_contexts(settings: dict, tokenizer, n_tokens: int) -> Tensor:
     if not rows:
         raise ValueError("no train-split context could be rebuilt from the manifest's text source")
     return torch.tensor(rows, dtype=torch.long)
-
-
-def _recorded_data(data_path: Optional[str], ckpt_path: str) -> Optional[str]:
-    """The shard folder a checkpoint recorded; a relative path was relative to where ``fit`` ran, so it is also
-    looked for under the checkpoint's ancestors (runs/demo/shards from runs/demo/checkpoints/last.ckpt)."""
-    if data_path is None or "://" in data_path or Path(data_path).is_absolute() or Path(data_path).exists():
-        return data_path
-    for parent in Path(ckpt_path).resolve().parents:
-        if (parent / data_path).exists():
-            return str(parent / data_path)
-    return data_path
 
 
 def _vocab(tokenizer, ids) -> dict[int, str]:
@@ -158,9 +116,9 @@ def features(
     ckpt_path: str,
     manifest: Optional[str] = None,
     out_dir: Optional[str] = None,
-    split: Literal["test", "train"] = "test",
+    split: Literal["test", "train"] = "train",
     n_contexts: Optional[int] = None,
-    train_tokens: int = 200_000,
+    train_tokens: int = 40_000,
     batch_size: int = 32,
     device: str = "cpu",
     cache_mb: int = 2048,
@@ -178,10 +136,12 @@ def features(
             export, ``<run root>/shards`` when it exists.
         out_dir: where the browser goes (default: ``<run root>/features``, the run root being the checkpoint
             folder's parent, or the export folder's parent).
-        split: ``test`` (the harvest's held-out contexts, rebuilt as ``lit-sae test`` rebuilds them) or ``train``
-            (``train_tokens`` tokens of the train split, for rare latents).
+        split: ``train`` (default: ``train_tokens`` tokens of the train split) or ``test`` (the harvest's held-out
+            contexts, rebuilt as ``lit-sae test`` rebuilds them; the demo's is 7.9k tokens, too little for rare
+            latents: 464 of its 4,096 latents fired fewer than 20 times there). N2G is scored on contexts it was
+            not fitted on either way.
         n_contexts: at most this many contexts (default: the whole test split).
-        train_tokens: the token budget when ``split`` is ``train``.
+        train_tokens: the token budget when ``split`` is ``train`` (40k: about 5x the demo's test split).
         batch_size: contexts per LM forward.
         cache_mb: keep the text's sparse codes in memory (k x 12 bytes per token) when they fit in this many MB,
             so the LM runs once; above it, the LM re-encodes the text in each of the three passes.
@@ -198,7 +158,6 @@ def features(
     from tqdm.auto import tqdm
 
     from lit_sae.data.lm import load_lm
-    from lit_sae.data.shards import read_manifest
     from lit_sae.eval.codes import CodeBatch, context_codes, stack_codes
     from lit_sae.eval.explain import n2g_explain, summarize
     from lit_sae.eval.report import held_out_contexts, settings_from_manifest
@@ -210,22 +169,7 @@ def features(
     if info["tokens_seen"] == 0 and not allow_untrained:
         raise ValueError(f"{ckpt_path}: this checkpoint has seen no training tokens (untrained weights); train it "
                          "first, or pass --allow_untrained true to browse it anyway")
-    source = manifest or _recorded_data(info["data_path"], ckpt_path)
-    if source is None and (run_root(ckpt_path) / "shards" / "manifest.json").is_file():
-        source = str(run_root(ckpt_path) / "shards")  # an export inside a run folder: the run's own shards
-        log.info("using the run's harvest manifest %s", source)
-    if source is None:
-        raise ValueError(f"{ckpt_path}: no harvest manifest given and none recorded in the SAE; pass --manifest "
-                         "runs/<run>/shards (the folder holding manifest.json)")
-    man = read_manifest(str(source))
-    where = str(Path(source) / "manifest.json") if Path(source).is_dir() else str(source)
-    if int(man["d_in"]) != sae.d_in:
-        raise ValueError(f"{ckpt_path}: the SAE's d_in={sae.d_in} differs from d_in={man['d_in']} of the hook point "
-                         f"{man['hook_point']} in {where}; pass the manifest of the activations this SAE was "
-                         "trained on")
-    if info["hook_point"] and info["hook_point"] != man["hook_point"]:
-        raise ValueError(f"{ckpt_path}: the SAE was trained at {info['hook_point']} but {where} harvested "
-                         f"{man['hook_point']}; pass the matching manifest")
+    man, where = find_manifest(sae, info, ckpt_path, manifest)
     s = settings_from_manifest(man, where)
     out = Path(out_dir) if out_dir else run_root(ckpt_path) / "features"
     check_out_dir(out)  # before any work: a folder that is not an earlier browser is never replaced
@@ -288,11 +232,13 @@ def features(
     W_dec = sae.W_dec.detach()
     if getattr(sae, "normalize", "none") == "scalar":
         W_dec = W_dec / sae.norm_scale  # into the LM's activation space
-    logits = logit_effects(W_dec, W_U, g)
+    logits = logit_effects(W_dec, W_U, g, center=True, scale=True)
+    mean_top = logit_effects(W_dec.float().mean(0, keepdim=True), W_U, g)[1][0].tolist()
     neighbours = decoder_neighbours(W_dec)
     records = latent_records(stats, logits=logits, neighbours=neighbours, n2g=result)
     contexts = ids.tolist()
     used = {t for row in contexts for t in row} | set(logits[1].flatten().tolist()) | set(logits[3].flatten().tolist())
+    used |= set(mean_top)
     for pats in (result.patterns if result else []):
         used.update(t for p, _ in pats[:10] for t in p if t is not None)
     meta = {"sae": {**info["config"], "path": info["path"], "tokens_seen": info["tokens_seen"]},
@@ -301,8 +247,12 @@ def features(
                        "first_position": s["first_position"], "norm_threshold": s["norm_threshold"]},
             "report": _latest_report(run_root(ckpt_path)),
             "explainability": summarize(result) if result else None,
-            "window": list(stats.window)}
+            "window": list(stats.window),
+            "logits": {"formula": "z = W_U (g * (W_dec[i] - mean_j W_dec[j])) / (the token's standard deviation over "
+                       "latents)", "subtracted": "the mean over latents of the direct logit effect (then divided by "
+                       "each token's spread over latents)", "mean_top": mean_top}}
     page = write_browser(out, records, contexts, _vocab(tokenizer, used), stats, meta, tokenizer=tokenizer)
+    _autointerp_into(page.parent, run_root(ckpt_path), info["path"])
     log.info("feature browser for %d latents (%d dead) on %d tokens written in %.1f s: %s", L,
              int((stats.count == 0).sum()), stats.n_tokens, time.perf_counter() - t0, page)
     return page

@@ -73,6 +73,8 @@ def latent_records(stats: FeatureStats, *, logits=None, neighbours=None, n2g=Non
         cos, ids = (t.tolist() for t in neighbours)
     if n2g is not None:
         prec, rec_ = n2g.precision.tolist(), n2g.recall.tolist()
+        n_fires = n2g.fires_score.tolist()
+        n_matched = n2g.matched_score.tolist() if n2g.matched_score is not None else [None] * L
     out = []
     for i in range(L):
         rec: dict[str, Any] = {"id": i, "count": count[i], "density": _r(density[i], 6), "max": _r(mx[i]),
@@ -92,6 +94,7 @@ def latent_records(stats: FeatureStats, *, logits=None, neighbours=None, n2g=Non
             rec["neighbours"] = [[int(j), _r(c)] for j, c in zip(ids[i], cos[i])]
         if n2g is not None:
             rec["explanation"] = {"status": n2g.status[i], "precision": _r(prec[i]), "recall": _r(rec_[i]),
+                                  "n_matched": n_matched[i], "n_fires": n_fires[i],
                                   "patterns": [{"tokens": t, "support": s} for t, s in n2g.patterns[i][:10]],
                                   "n_patterns": len(n2g.patterns[i])}
         out.append(rec)

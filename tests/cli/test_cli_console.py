@@ -22,7 +22,7 @@ def test_top_level_help_lists_every_command_without_importing_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     table = out.split("Commands")[1].split("options:")[0]
     named = [line.split()[0] for line in table.splitlines()[1:] if line.strip()]
-    assert named == ["harvest", "fit", "validate", "test", "sweep", "export", "features", "reproduce"]
+    assert named == ["harvest", "fit", "validate", "test", "sweep", "export", "features", "explain", "reproduce"]
     assert all(len(line.split(None, 1)) == 2 for line in table.splitlines()[1:] if line.strip())  # one line each
     assert "LIGHTNING-NOT-LOADED" in out
 

@@ -42,7 +42,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(run):
-    page = features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), progress=False)
+    page = features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), split="test", progress=False)
     return page
 
 
@@ -66,6 +66,8 @@ def test_files_and_data(run, browser):
         assert 0 <= t["ctx"] < len(contexts)
         assert len(r["logits"]["top"]) == 10 and len(r["neighbours"]) == 5
         assert r["explanation"]["status"] in ("ok", "no held-out firing")
+        assert r["explanation"]["n_fires"] >= 0 and r["explanation"]["n_matched"] >= 0  # every score's sample size
+    assert summary["logits"]["formula"].startswith("z = W_U (g * (W_dec[i] - mean_j") and len(summary["logits"]["mean_top"]) == 10
     for path in folder.rglob("*"):
         if path.is_file():
             raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
@@ -130,6 +132,7 @@ def test_cli_features_and_errors(run, tmp_path, capsys, caplog):
           "--progress", "false", "--n_contexts", "4"])
     said = capsys.readouterr()
     assert str(tmp_path / "b" / "index.html") in said.out + said.err + caplog.text  # it says where the browser is
+    assert json.loads((tmp_path / "b" / "data" / "summary.json").read_text())["source"]["split"] == "train"  # default
     assert "estimated memory for 48 latents" in caplog.text  # said before starting
     # without the in-memory code cache (the LM re-encodes the text in each pass) the data are the same
     main(["features", "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "c"), "--n2g", "false",
@@ -276,3 +279,37 @@ def test_features_refuses_an_unrelated_out_dir(run, tmp_path):
         features(ckpt_path=str(run / "checkpoints" / "last.ckpt"), out_dir=str(mine), progress=False, n2g=False,
                  n_contexts=2)
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"] and (mine / "thesis.tex").read_text() == "keep me"
+
+
+def test_browser_shows_autointerp_beside_n2g(run, tmp_path):
+    """`lit-sae explain` (fake OpenAI-compatible server) then `lit-sae features`: the latent page shows the LLM
+    explanation, its scores with sample sizes and the scored samples marked right/wrong; the index has its columns
+    and says which text each number comes from."""
+    pytest.importorskip("openai")
+    from lit_sae.autointerp.backend import BackendSpec
+    from lit_sae.autointerp.run import explain
+    from tests.autointerp.test_oracle import oracle
+    from tests.support.fake_openai import FakeOpenAI
+
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    with FakeOpenAI(oracle()) as srv:
+        res = explain(ckpt_path=ckpt, split="test", n=4, progress=False,
+                      backend=BackendSpec(kind="openai", model="fake-model", base_url=srv.url, concurrency=2))
+    assert res == run / "autointerp" / "results.json"
+    data = json.loads(res.read_text())
+    scored = [r for r in data["latents"] if r["status"] == "ok"]
+    assert scored
+    page = features(ckpt_path=ckpt, out_dir=str(tmp_path / "b"), split="test", n2g=True, progress=False)
+    assert json.loads((page.parent / "data" / "autointerp.json").read_text())["latents"].keys() == \
+        {str(r["latent"]) for r in data["latents"]}
+    exe = _chromium()
+    r = scored[0]
+    dom = _chrome(exe, f"{page.as_uri()}#latent-{r['latent']}", "--dump-dom").stdout
+    assert 'data-ready="1"' in dom, dom[-2000:]
+    assert r["explanation"] in dom.replace("&quot;", '"')
+    assert "detection accuracy " in dom and "fuzzing accuracy " in dom
+    assert f"(n={r['detection']['n']}: {r['detection']['n_pos']} activating" in dom
+    assert re.search(r'class="v (ok|bad)"[^>]*>[\u2713\u2717] (yes|no)<', dom)
+    assert "LLM explanations (autointerp)" in dom and "lit-sae explain: test split" in dom
+    assert "this browser's text: test split" in dom and "(of " in dom  # N2G scores carry their sample sizes
+    assert "relative to the mean over latents" in dom

@@ -16,6 +16,28 @@ def test_logit_effects_match_float64():
     assert torch.allclose(tv.double(), top.values, atol=1e-5) and torch.allclose(bv.double(), bot.values, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [False, True])
+def test_relative_logit_effects_match_float64(scale):
+    """Centred on the mean over latents (and, with scale, divided by each token's standard deviation over
+    latents): the dense float64 effect matrix, centred and standardised per token column."""
+    g = torch.Generator().manual_seed(2)
+    W_dec, W_U, gain = torch.randn(37, 16, generator=g), torch.randn(50, 16, generator=g), torch.rand(16, generator=g)
+    W_U[3] *= 20  # a token whose effect is large under every latent: it wins the raw tables, not the z-scores
+    tv, ti, bv, bi = logit_effects(W_dec, W_U, gain, n=10, chunk=8, center=True, scale=scale)
+    ref = (W_dec.double() * gain.double()) @ W_U.double().T
+    ref = ref - ref.mean(0)
+    if scale:
+        ref = ref / ref.std(0)
+    top, bot = ref.topk(10, dim=1), ref.topk(10, dim=1, largest=False)
+    assert torch.equal(ti, top.indices) and torch.equal(bi, bot.indices)
+    # fp32 products of length 16 and a 16x16 covariance: relative error ~1e-6 of values of order 1-100
+    assert torch.allclose(tv.double(), top.values, rtol=1e-4, atol=1e-4)
+    if scale:  # token 3 is at an extreme of nearly every raw table; as a z-score, of about 20/50 of them (sd 0.08)
+        _, rti, _, rbi = logit_effects(W_dec, W_U, gain, n=10, chunk=8)
+        assert ((rti == 3) | (rbi == 3)).any(1).float().mean() > 0.9
+        assert ((ti == 3) | (bi == 3)).any(1).float().mean() < 0.65
+
+
 def test_neighbours_match_float64():
     g = torch.Generator().manual_seed(1)
     W_dec = torch.randn(41, 12, generator=g) * torch.rand(41, 1, generator=g)  # rows of any norm
