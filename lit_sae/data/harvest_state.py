@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 from lit_sae.data.contexts import SPLITS
+from lit_sae.data.hook_sets import HookSets, read_hook_sets_file
 from lit_sae.data.manifest import Manifest
 from lit_sae.data.shard_format import MANIFEST_NAME, ShardError
 
-__all__ = ["HarvestConfigError", "SplitProgress", "clean_output", "config_diff", "existing_manifest",
-           "refresh_totals", "validate_settings"]
+__all__ = ["HarvestConfigError", "SplitProgress", "clean_output", "config_diff", "existing_hook_sets",
+           "existing_manifest", "hook_list", "refresh_totals", "validate_settings"]
 
 log = logging.getLogger("lit_sae.data.harvest")
 
@@ -108,6 +109,66 @@ def existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[Mani
     log.warning("%s: deleting a harvest with another configuration (%s)", out, "; ".join(diff))
     clean_output(out)
     return None
+
+
+DEFAULT_HOOK_POINT = "blocks.20.hook_resid_post"
+
+
+def hook_list(hook_point: str, hook_points: Optional[list[str]]) -> list[str]:
+    """The hook points a harvest reads: ``hook_points`` when given (``hook_point`` must then be left at its default
+    or be the first of them), else ``[hook_point]``. Raises ValueError naming the key."""
+    if hook_points is None:
+        return [hook_point]
+    if isinstance(hook_points, str) or not hook_points or not all(isinstance(h, str) and h for h in hook_points):
+        raise ValueError(f"hook_points must be a non-empty list of hook point names, got {hook_points!r}")
+    if hook_point not in (DEFAULT_HOOK_POINT, hook_points[0]):
+        raise ValueError(f"hook_point {hook_point!r} and hook_points {hook_points} are both set; set only "
+                         "hook_points (its first entry is the main one)")
+    if len(set(hook_points)) != len(hook_points):
+        raise ValueError(f"hook_points {hook_points} lists a hook point twice; list each once")
+    return list(hook_points)
+
+
+def existing_hook_sets(out: Path, sets: Optional[HookSets], folders: dict[str, Path], configs: dict[str, dict],
+                       overwrite: bool) -> dict[str, Manifest]:
+    """The manifests to resume from, per hook point ({} for a fresh start, after cleaning up when allowed).
+
+    One hook (``sets`` None): :func:`existing_manifest` of ``out``. Several: the top manifest must be a HookSets
+    of the same configuration; each hook folder's manifest is checked like a one-hook folder, and the folders are
+    rolled back to the shards all of them completed (an interruption may fall between two folders' shard writes).
+    """
+    hooks = list(folders)
+    if sets is None:
+        m = existing_manifest(out, configs[hooks[0]], overwrite)
+        return {} if m is None else {hooks[0]: m}
+    top = out / MANIFEST_NAME
+    if top.exists():
+        old = read_hook_sets_file(str(top))
+        diff = ["not a multi-hook harvest"] if old is None else config_diff(old.config, sets.config)
+        if diff:
+            if not overwrite:
+                raise HarvestConfigError(f"{top}: this folder holds another harvest ({'; '.join(diff)}), so it "
+                                         "cannot be resumed; use another out_dir, or set overwrite=true to delete it")
+            log.warning("%s: deleting a harvest with another configuration (%s)", out, "; ".join(diff))
+            clean_output(out)
+            for f in (old.folders.values() if old is not None else ()):
+                if (out / f).is_dir():
+                    clean_output(out / f)
+    found = {h: existing_manifest(folders[h], configs[h], overwrite) if folders[h].is_dir() else None
+             for h in hooks}
+    if any(m is None for m in found.values()):  # a folder missing: start all over (they must stay aligned)
+        for h in hooks:
+            if folders[h].is_dir():
+                clean_output(folders[h])
+        return {}
+    for split in SPLITS:
+        least = min(hooks, key=lambda h: len(found[h].splits[split].shards))
+        n = len(found[least].splits[split].shards)
+        for h in hooks:
+            found[h].splits[split].shards = found[h].splits[split].shards[:n]
+            found[h].resume[split] = dict(found[least].resume[split])
+            refresh_totals(found[h])
+    return found
 
 
 def refresh_totals(manifest: Manifest) -> None:

