@@ -430,7 +430,8 @@ class SAEModule(ResumeChecks, L.LightningModule):
             if self.ema is not None:
                 stack.enter_context(self.ema.swapped_into(self.sae))
             export_sae(self.sae, out, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name,
-                       **({"target_hook_point": self.hparams.target_hook_point} if self.hparams.transcoder else {}))
+                       **({"target_hook_point": self.hparams.target_hook_point, "strict": False}
+                          if self.hparams.transcoder else {}))
         log.info("exported the SAE to %s", out)
 
 
