@@ -45,6 +45,19 @@ data:
     {target}
 """
 
+EVAL = """\
+trainer:
+  callbacks+:
+    - class_path: lit_sae.callbacks.eval_report.EvalReport
+      init_args:
+        n_contexts: 8
+        probes: false
+        ablation: true
+        explain: false
+        batch_size: 4
+        progress: false
+"""
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -95,6 +108,21 @@ def test_fit_trains_a_skip_transcoder_and_exports_it(tmp_path, shards):
     # Untrained, the prediction is b_dec (the target's median): NMSE about 1. Trained 40 steps, far below.
     untrained = _test_nmse(Transcoder(32, 64, 4, skip=True).eval(), shards)
     assert nmse < 0.5 * min(untrained, 1.0), (nmse, untrained)
+    # lit-sae test with the evaluation report: the target's NMSE and the downstream loss with the prediction
+    # replacing the MLP's output
+    preset = tmp_path / "eval.yaml"
+    preset.write_text(EVAL)
+    code, err = cli(["test", "--config", str(recipe(tmp_path, shards, "run")), "--config", str(preset),
+                     "--ckpt_path", "last"])
+    assert code == 0, err[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    # the export holds the same weights in float32, folded: the same NMSE to float32 rounding of the predictions
+    assert report["metrics"]["nmse"] == pytest.approx(nmse, rel=1e-4)
+    d = report["downstream"]
+    assert (d["input_hook_point"], d["hook_point"]) == (HOOK_IN, HOOK_OUT)
+    assert abs(d["sae_ce"] - d["clean_ce"]) < abs(d["zero_ce"] - d["clean_ce"])  # closer to clean than ablation
+    assert "ablation" not in report and report["notes"]
+    assert "replacing blocks.1.hook_mlp_out" in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("kw,key", [
