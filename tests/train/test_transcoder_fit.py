@@ -25,7 +25,7 @@ trainer:
   enable_progress_bar: false
   enable_model_summary: false
   logger: false
-  val_check_interval: 10
+  val_check_interval: {val_every}
   check_val_every_n_epoch: null
 model:
   n_latents: 64
@@ -74,7 +74,7 @@ def recipe(tmp: Path, shards: Path, root: str, steps=40, transcoder="true", skip
            target=f"target_hook_point: {HOOK_OUT}") -> Path:
     path = tmp / f"{root}.yaml"
     path.write_text(RECIPE.format(steps=steps, root=tmp / root, shards=shards, transcoder=transcoder, skip=skip,
-                                  activation=activation, target=target))
+                                  activation=activation, target=target, val_every=min(10, steps)))
     return path
 
 
@@ -123,6 +123,24 @@ def test_fit_trains_a_skip_transcoder_and_exports_it(tmp_path, shards):
     assert abs(d["sae_ce"] - d["clean_ce"]) < abs(d["zero_ce"] - d["clean_ce"])  # closer to clean than ablation
     assert "ablation" not in report and report["notes"]
     assert "replacing blocks.1.hook_mlp_out" in (tmp_path / "run" / "report.md").read_text()
+    # lit-sae export to circuit-tracer's layout from the checkpoint: the same prediction as the fit's export
+    ckpt = str(next((tmp_path / "run").rglob("last.ckpt")))
+    code, err = cli(["export", ckpt, "--out", str(tmp_path / "ct"), "--format", "circuit-tracer"])
+    assert code == 0, err[-2000:]
+    x = torch.randn(64, 32) * 3
+    torch.testing.assert_close(load_sae(tmp_path / "ct").reconstruct(x), sae.reconstruct(x), rtol=0,
+                               atol=1e-5 * float(sae.reconstruct(x).abs().max()))
+
+
+def test_topk_transcoder_export_to_their_layouts_is_refused(tmp_path, shards):
+    code, err = cli(["fit", "--config", str(recipe(tmp_path, shards, "topk", steps=2, activation="topk"))])
+    assert code == 0, err[-2000:]
+    assert json.loads((tmp_path / "topk" / "sae" / "cfg.json").read_text())["architecture"] == "topk_skip_transcoder"
+    ckpt = str(next((tmp_path / "topk").rglob("last.ckpt")))
+    for fmt in ("saelens", "circuit-tracer"):
+        code, err = cli(["export", ckpt, "--out", str(tmp_path / fmt), "--format", fmt])
+        assert code == 2 and "model.activation='topk'" in error_line(err), err[-2000:]
+        assert not (tmp_path / fmt).exists()
 
 
 @pytest.mark.parametrize("kw,key", [
