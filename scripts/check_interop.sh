@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Round-trip SAEs between lit-sae and the real SAELens and EleutherAI sparsify, installed from the package index into
+# Round-trip SAEs (and transcoders) between lit-sae and the real SAELens, EleutherAI sparsify and circuit-tracer, installed from the package index into
 # their own venvs (kept out of lit-sae's venv and test suite; about 1.9 GB and 1.5 GB). Run from the repository root
 # after `make install`:   bash scripts/check_interop.sh
 #
@@ -34,6 +34,7 @@ mkdir -p "$VENVS"
 rm -rf "$WORK" && mkdir -p "$WORK"
 install saelens sae-lens
 install sparsify eai-sparsify
+install circuit-tracer circuit-tracer
 
 echo "== lit-sae shards (d_in $D_IN, $HOOK) and their test activations"
 "$LIT" - "$WORK" $D_IN $HOOK <<'EOF'
@@ -108,6 +109,14 @@ EOF
   else
     echo "FAIL lit-sae test on the $lib SAE (see $log):"; tail -5 "$log"; status=1
   fi
+done
+
+# 3. transcoders: lit-sae's SAELens / circuit-tracer transcoder exports load in the real packages with the same
+#    prediction of the target, and the packages' own saves load in lit-sae (scripts/interop_transcoders.py).
+for lib in saelens circuit-tracer; do
+  echo "== $lib: transcoders, both directions"
+  PYTHONPATH=$ROOT "$VENVS/$lib/bin/python" -W ignore scripts/interop_transcoders.py --lib "$lib" --work "$WORK" \
+    2>&1 | grep -v -E "^(Dropping extra args)" || status=1
 done
 
 if [ $status -eq 0 ]; then echo "PASS check_interop"; else echo "FAIL check_interop"; fi

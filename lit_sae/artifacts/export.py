@@ -7,6 +7,9 @@
   delphi);
 - ``openai``: ``out/sae.pt`` (``Autoencoder.from_state_dict``; topk SAEs with ``normalize: layernorm`` only).
 
+A transcoder (``lit_sae.sae.transcoder``) is written in SAELens's transcoder layout (``saelens``) or circuit-tracer's
+(``circuit-tracer``: ``out/layer_{L}.safetensors`` + ``out/config.yaml``); see ``lit_sae.formats.transcoders``.
+
 Every export takes raw activations and has unit-norm decoder rows (``lit_sae.formats.common.fold_for_export``), and
 its ``cfg.json`` carries provenance in the ``lit_sae`` section: the checkpoint's sha256, step and tokens seen, the
 shard manifest's sha256, context length and BOS handling, so an export that no longer matches its checkpoint or data
@@ -35,8 +38,8 @@ log = logging.getLogger(__name__)
 __all__ = ["export", "export_sae", "export_checkpoint", "export_sharded", "final_checkpoint", "load_exported",
            "provenance"]
 
-Format = Literal["saelens", "sparsify", "openai"]
-FORMATS = ("saelens", "sparsify", "openai")
+Format = Literal["saelens", "sparsify", "openai", "circuit-tracer"]
+FORMATS = ("saelens", "sparsify", "openai", "circuit-tracer")
 
 
 def export(ckpt: str, out: str, format: Format = "saelens", overwrite: bool = False,
@@ -62,19 +65,29 @@ def export(ckpt: str, out: str, format: Format = "saelens", overwrite: bool = Fa
     sae, info = read_checkpoint(ckpt)
     hp = info["hparams"]
     prov = provenance(ckpt, info, manifest)
+    extra = {"target_hook_point": hp.get("target_hook_point")} if hp.get("transcoder") else {}
     return export_sae(sae, out, hook_point=hp.get("hook_point"), lm_name=hp.get("lm_name"), format=format,
-                      overwrite=overwrite, provenance=prov)
+                      overwrite=overwrite, provenance=prov, **extra)
 
 
 def export_sae(sae: TopKSAE, out_dir: str | Path, *, hook_point: Optional[str] = None, lm_name: Optional[str] = None,
-               format: Format = "saelens", overwrite: bool = True, provenance: Optional[dict[str, Any]] = None
-               ) -> Path:
+               format: Format = "saelens", overwrite: bool = True, provenance: Optional[dict[str, Any]] = None,
+               target_hook_point: Optional[str] = None, strict: bool = True) -> Path:
     """Write ``sae`` to ``out_dir`` in ``format``. ``provenance`` (see :func:`provenance`) fills SAELens's
     context_size / prepend_bos / dataset_path / model_name and lit-sae's own section. ``overwrite`` defaults to True
-    here because a fit re-exports into its own run folder; the ``export`` command defaults to False."""
+    here because a fit re-exports into its own run folder; the ``export`` command defaults to False.
+    ``target_hook_point``: a transcoder's target (SAELens's hook_name_out). ``strict=False`` lets a topk transcoder
+    (no SAELens class) be written in SAELens's layout for lit-sae to read (the export at the end of a fit).
+    Raises ValueError, before anything is written, for a layout that cannot hold the SAE (named, with the fix)."""
     prov = dict(provenance or {})
     model = prov.pop("model_name_resolvable", None)
     own = {"hook_point": hook_point, "model_alias": lm_name, **prov}
+    if hasattr(sae, "d_out"):
+        return _export_transcoder(sae, out_dir, format, model or lm_name, hook_point, target_hook_point, prov, own,
+                                  overwrite, strict)
+    if format == "circuit-tracer":
+        raise ValueError("--format circuit-tracer: circuit-tracer reads transcoders, and this is an SAE; export it "
+                         "with --format saelens")
     if format == "saelens":
         metadata = {"hook_name": hook_point, "model_name": model or lm_name,
                     "context_size": prov.get("context_length"), "prepend_bos": prov.get("prepend_bos"),
@@ -96,6 +109,30 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, *, hook_point: Optional[str] =
         return write_folder(out_dir, {openai.WEIGHTS: buf.getvalue(), "cfg.json": text.encode()},
                             overwrite=overwrite)
     raise ValueError(f"format={format!r}: use one of {', '.join(FORMATS)}")
+
+
+def _export_transcoder(sae, out_dir, format, model, hook_point, target_hook_point, prov, own, overwrite, strict
+                       ) -> Path:
+    from safetensors.torch import save
+
+    from lit_sae.formats import transcoders
+
+    kwargs, state = sae.config(), sae.state_dict()
+    own = {**own, "target_hook_point": target_hook_point}
+    if format == "saelens":
+        metadata = {"hook_name": hook_point, "hook_name_out": target_hook_point, "model_name": model,
+                    "context_size": prov.get("context_length"), "prepend_bos": prov.get("prepend_bos"),
+                    "dataset_path": prov.get("dataset_path")}
+        tensors, cfg = transcoders.to_saelens_transcoder(kwargs, state, metadata, own, strict=strict)
+        return write_folder(out_dir, {saelens.CONFIG: json.dumps(cfg, indent=2).encode(),
+                                      saelens.WEIGHTS: save(tensors)}, overwrite=overwrite)
+    if format == "circuit-tracer":
+        tensors = transcoders.to_circuit_tracer(kwargs, state)
+        layer = saelens.hook_layer_of(hook_point)
+        config = transcoders.circuit_tracer_config(model, layer, hook_point, target_hook_point)
+        return write_folder(out_dir, {transcoders.ct_file(layer): save(tensors),
+                                      transcoders.CT_CONFIG: config.encode()}, overwrite=overwrite)
+    raise ValueError(f"--format {format}: a transcoder is exported with --format saelens or circuit-tracer")
 
 
 def provenance(ckpt: str | Path, info: dict[str, Any], manifest: Optional[str | Path] = None) -> dict[str, Any]:

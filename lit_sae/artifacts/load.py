@@ -5,7 +5,9 @@ Detected by content, in this order:
 - a lit-sae training checkpoint (``lit-sae fit``'s ``.ckpt``; its EMA weights when EMA was on);
 - a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``; lit-sae's own export is one);
 - a sparsify folder (``cfg.json`` + ``sae.safetensors``), or a sparsify run folder holding exactly one of them;
-- an OpenAI v5 state dict (``.pt``, e.g. ``v5_32k/layer_8.pt``), or a folder holding ``sae.pt``.
+- an OpenAI v5 state dict (``.pt``, e.g. ``v5_32k/layer_8.pt``), or a folder holding ``sae.pt``;
+- a transcoder: SAELens's transcoder folders (the same files, a ``*transcoder`` architecture) and circuit-tracer's
+  per-layer file (``layer_{L}.safetensors``, or a folder holding one with its ``config.yaml``), as a ``Transcoder``.
 
 Each loader names the file and the field it cannot represent (ValueError) or the file it misses (FileNotFoundError).
 """
@@ -16,18 +18,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lit_sae.formats import openai, saelens, sparsify
+from lit_sae.formats import openai, saelens, sparsify, transcoders
 from lit_sae.formats.common import read_json
 from lit_sae.sae.config import MODULE_KEYS
 from lit_sae.sae.model import TopKSAE
+from lit_sae.sae.transcoder import Transcoder
 from lit_sae.safe_io import torch_load
 
 log = logging.getLogger(__name__)
 
 __all__ = ["load_sae", "read_checkpoint", "detect_format"]
 
-#: TopKSAE arguments a lit-sae checkpoint's hyperparameters carry: SAEModule's SAE arguments.
-_SAE_ARGS = MODULE_KEYS
+#: TopKSAE arguments a lit-sae checkpoint's hyperparameters carry: SAEModule's SAE arguments, and a transcoder's.
+_SAE_ARGS = (*MODULE_KEYS, "d_out", "skip")
 
 
 def detect_format(path: str | Path) -> str:
@@ -41,6 +44,8 @@ def detect_format(path: str | Path) -> str:
             return "saelens"
         if p.name in (sparsify.WEIGHTS,) and sparsify.is_sparsify_folder(p.parent):
             return "sparsify"
+        if p.suffix == ".safetensors":
+            return "circuit-tracer"
         obj = _torch_load(p)
         if isinstance(obj, dict) and "state_dict" in obj and any(k.startswith("sae.") for k in obj["state_dict"]):
             return "litsae-checkpoint"
@@ -54,6 +59,8 @@ def detect_format(path: str | Path) -> str:
         return "sparsify"
     if (p / openai.WEIGHTS).is_file():
         return "openai"
+    if (p / transcoders.CT_CONFIG).is_file() and len(list(p.glob("layer_*.safetensors"))) == 1:
+        return "circuit-tracer"
     raise ValueError(f"{p}: no SAE found: expected cfg.json + {saelens.WEIGHTS} (SAELens), cfg.json + "
                      f"{sparsify.WEIGHTS} (sparsify, or one folder per hookpoint), or {openai.WEIGHTS} (OpenAI)")
 
@@ -70,7 +77,22 @@ def load_sae(path: str | Path) -> TopKSAE:
     if fmt == "litsae-checkpoint":
         sae, _ = read_checkpoint(p)
     elif fmt == "saelens":
-        sae = TopKSAE.from_pretrained(p if p.is_dir() else p.parent)
+        folder = p if p.is_dir() else p.parent
+        cfg = read_json(folder / saelens.CONFIG)
+        if transcoders.is_saelens_transcoder(cfg):
+            from safetensors.torch import load_file
+
+            kwargs, state, meta = transcoders.from_saelens_transcoder(cfg, load_file(str(folder / saelens.WEIGHTS)),
+                                                                      folder / saelens.WEIGHTS)
+            sae = Transcoder.from_state(kwargs, state, meta)
+        else:
+            sae = TopKSAE.from_pretrained(folder)
+    elif fmt == "circuit-tracer":
+        from safetensors.torch import load_file
+
+        file = p if p.is_file() else next(p.glob("layer_*.safetensors"))
+        kwargs, state = transcoders.from_circuit_tracer(load_file(str(file)), file)
+        sae = Transcoder.from_state(kwargs, state, {"hook_layer": _layer_of(file.name)})
     elif fmt == "sparsify":
         folder = p if p.is_dir() else p.parent
         if not sparsify.is_sparsify_folder(folder):
@@ -117,11 +139,14 @@ def read_checkpoint(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     ema_steps = int(sd.get("ema.steps", 0))
     if ema_steps > 0 and hp.get("ema_decay") is not None:
         correction = 1.0 - float(hp["ema_decay"]) ** ema_steps
-        for name in ("W_enc", "b_enc", "W_dec", "b_pre", "threshold"):  # threshold: a learned one (jumprelu)
+        for name in ("W_enc", "b_enc", "W_dec", "b_pre", "threshold", "b_dec", "W_skip"):  # threshold: jumprelu's
             if f"ema.shadow_{name}" in sd:
                 state[name] = sd[f"ema.shadow_{name}"] / correction
-    sae = TopKSAE.from_state({k: hp[k] for k in _SAE_ARGS if hp.get(k) is not None}, state,
-                             {"hook_name": hp.get("hook_point"), "model_name": hp.get("lm_name")})
+    cls = Transcoder if hp.get("transcoder") else TopKSAE
+    sae = cls.from_state({k: hp[k] for k in _SAE_ARGS if hp.get(k) is not None and (k not in ("d_out", "skip") or
+                                                                                    cls is Transcoder)}, state,
+                         {"hook_name": hp.get("hook_point"), "model_name": hp.get("lm_name"),
+                          **({"hook_name_out": hp.get("target_hook_point")} if cls is Transcoder else {})})
     if ema_steps > 0:  # as EMA.swapped_into does for validation, test and the export at the end of a fit
         sae.fold_decoder_norms_()
     info = {"hparams": hp, "global_step": int(ckpt.get("global_step", 0)),
@@ -134,3 +159,8 @@ def _torch_load(path: Path) -> Any:
     """A ``torch.save`` file, tensors and plain data only (``lit_sae.safe_io.torch_load``: ``weights_only=True``;
     an UnsafeFileError names the file and the refused object, a ValueError a file that is not a torch file)."""
     return torch_load(path, "SAE file")
+
+
+def _layer_of(name: str):
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return int(digits) if digits else None

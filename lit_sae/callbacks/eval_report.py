@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 __all__ = ["EvalReport", "DownstreamDuringFit", "log_eval_numbers"]
 
 
+def _target_manifest(trainer, pl_module) -> Optional[dict]:
+    """A transcoder's target hook manifest (the DataModule's ``target_manifest``), else None."""
+    if not hasattr(pl_module.sae, "d_out"):
+        return None
+    m = getattr(getattr(trainer, "datamodule", None), "target_manifest", None)
+    return m.to_json() if hasattr(m, "to_json") else m
+
+
 class EvalReport(L.Callback):
     """Full evaluation report at the end of ``trainer.test``.
 
@@ -100,11 +108,12 @@ class EvalReport(L.Callback):
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
         dev = pl_module.device
-        self.nmse = NormalizedMSE(d_in=pl_module.sae.d_in).to(dev)
+        d_target = getattr(pl_module.sae, "d_out", pl_module.sae.d_in)  # what x_hat reconstructs
+        self.nmse = NormalizedMSE(d_in=d_target).to(dev)
         self.rel = RelativeMSE().to(dev)
         self.l0 = L0().to(dev)
         self.density = FeatureDensity(pl_module.sae.n_latents).to(dev)
-        self.saebench = CoreMetrics(pl_module.sae.n_latents, pl_module.sae.d_in).to(dev)
+        self.saebench = CoreMetrics(pl_module.sae.n_latents, d_target).to(dev)
 
     @torch.no_grad()
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -169,6 +178,7 @@ class EvalReport(L.Callback):
                 n_ablation_latents=self.n_ablation_latents,
                 ablation_contexts_per_latent=self.ablation_contexts_per_latent, mean=None,
                 explain=self.explain, explain_contexts=self.explain_contexts,
+                target_manifest=_target_manifest(trainer, pl_module),
                 batch_size=self.batch_size, device=device, seed=self.seed, progress=self.progress,
                 on_section=section_done))
         report["saebench_core"] = saebench_section(self._saebench, self._sae, report.get("downstream"))

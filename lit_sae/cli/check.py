@@ -40,6 +40,8 @@ import lit_sae
 
 # Options that data passes to the model when both are instantiated (lit_sae.cli.trainer.SAECLI uses these too).
 LINKS = (("data.d_in", "model.d_in"), ("data.hook_point", "model.hook_point"), ("data.model_name", "model.lm_name"))
+#: model keys read from a data attribute that only some DataModules have (a transcoder's target hook point).
+OPTIONAL_LINKS = (("model.d_out", "d_target"), ("model.target_hook_point", "target_hook_point"))
 UNTRAINED_HELP = ("validate / test only: evaluate the model's initial weights on purpose (without it, these commands "
                   "need --ckpt_path or --model.init_from, so that untrained weights are never reported by mistake)")
 SEED_HELP = ("Set to an int to run seed_everything with this value before classes instantiation. Set to True to use "
@@ -261,6 +263,8 @@ def add_lit_sae_arguments(parser: Any) -> None:
     """What lit-sae adds to LightningCLI's parser (shared with ``SAECLI.add_arguments_to_parser``)."""
     for source, target in LINKS:
         parser.link_arguments(source, target, apply_on="instantiate")
+    for target, attribute in OPTIONAL_LINKS:  # DataModules without a target hook point give None
+        parser.link_arguments("data", target, compute_fn=_attribute_or_none(attribute), apply_on="instantiate")
     parser.add_argument("--untrained", type=bool, default=False, help=UNTRAINED_HELP)
 
 
@@ -301,3 +305,10 @@ def suggesting_parser() -> type:
             return super().error(f"{message}{suggest_key(message, self)}", ex)
 
     return SuggestingParser
+
+
+def _attribute_or_none(name: str):
+    def compute(data: Any) -> Any:
+        return getattr(data, name, None)
+
+    return compute

@@ -1,11 +1,11 @@
-"""``lit-sae export CKPT --out DIR [--format saelens|sparsify|openai] [--overwrite]``."""
+"""``lit-sae export CKPT --out DIR [--format saelens|sparsify|openai|circuit-tracer] [--overwrite]``."""
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
 
-def export(ckpt: str, *, out: str, format: Literal["saelens", "sparsify", "openai"] = "saelens",
+def export(ckpt: str, *, out: str, format: Literal["saelens", "sparsify", "openai", "circuit-tracer"] = "saelens",
            overwrite: bool = False, manifest: Optional[str] = None) -> str:
     """Export a checkpoint's SAE (its EMA weights when EMA was on) for SAELens (default), sparsify or OpenAI's layout.
 

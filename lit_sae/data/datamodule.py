@@ -385,6 +385,11 @@ class ActivationDataModule(L.LightningDataModule):
         self._pass_start = self._consumed
         self.nonfinite_skipped = int(state_dict.get("nonfinite_skipped", 0))
 
+    @property
+    def target_manifest(self) -> Optional[Manifest]:
+        """The manifest of ``target_hook_point``'s folder (its norm filter and hook point; None without a target)."""
+        return self._hooks[self.target_hook_point][0] if self.target_hook_point in self._hooks else None
+
     # ---- samples ----------------------------------------------------------------------------------------------------
     def sample_activations(self, n_tokens: int, hook_point: Optional[str] = None) -> torch.Tensor:
         """A deterministic float32 (n, d_in) sample of training activations (for b_pre / scale initialisation).

@@ -9,6 +9,12 @@ reconstruction, by zero, and by the mean activation. Reported (means over evalua
     frac_recovered = (zero_ce - sae_ce) / (zero_ce - clean_ce)   (1: as good as clean, 0: as bad as zero ablation)
     frac_recovered_mean                     the same relative to mean ablation
 
+A transcoder (``lit_sae.sae.transcoder``) replaces a computation, not an activation: with ``input_hook_point`` (its
+input, e.g. ``blocks.L.ln2.hook_normalized``) the "sae" run reads the input at that hook and replaces the activation
+at ``hook_point`` (its target, e.g. ``blocks.L.hook_mlp_out``) by the transcoder's prediction from it, in the same
+forward: the MLP's output is the transcoder's (as circuit-tracer's replacement model computes it). Zero and mean
+ablation replace the target activation as for an SAE.
+
 Positions: the loss at position t is that of predicting token t+1 from the logits at t; positions t >= first_position
 are evaluated (default 1: all but the first). The activation is replaced only at evaluated positions, and not at
 tokens whose activation norm exceeds ``norm_threshold`` (the harvest's outlier filter): the SAE was never trained
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import ExitStack
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -44,6 +51,13 @@ def reconstructor(sae: nn.Module | Callable[[Tensor], Tensor]) -> Callable[[Tens
     if not hasattr(sae, "encode"):
         return sae
     p = next(iter(sae.parameters()), None)
+    if hasattr(sae, "d_out"):  # a transcoder: (N, d_in) input -> (N, d_out) prediction of its target
+
+        @torch.no_grad()
+        def predict(x: Tensor) -> Tensor:
+            return sae.reconstruct(x.to(p.device, p.dtype)).to(device=x.device, dtype=x.dtype)
+
+        return predict
 
     @torch.no_grad()
     def fn(x: Tensor) -> Tensor:
@@ -126,6 +140,30 @@ def _replacer(kind: str, reconstruct, mean: Tensor | None, first_position: int, 
     return fn
 
 
+def _transcoder_replacer(stack: ExitStack, model: nn.Module, input_hook_point: str, predict, first_position: int,
+                         norm_threshold: float | None, input_norm_threshold: float | None):
+    """fn(target act (B, T, d)) -> act with the masked positions replaced by ``predict`` of the input activation
+    read at ``input_hook_point`` earlier in the same forward (a capture splice entered on ``stack``)."""
+    held: dict[str, Tensor] = {}
+
+    def grab(act: Tensor) -> Tensor:
+        held["x"] = act
+        return act
+
+    stack.enter_context(splice(model, input_hook_point, grab))
+
+    def fn(act: Tensor) -> Tensor:
+        if "x" not in held:
+            raise RuntimeError(f"{input_hook_point} was not reached before the target hook: it must come first")
+        x = held.pop("x")
+        mask = splice_mask(act, first_position, norm_threshold) & splice_mask(x, first_position, input_norm_threshold)
+        out = act.clone()
+        out[mask] = predict(x[mask]).to(act.dtype)
+        return out
+
+    return fn
+
+
 def token_losses(logits: Tensor, input_ids: Tensor, clean_logprobs: Tensor | None, first_position: int):
     """Per evaluated token: (cross-entropy (n,), log-probs (n, V), KL(clean || these) (n,) or None), float32.
 
@@ -152,11 +190,15 @@ def downstream_loss(
     batch_size: int = 8,
     ablations: Sequence[str] = ("zero", "mean"),
     progress: bool = True,
+    input_hook_point: str | None = None,
+    input_norm_threshold: float | None = None,
 ) -> dict:
     """Downstream loss of ``sae`` spliced into ``model`` at ``hook_point`` on contexts ``input_ids`` (n, T).
 
     ``sae``: an SAE with encode/decode, or any function (N, d) -> (N, d) of input-space activations.
     ``mean``: the mean-ablation vector (d,); computed over the same contexts when None.
+    ``input_hook_point``: a transcoder's input (see the module docstring); ``sae`` then maps (N, d_in) activations at
+    it to (N, d) at ``hook_point``, and tokens whose input norm exceeds ``input_norm_threshold`` are kept clean too.
     Returns a dict of floats (see the module docstring) plus token counts.
 
     Raises:
@@ -190,8 +232,13 @@ def downstream_loss(
         n_spliced += int(captured["mask"].sum())
         n_candidates += captured["mask"].shape[0] * (captured["mask"].shape[1] - first_position)
         for kind in kinds:
-            fn = _replacer(kind, reconstruct, mean, first_position, norm_threshold)
-            with splice(model, hook_point, fn):
+            with ExitStack() as stack:
+                if kind == "sae" and input_hook_point is not None:
+                    fn = _transcoder_replacer(stack, model, input_hook_point, reconstruct, first_position,
+                                              norm_threshold, input_norm_threshold)
+                else:
+                    fn = _replacer(kind, reconstruct, mean, first_position, norm_threshold)
+                stack.enter_context(splice(model, hook_point, fn))
                 logits = model(input_ids=ids, use_cache=False).logits
             ce, _, kl = token_losses(logits, ids, clean_lp, first_position)
             sums[f"{kind}_ce"] += ce.double().sum().item()
@@ -205,5 +252,6 @@ def downstream_loss(
         out[key] = (out[f"{kind}_ce"] - out["sae_ce"]) / gap if gap != 0 else math.nan
     out.update(n_contexts=len(input_ids), context_length=int(input_ids.shape[1]), n_tokens=n_tokens,
                n_spliced=n_spliced, n_kept_clean=n_candidates - n_spliced, first_position=first_position,
-               norm_threshold=norm_threshold, hook_point=hook_point)
+               norm_threshold=norm_threshold, hook_point=hook_point,
+               **({"input_hook_point": input_hook_point} if input_hook_point is not None else {}))
     return out

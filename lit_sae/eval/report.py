@@ -147,6 +147,7 @@ def run_eval_suite(
     on_section: Optional[Callable[[str, dict], None]] = None,
     explain: bool = True,
     explain_contexts: int = 256,
+    target_manifest: dict | None = None,
 ) -> dict:
     """Downstream loss, probe loss, ablation sparsity and explainability of ``sae`` on the manifest's held-out text.
 
@@ -154,14 +155,30 @@ def run_eval_suite(
     activation for mean ablation (e.g. from the test split); computed on the evaluation contexts when None.
     ``on_section(name, result)`` is called as each section finishes (e.g. to write the report so far); every
     section's dict carries ``seconds``, its wall time.
-    ``explain``: N2G precision/recall (:mod:`lit_sae.eval.explain`) on ``explain_contexts`` test contexts."""
+    ``explain``: N2G precision/recall (:mod:`lit_sae.eval.explain`) on ``explain_contexts`` test contexts.
+
+    A transcoder (``sae.d_out``): ``manifest`` is its input hook's, ``target_manifest`` its target's (required); the
+    downstream loss replaces the target activation by the prediction from the input of the same forward
+    (``downstream_loss``'s ``input_hook_point``); probes and N2G read its code of the input; ablation sparsity
+    (an SAE's latent ablated in its own reconstruction) is not defined for it and is left out, with a note."""
     from lit_sae.data.lm import load_lm
 
     s = settings_from_manifest(manifest)
+    t = None
+    if hasattr(sae, "d_out"):
+        if target_manifest is None:
+            raise ValueError("run_eval_suite: a transcoder needs target_manifest, the manifest of its target hook")
+        t = settings_from_manifest(target_manifest)
     if lm is None:
         lm = load_lm(s["model"], gguf_file=s["gguf_file"], device=device)
     model, tokenizer = lm
     out: dict[str, Any] = {"settings": dict(s)}
+    if t is not None:
+        out["settings"]["target_hook_point"] = t["hook_point"]
+        if ablation:
+            out["notes"] = ["ablation sparsity is not computed for a transcoder (it ablates a latent in an SAE's "
+                            "reconstruction of its own input)"]
+        ablation = False
     common = dict(first_position=s["first_position"], norm_threshold=s["norm_threshold"], batch_size=batch_size,
                   progress=progress)
     was_training = sae.training
@@ -171,10 +188,15 @@ def run_eval_suite(
             ids = held_out_contexts(s, tokenizer, n_contexts)
         if downstream:
             with timed_section(out, "downstream", on_section):
+                where = t or s  # a transcoder's replaced activation is its target's
                 if mean is None:
-                    mean = mean_activation(model, s["hook_point"], ids, first_position=s["first_position"],
-                                           norm_threshold=s["norm_threshold"], batch_size=batch_size)
-                out["downstream"] = downstream_loss(model, s["hook_point"], sae, ids, mean=mean, **common)
+                    mean = mean_activation(model, where["hook_point"], ids, first_position=s["first_position"],
+                                           norm_threshold=where["norm_threshold"], batch_size=batch_size)
+                extra = {} if t is None else {"input_hook_point": s["hook_point"],
+                                              "input_norm_threshold": s["norm_threshold"],
+                                              "norm_threshold": t["norm_threshold"]}
+                out["downstream"] = downstream_loss(model, where["hook_point"], sae, ids, mean=mean,
+                                                    **{**common, **extra})
         if ablation:
             with timed_section(out, "ablation", on_section):
                 out["ablation"] = ablation_sparsity(model, s["hook_point"], sae, ids, n_latents=n_ablation_latents,
@@ -258,7 +280,9 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     d = report.get("downstream")
     if d:
-        lines += [f"## Downstream loss (SAE spliced into the LM){_took(d)}", "", "| metric | value |", "|---|---|"]
+        what = (f"transcoder's prediction from {d['input_hook_point']} replacing {d.get('hook_point')}"
+                if d.get("input_hook_point") else "SAE spliced into the LM")
+        lines += [f"## Downstream loss ({what}){_took(d)}", "", "| metric | value |", "|---|---|"]
         for k in ("clean_ce", "sae_ce", "delta_ce", "kl_sae", "zero_ce", "mean_ce", "frac_recovered",
                   "frac_recovered_mean", "n_tokens"):
             if k in d:
@@ -276,6 +300,7 @@ def render_markdown(report: dict) -> str:
                              f"{_fmt(r['raw_ce'])} | {_fmt(r['prior_ce'])} |")
         lines += [f"| **mean** | | {_fmt(p['mean_sae_ce'])} | | {_fmt(p['mean_raw_ce'])} | "
                   f"{_fmt(p['mean_prior_ce'])} |", "", f"Text: {p.get('probe_text', '')}", ""]
+    lines += [f"Note: {note}" for note in report.get("notes", [])] + ([""] if report.get("notes") else [])
     a = report.get("ablation")
     if a:
         lines += [f"## Ablation sparsity ((L1/L2)^2 / (V T) of the logit change over T positions, Gao et al. s4.5; "

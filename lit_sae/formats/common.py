@@ -136,7 +136,7 @@ def write_folder(out: str | Path, files: dict[str, bytes], *, overwrite: bool = 
 
 
 #: Names a lit-sae export folder may hold (SAELens, sparsify per-hookpoint folders, OpenAI v5, README).
-EXPORT_NAMES = {"cfg.json", "sae_weights.safetensors", "sae.safetensors", "sae.pt", "README.md"}
+EXPORT_NAMES = {"cfg.json", "sae_weights.safetensors", "sae.safetensors", "sae.pt", "README.md", "config.yaml"}
 
 
 def _foreign_entries(out: Path) -> list[str]:
@@ -147,10 +147,12 @@ def _foreign_entries(out: Path) -> list[str]:
             foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir()) if q.name not in EXPORT_NAMES]
             if "lit_sae" not in _json_or_empty(p / "cfg.json"):
                 foreign.append(f"{p.name}/cfg.json (not written by lit-sae)")
-        elif p.name not in EXPORT_NAMES:
+        elif p.name not in EXPORT_NAMES and not _circuit_tracer_file(out, p.name):
             foreign.append(p.name)
         elif p.name == "cfg.json" and "lit_sae" not in _json_or_empty(p):
             foreign.append("cfg.json (not written by lit-sae)")
+        elif p.name == "config.yaml" and not _circuit_tracer_file(out, "layer_0.safetensors"):
+            foreign.append("config.yaml (not written by lit-sae)")
     return foreign
 
 
@@ -160,3 +162,12 @@ def _json_or_empty(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return out if isinstance(out, dict) else {}
+
+
+def _circuit_tracer_file(out: Path, name: str) -> bool:
+    """``name`` is a per-layer file of a circuit-tracer set lit-sae wrote into ``out`` (its config.yaml says so)."""
+    import re
+
+    config = out / "config.yaml"
+    return (re.fullmatch(r"layer_\d+\.safetensors", name) is not None and config.is_file()
+            and "written by lit-sae" in config.read_text(errors="replace").split("\n", 1)[0])

@@ -278,6 +278,13 @@ class TopKSAE(nn.Module):
             check_mask(dead_mask, self.W_enc.shape[0])  # the latents this module holds (a shard's, when sharded)
         # fp16/bf16 data is promoted to the weights' dtype; autocast still runs the products in low precision
         x_n, state = self.normalize_input(x.to(self.W_dec.dtype))
+        out = self._objective(x_n, x_n, self.b_pre, dead_mask)
+        return out._replace(x_hat=self.denormalize(out.x_hat, state))
+
+    def _objective(self, x_n: Tensor, target_n: Tensor, base: Tensor, dead_mask: Optional[Tensor]) -> SAEOutput:
+        """Encode ``x_n`` (B, d_in), reconstruct ``target_n`` (B, d_out) as ``base`` + the decoded code, and the
+        losses, all in the SAE's space. An SAE passes (x_n, x_n, b_pre); a transcoder its target and b_dec (+ skip).
+        The returned ``x_hat`` is still in the SAE's space."""
         values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(x_n, dead_mask)
         bs = self.batch_sum if self.training else LOCAL  # eval ranks may hold unequal batch counts: no collectives
         matryoshka = self.activation == "matryoshka_batchtopk" and self.training
@@ -291,28 +298,28 @@ class TopKSAE(nn.Module):
             codes.append((aux_values, aux_indices))
         decoded = self._decode_sets_n(codes) if codes else []
         if matryoshka:
-            prefix_nmse, recon_n = activations.matryoshka_nmse(self._decode_n, values, indices, self.b_pre, x_n,
+            prefix_nmse, recon_n = activations.matryoshka_nmse(self._decode_n, values, indices, base, target_n,
                                                                self.matryoshka_prefixes)
             decoded.insert(0, None)
         else:
-            recon_n = (decoded[0] + self.b_pre).to(x_n.dtype)
+            recon_n = (decoded[0] + base).to(target_n.dtype)
             prefix_nmse = None
-        nmse = normalized_mse(recon_n, x_n, bs)
+        nmse = normalized_mse(recon_n, target_n, bs)
         zero = nmse.new_zeros(())
         multik = zero
         if multi_values is not None:
-            multik = normalized_mse(recon_n + decoded[1].to(x_n.dtype), x_n, bs)
-        # b_pre stays out of the auxiliary reconstruction: it explains the residual x - x_hat, not x.
-        aux_recon = None if aux_values is None else decoded[-1].to(x_n.dtype)
-        aux = auxk_loss(aux_recon, (x_n - recon_n).detach(), bs)
+            multik = normalized_mse(recon_n + decoded[1].to(target_n.dtype), target_n, bs)
+        # the base (b_pre) stays out of the auxiliary reconstruction: it explains the residual x - x_hat, not x.
+        aux_recon = None if aux_values is None else decoded[-1].to(target_n.dtype)
+        aux = auxk_loss(aux_recon, (target_n - recon_n).detach(), bs)
         loss = (nmse if prefix_nmse is None else prefix_nmse) + multik / 8 + self.auxk_coef * aux
         if sparsity is not None:
             step = int(self.sparsity_step)
             loss = loss + self.sparsity_coef * activations.warmup_factor(step, self.sparsity_warmup_steps) * sparsity
             if self.training and torch.is_grad_enabled():
                 self.sparsity_step += 1
-        mse = (recon_n - x_n).pow(2).mean()
-        return SAEOutput(self.denormalize(recon_n, state), values, indices, loss, mse, nmse, aux, multik, sparsity)
+        mse = (recon_n - target_n).pow(2).mean()
+        return SAEOutput(recon_n, values, indices, loss, mse, nmse, aux, multik, sparsity)
 
     # ---------------------------------------------------------------- save / load (SAELens's layout)
     def config(self) -> dict[str, Any]:

@@ -49,6 +49,16 @@ def batch_acts(batch: Any) -> Tensor:
     return batch["acts"] if isinstance(batch, dict) else batch
 
 
+def batch_target(batch: Any, hook_point: Optional[str]) -> Tensor:
+    """A transcoder's target of a batch: ``batch["target"]`` (the DataModules' ``data.target_hook_point``).
+
+    Raises ValueError naming data.target_hook_point when the batch has none."""
+    if not isinstance(batch, dict) or "target" not in batch:
+        raise ValueError("model.transcoder=true needs target activations in every batch: set data.target_hook_point "
+                         f"(e.g. {hook_point or 'blocks.L.hook_mlp_out'}) on a multi-hook harvest")
+    return batch["target"]
+
+
 class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
     """Trains an SAE as Gao et al. (2024) train TopK SAEs (Adam, unit-norm decoder rows, AuxK, EMA, schedules),
     with any architecture of ``lit_sae.sae.activations``.
@@ -95,6 +105,11 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
             folder; ``none`` disables).
         init_from: an SAE this module starts from, e.g. to ``lit-sae test`` it: a lit-sae export or checkpoint, a
             SAELens or sparsify folder, an OpenAI .pt (``lit_sae.load_sae``); d_in, n_latents and k must match it.
+        transcoder: train a transcoder (``lit_sae.sae.transcoder``): the code of ``batch["acts"]`` reconstructs
+            ``batch["target"]`` (``data.target_hook_point``); NMSE, AuxK and the metrics are the target's.
+        skip: transcoder only: add the linear skip term W_skip x (Paulo et al. 2025).
+        d_out: the target's width (linked from the data's target hook point by the CLI; default d_in).
+        target_hook_point: where the target comes from (recorded in exports; linked from the data).
     """
 
     def __init__(
@@ -129,6 +144,10 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
         lm_name: Optional[str] = None,
         export_dir: Optional[str] = None,
         init_from: Optional[str] = None,
+        transcoder: bool = False,
+        skip: bool = False,
+        d_out: Optional[int] = None,
+        target_hook_point: Optional[str] = None,
     ):
         super().__init__()
         check_lr(lr, lr_auto_multipliers or LR_AUTO_MULTIPLIERS, lr_auto_fraction)
@@ -143,11 +162,20 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
                 "matryoshka_prefixes": matryoshka_prefixes}
         activations.check_applicable(activation, {**arch, "multi_topk": multi_topk, "k_aux": k_aux,
                                                   "jumprelu_threshold_lr_scale": jumprelu_threshold_lr_scale}, "model.")
+        _check_transcoder_keys(transcoder, skip, d_out, target_hook_point, d_in)
+        if transcoder and lr == "auto":
+            raise ValueError("model.lr=auto is not supported for a transcoder (its sweep trains SAE candidates): give "
+                             "model.lr as a number")
+        sae_cls, extra = TopKSAE, {}
+        if transcoder:
+            from lit_sae.sae.transcoder import Transcoder
+
+            sae_cls, extra = Transcoder, {"d_out": d_out, "skip": skip}
         try:  # on the meta device when lit-sae fit shards the SAE over latents (lit_sae.parallel.sharding)
             # the SAE's settings: SAEConfig's fields in MODULE_KEYS (tests/sae/test_config.py keeps them equal)
             self.sae_config = SAEConfig(**{key: self.hparams[key] for key in MODULE_KEYS})
             with sae_init_context():
-                self.sae = TopKSAE(**self.sae_config.sae_kwargs())
+                self.sae = sae_cls(**self.sae_config.sae_kwargs(), **extra)
         except ValueError as exn:  # the SAE names its argument; say it is a key of the config's model section
             raise ValueError(f"model.{exn}") from None
         if self.sae.activation == "jumprelu" and normalize != "scalar":
@@ -185,8 +213,10 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
         elif self.hparams.hook_point and hook != self.hparams.hook_point:
             raise ValueError(f"{path}: the SAE was trained on hook point {hook!r}, the data holds "
                              f"{self.hparams.hook_point!r}: harvest shards at {hook!r} (or load an SAE of that hook)")
-        mine = {"d_in": self.sae.d_in, "n_latents": self.sae.n_latents}
-        theirs = {"d_in": sae.d_in, "n_latents": sae.n_latents}
+        mine = {"d_in": self.sae.d_in, "n_latents": self.sae.n_latents, "transcoder": self.hparams.transcoder,
+                "d_out": getattr(self.sae, "d_out", None), "skip": getattr(self.sae, "skip", None)}
+        theirs = {"d_in": sae.d_in, "n_latents": sae.n_latents, "transcoder": hasattr(sae, "d_out"),
+                  "d_out": getattr(sae, "d_out", None), "skip": getattr(sae, "skip", None)}
         if sae.activation == "topk":
             mine["k"], theirs["k"] = self.sae.k, sae.k
         diff = {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
@@ -239,8 +269,14 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
         """Initialise b_pre (geometric median) and the input scale from data, once: never on resume."""
         if bool(self.sae.data_initialized):
             return
-        sample = self._init_sample(self.hparams.init_tokens).to(self.device)
-        self.sae.init_from_data_(sample)
+        sample = self._init_sample(self.hparams.init_tokens)
+        if self.hparams.transcoder:  # b_dec and the target's scale too, from the same tokens
+            sample, target = sample
+            self.sae.init_from_data_(sample.to(self.device), target.to(self.device))
+            self.sae.b_dec.data.copy_(self.trainer.strategy.broadcast(self.sae.b_dec.data, src=0))
+            self.sae.target_scale.copy_(self.trainer.strategy.broadcast(self.sae.target_scale, src=0))
+        else:
+            self.sae.init_from_data_(sample.to(self.device))
         # Every rank must start from the same b_pre and scale, whatever its own sample was.
         self.sae.b_pre.data.copy_(self.trainer.strategy.broadcast(self.sae.b_pre.data, src=0))
         self.sae.norm_scale.copy_(self.trainer.strategy.broadcast(self.sae.norm_scale, src=0))
@@ -248,18 +284,41 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
         if self.lr_search is not None:  # every candidate starts from the same weights
             self.lr_search.start_(self.sae)
 
-    def _init_sample(self, n_tokens: int) -> Tensor:
-        """A deterministic sample of training activations, from the DataModule's ``sample_activations`` if any."""
+    def _init_sample(self, n_tokens: int):
+        """A deterministic sample of training activations, from the DataModule's ``sample_activations`` if any;
+        for a transcoder the pair (input, target) of the same tokens."""
         dm = self.trainer.datamodule
+        target_hook = self.hparams.target_hook_point
         if dm is not None and hasattr(dm, "sample_activations"):
-            return dm.sample_activations(n_tokens).float()
-        chunks, have = [], 0
+            if not self.hparams.transcoder:
+                return dm.sample_activations(n_tokens).float()
+            if target_hook is None:
+                raise ValueError("model.transcoder=true: the data names no target hook point; set "
+                                 "data.target_hook_point")
+            return dm.sample_activations(n_tokens).float(), dm.sample_activations(n_tokens, target_hook).float()
+        chunks, targets, have = [], [], 0
         for batch in compat.train_dataloader_of(self.trainer):
             chunks.append(batch_acts(batch).float())
+            if self.hparams.transcoder:
+                targets.append(batch_target(batch, target_hook).float())
             have += chunks[-1].shape[0]
             if have >= n_tokens:
                 break
+        if self.hparams.transcoder:
+            return torch.cat(chunks)[:n_tokens], torch.cat(targets)[:n_tokens]
         return torch.cat(chunks)[:n_tokens]
+
+    def _run(self, batch: Any, stage: str, dead_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, SAEOutput]:
+        """(input, what is reconstructed, output) of a batch: for an SAE the input twice, for a transcoder the input
+        and the target (checked for width; HookZip has checked that its rows are the input's tokens)."""
+        x = check_acts(batch_acts(batch), self.sae.d_in, f"{stage} batch acts")
+        if not self.hparams.transcoder:
+            x = x if stage == "training" else x.float()
+            return x, x, self.sae(x, dead_mask)
+        y = check_acts(batch_target(batch, self.hparams.target_hook_point), self.sae.d_out, f"{stage} batch target")
+        if stage != "training":
+            x, y = x.float(), y.float()
+        return x, y, self.sae(x, dead_mask, target=y)
 
     def configure_optimizers(self):
         """Adam with the paper's betas and epsilon; optional linear warm-up and linear decay, per step."""
@@ -287,13 +346,12 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """One step of the paper's objective; returns the sparse code for the callbacks."""
-        x = check_acts(batch_acts(batch), self.sae.d_in, "training batch acts")
         if self.lr_search is not None and not self.lr_search.done:
             if self.global_step < self.lr_sweep_steps():
-                return self._sweep_step(x)
+                return self._sweep_step(check_acts(batch_acts(batch), self.sae.d_in, "training batch acts"))
             self._choose_lr()
         self.dead_mask = self.dead_latent_mask()
-        out = self.sae(x, self.dead_mask)
+        x, _, out = self._run(batch, "training", self.dead_mask)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite training loss {out.loss.item()} at step {self.global_step}: stopping before the "
@@ -361,23 +419,22 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Normalised MSE and L0 over the whole validation split (torchmetrics: exact across batches and ranks)."""
-        x = check_acts(batch_acts(batch), self.sae.d_in, "validation batch acts").float()
-        out = self.sae(x)
-        self.val_nmse.update(x, out.x_hat)
+        _, y, out = self._run(batch, "validation")
+        self.val_nmse.update(y, out.x_hat)
         self.val_l0.update(out.latent_values)
         self.log("val/nmse", self.val_nmse, prog_bar=True)
         self.log("val/l0", self.val_l0)
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """Like validation; returns what the evaluation callbacks need."""
-        x = check_acts(batch_acts(batch), self.sae.d_in, "test batch acts").float()
-        out = self.sae(x)
-        self.test_nmse.update(x, out.x_hat)
+        x, y, out = self._run(batch, "test")
+        self.test_nmse.update(y, out.x_hat)
         self.test_l0.update(out.latent_values)
         self.log("test/nmse", self.test_nmse)
         self.log("test/l0", self.test_l0)
         return {
-            "x": x,
+            "x": y,  # what x_hat reconstructs: the input for an SAE, the target for a transcoder
+            "x_in": x,
             "x_hat": out.x_hat,
             "latent_values": out.latent_values,
             "latent_indices": out.latent_indices,
@@ -411,7 +468,26 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
         with ExitStack() as stack:
             if self.ema is not None:
                 stack.enter_context(self.ema.swapped_into(self.sae))
-            export_sae(self.sae, out, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name)
+            export_sae(self.sae, out, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name,
+                       **({"target_hook_point": self.hparams.target_hook_point, "strict": False}
+                          if self.hparams.transcoder else {}))
         log.info("exported the SAE to %s", out)
 
 
+
+
+def _check_transcoder_keys(transcoder: bool, skip: bool, d_out: Optional[int], target_hook_point: Optional[str],
+                           d_in: int) -> None:
+    """The transcoder keys agree with each other and with the data (ValueError naming the key and the fix)."""
+    if skip and not transcoder:
+        raise ValueError("model.skip=true: a skip term needs a transcoder (an SAE's skip would reconstruct its input "
+                         "by a dense matrix); set model.transcoder: true with data.target_hook_point, or remove skip")
+    if transcoder and target_hook_point is None and d_out is None:
+        raise ValueError("model.transcoder=true needs a target: set data.target_hook_point "
+                         "(e.g. blocks.L.hook_mlp_out) on a multi-hook harvest that holds it")
+    if not transcoder and target_hook_point is not None:
+        raise ValueError(f"data.target_hook_point={target_hook_point!r} is set but model.transcoder is false: set "
+                         "model.transcoder: true to train a transcoder (or remove data.target_hook_point)")
+    if not transcoder and d_out is not None and d_out != d_in:
+        raise ValueError(f"model.d_out={d_out} differs from d_in={d_in} but model.transcoder is false: set "
+                         "model.transcoder: true")
