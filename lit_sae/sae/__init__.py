@@ -9,6 +9,7 @@
   ``ema``; ``io`` (the SAE's own save/load in SAELens's layout).
 """
 
-from lit_sae.sae.model import ENCODER_INIT_NORM, LAYERNORM_EPS, THRESHOLD_CODES, SAEOutput, TopKSAE
+from lit_sae.sae.model import ENCODER_INIT_NORM, LAYERNORM_EPS, THRESHOLD_CODES, TopKSAE
+from lit_sae.sae.output import SAEOutput
 
 __all__ = ["ENCODER_INIT_NORM", "LAYERNORM_EPS", "SAEOutput", "THRESHOLD_CODES", "TopKSAE"]

@@ -7,7 +7,7 @@ The lists other parts of lit-sae keep are derived from its fields, so a new SAE 
   rebuilds the SAE's shapes and computation);
 - ``MODULE_KEYS``: ``SAEModule``'s SAE arguments, the flat ``model.<key>`` of a recipe (``SAEModule.__init__``
   names them explicitly, for LightningCLI and ``lit_sae.cli.check``; ``tests/sae/test_config.py`` keeps the two
-  equal, defaults included); the per-SAE keys of a sweep (``lit_sae.train.sweep.SAE_KEYS``) and the arguments
+  equal, defaults included); the per-SAE keys of a sweep (``lit_sae.train.sweep_specs.SAE_KEYS``) and the arguments
   ``lit_sae.artifacts.load`` rebuilds a checkpoint's SAE from are these;
 - ``RESUME_KEYS``: settings a checkpoint's weights and state are tied to (a resume with another value is refused,
   ``lit_sae.train.resume_checks.RESUME_MUST_MATCH``);

@@ -10,14 +10,15 @@ training (the encoder's dense pre-activations exist only inside ``kernels.topk_e
 The SAE saves and loads itself in SAELens's layout (``save_pretrained`` / ``from_pretrained``, implemented in
 ``lit_sae.sae.io``). Besides ``topk`` and ``batchtopk`` it trains the baselines ``relu`` (+ L1), ``jumprelu`` and
 ``matryoshka_batchtopk``, whose objectives live in ``lit_sae.sae.activations``; SAEs of those architectures from other
-libraries load and reconstruct exactly.
+libraries load and reconstruct exactly. ``SAEOutput`` is defined in ``lit_sae.sae.output``, the unit-norm decoder
+constraint in ``lit_sae.sae.unit_decoder``.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,8 @@ from lit_sae.sae.config import ENCODER_INIT_NORM, REBUILD_KEYS
 from lit_sae.sae.init import draw_decoder
 from lit_sae.sae.losses import LOCAL, BatchSum, auxk_loss, normalized_mse
 from lit_sae.sae.median import geometric_median
+from lit_sae.sae.output import SAEOutput
+from lit_sae.sae.unit_decoder import UnitNormDecoder
 
 Activation = Literal["topk", "batchtopk", "relu", "jumprelu", "matryoshka_batchtopk"]
 THRESHOLD_CODES = ("relu", "jumprelu")  # dense ReLU-family pre-activations, packed to a code of variable L0
@@ -39,31 +42,7 @@ LAYERNORM_EPS = 1e-5
 # ENCODER_INIT_NORM (W_enc's initial row norm, imported above) carries its measured reason in lit_sae.sae.config.
 
 
-
-class SAEOutput(NamedTuple):
-    """What ``TopKSAE.forward`` returns. Losses are computed in the SAE's (normalised) space."""
-
-    x_hat: Tensor
-    """(B, d_in) reconstruction, in the input's space (normalisation undone)."""
-    latent_values: Tensor
-    """(B, k) activations of the selected latents (ReLU applied; zero-padded rows for batchtopk)."""
-    latent_indices: Tensor
-    """(B, k) int64 indices of the selected latents."""
-    loss: Tensor
-    """Training objective: nmse + multik_loss / 8 (if Multi-TopK) + auxk_coef * auxk_loss."""
-    mse_loss: Tensor
-    """Mean squared error per element."""
-    nmse: Tensor
-    """MSE divided by the batch variance of x about its mean (fraction of variance unexplained)."""
-    auxk_loss: Tensor
-    """Normalised MSE of the dead latents' reconstruction of the residual; 0 when nothing is dead."""
-    multik_loss: Tensor
-    """Normalised MSE at k * multi_topk_factor latents; 0 when Multi-TopK is off."""
-    sparsity_loss: Optional[Tensor] = None
-    """relu: normalised L1; jumprelu: mean L0 (STE); unweighted, the loss holds it times sparsity_coef * warm-up."""
-
-
-class TopKSAE(nn.Module):
+class TopKSAE(UnitNormDecoder, nn.Module):
     """TopK sparse autoencoder.
 
     Args:
@@ -352,39 +331,6 @@ class TopKSAE(nn.Module):
         from lit_sae.sae import io as sae_io
 
         return sae_io.from_state(cls, kwargs, state, metadata)
-
-    # ---------------------------------------------------------------- decoder constraints
-    @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        """Rescale every decoder row to unit norm (after each optimizer step)."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-    @torch.no_grad()
-    def fold_decoder_norms_(self) -> float:
-        """Make decoder rows unit norm without changing what each latent adds: row i is divided by its norm n_i,
-        encoder row i, b_enc_i and a per-latent threshold multiplied by it (SAELens's ``fold_W_dec_norm``).
-
-        Exact for ReLU / JumpReLU; TopK then ranks n_i * pre_i, so the selection can change where latents differ
-        by less than |n_i - 1|. Used on EMA weights (an average of unit rows is slightly shorter), so that what
-        lit-sae evaluates and exports keeps the unit-norm promise. Returns max |n_i - 1| before the fold."""
-        n = self.W_dec.norm(dim=1).clamp_min(1e-12)
-        self.W_dec.div_(n[:, None])
-        self.W_enc.mul_(n[:, None])
-        self.b_enc.mul_(n)
-        if self.threshold.dim() == 1:
-            self.threshold.mul_(n)
-        return float((n - 1).abs().max())
-
-    @torch.no_grad()
-    def remove_parallel_grads_(self) -> None:
-        """Remove from each decoder row's gradient its component along the row (before each optimizer step).
-
-        Assumes unit-norm rows, which init and ``normalize_decoder_`` after every step guarantee."""
-        if self.W_dec.grad is None:
-            return
-        W, g = self.W_dec.detach(), self.W_dec.grad
-        # Row dot products as one batched product and an in-place update: no (n_latents, d_in) temporary.
-        g.addcmul_(torch.einsum("nd,nd->n", g, W.to(g.dtype)).unsqueeze(1), W.to(g.dtype), value=-1)
 
 
 def _check_config(d_in, n_latents, k, k_aux, activation, normalize, multi_topk, multi_topk_factor) -> None:

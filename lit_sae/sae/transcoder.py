@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from lit_sae.sae.checks import check_acts, check_code, check_mask
 from lit_sae.sae.median import geometric_median
-from lit_sae.sae.model import ENCODER_INIT_NORM, SAEOutput, TopKSAE
+from lit_sae.sae.model import ENCODER_INIT_NORM, TopKSAE
+from lit_sae.sae.output import SAEOutput
 
 __all__ = ["Transcoder", "is_transcoder"]
 

@@ -11,8 +11,8 @@ batches is scored *before* the step that trains on it, so on a first pass over t
 the candidate has not trained on (progressive validation): the same information as a held-out slice, without
 holding tokens back from training, and paired (every candidate scored on the same tokens), so the noise of the
 comparison is the per-batch difference between candidates, not the spread of the batches. Under DDP the training
-NMSE is the global batch's (``lit_sae.parallel.data``), so every rank computes the same scores; the choice is still
-broadcast from rank 0.
+NMSE is the global batch's (``lit_sae.parallel.data_parallel``), so every rank computes the same scores; the choice
+is still broadcast from rank 0.
 
 At the end of the sweep the winner's weights, dead-latent counters and Adam state (moments and step count) become
 the module's ``sae`` and its optimizer state, and its learning rate the main parameter group's: the run continues
@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_sae.parallel.data import data_parallel_size
+from lit_sae.parallel.data_parallel import data_parallel_size
 from lit_sae.train.schedule import run_length
 
 log = logging.getLogger(__name__)

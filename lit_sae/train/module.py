@@ -2,7 +2,9 @@
 of ``lit_sae.sae.activations`` (topk, batchtopk, matryoshka BatchTopK, relu + L1, jumprelu).
 
 Checkpoint hooks (resume checks, RNG states) live in ``lit_sae.train.resume_checks``, the LR schedule in
-``lit_sae.train.schedule``."""
+``lit_sae.train.schedule``, validation and test in ``lit_sae.train.eval_steps``, the export at the end of fit in
+``lit_sae.train.fit_export``, ``init_from`` in ``lit_sae.train.init_from``, the batch readers in
+``lit_sae.train.batches`` and the transcoder keys' checks in ``lit_sae.train.transcoder_keys``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import logging
 import math
 import time
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
@@ -20,18 +21,25 @@ from torch import Tensor
 from lit_sae import compat
 from lit_sae.eval.metrics import L0, NormalizedMSE
 from lit_sae.parallel.data_parallel import data_parallel_size
-from lit_sae.parallel.sharding import configure_sharded, export_at_fit_end, is_sharded, owned_indices, sae_init_context
+from lit_sae.parallel.sharding import configure_sharded, is_sharded, owned_indices, sae_init_context
 from lit_sae.sae import activations
 from lit_sae.sae.checks import check_acts
 from lit_sae.sae.config import MODULE_KEYS, SAEConfig
 from lit_sae.sae.ema import EMA
-from lit_sae.sae.model import ENCODER_INIT_NORM, SAEOutput, TopKSAE
+from lit_sae.sae.model import ENCODER_INIT_NORM, TopKSAE
+from lit_sae.sae.output import SAEOutput
+from lit_sae.train.batches import batch_acts, batch_target
 from lit_sae.train.dead_latents import DeadLatentTracker, count_fired_
+from lit_sae.train.eval_steps import EvalSteps
+from lit_sae.train.fit_export import export_trained
+from lit_sae.train.init_from import load_init_from
 from lit_sae.train.lr_auto import LR_AUTO_FRACTION, LR_AUTO_MULTIPLIERS, LRAutoHooks, LRSearch, base_lr, check_lr
 from lit_sae.train.resume_checks import RESUME_MUST_MATCH, ResumeChecks, _same  # noqa: F401 (re-exported)
-from lit_sae.train.runs import export_dir
 from lit_sae.train.schedule import check_schedule, check_threshold_lr_scale, param_groups, step_scheduler
 from lit_sae.train.schedule import lr_factor as _schedule  # noqa: F401 (the former name, kept for callers)
+from lit_sae.train.transcoder_keys import check_transcoder_keys
+
+_check_transcoder_keys = check_transcoder_keys  # the former name
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +52,7 @@ def default_lr(n_latents: int) -> float:
     return PAPER_LR / math.sqrt(n_latents / 2**14)
 
 
-def batch_acts(batch: Any) -> Tensor:
-    """The activations of a batch: a dict with ``acts`` (from the DataModules) or a bare (B, d_in) tensor."""
-    return batch["acts"] if isinstance(batch, dict) else batch
-
-
-def batch_target(batch: Any, hook_point: Optional[str]) -> Tensor:
-    """A transcoder's target of a batch: ``batch["target"]`` (the DataModules' ``data.target_hook_point``).
-
-    Raises ValueError naming data.target_hook_point when the batch has none."""
-    if not isinstance(batch, dict) or "target" not in batch:
-        raise ValueError("model.transcoder=true needs target activations in every batch: set data.target_hook_point "
-                         f"(e.g. {hook_point or 'blocks.L.hook_mlp_out'}) on a multi-hook harvest")
-    return batch["target"]
-
-
-class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
+class SAEModule(EvalSteps, LRAutoHooks, ResumeChecks, L.LightningModule):
     """Trains an SAE as Gao et al. (2024) train TopK SAEs (Adam, unit-norm decoder rows, AuxK, EMA, schedules),
     with any architecture of ``lit_sae.sae.activations``.
 
@@ -162,7 +155,7 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
                 "matryoshka_prefixes": matryoshka_prefixes}
         activations.check_applicable(activation, {**arch, "multi_topk": multi_topk, "k_aux": k_aux,
                                                   "jumprelu_threshold_lr_scale": jumprelu_threshold_lr_scale}, "model.")
-        _check_transcoder_keys(transcoder, skip, d_out, target_hook_point, d_in)
+        check_transcoder_keys(transcoder, skip, d_out, target_hook_point, d_in)
         if transcoder and lr == "auto":
             raise ValueError("model.lr=auto is not supported for a transcoder (its sweep trains SAE candidates): give "
                              "model.lr as a number")
@@ -203,28 +196,9 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
         self._resumed_rng: Optional[dict] = None  # RNG states of a loaded checkpoint, applied at the next step
 
     def _load_export(self, path: str) -> None:
-        """Start from the SAE at ``path`` (anything ``lit_sae.load_sae`` reads); it replaces the configured SAE."""
-        from lit_sae.artifacts.load import load_sae
-
-        sae = load_sae(path)
-        hook = sae.metadata.get("hook_name")
-        if not hook:
-            log.warning("%s names no hook point: make sure it was trained on %s", path, self.hparams.hook_point)
-        elif self.hparams.hook_point and hook != self.hparams.hook_point:
-            raise ValueError(f"{path}: the SAE was trained on hook point {hook!r}, the data holds "
-                             f"{self.hparams.hook_point!r}: harvest shards at {hook!r} (or load an SAE of that hook)")
-        mine = {"d_in": self.sae.d_in, "n_latents": self.sae.n_latents, "transcoder": self.hparams.transcoder,
-                "d_out": getattr(self.sae, "d_out", None), "skip": getattr(self.sae, "skip", None)}
-        theirs = {"d_in": sae.d_in, "n_latents": sae.n_latents, "transcoder": hasattr(sae, "d_out"),
-                  "d_out": getattr(sae, "d_out", None), "skip": getattr(sae, "skip", None)}
-        if sae.activation == "topk":
-            mine["k"], theirs["k"] = self.sae.k, sae.k
-        diff = {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
-        if diff:
-            hint = " (d_in comes from the data: use shards of the SAE's width)" if "d_in" in diff else ""
-            raise ValueError(f"{path}: the SAE differs from the model config in {diff} (config, file){hint}; set "
-                             "these model keys to the file's values")
-        self.sae = sae.float().train(self.training)
+        """Start from the SAE at ``path`` (anything ``lit_sae.load_sae`` reads); it replaces the configured SAE
+        (``lit_sae.train.init_from``)."""
+        load_init_from(self, path)
 
     # ------------------------------------------------------------------ set-up
     def configure_callbacks(self):
@@ -392,102 +366,9 @@ class SAEModule(LRAutoHooks, ResumeChecks, L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.sae)
 
-    # ------------------------------------------------------------------ evaluation
-    def _enter_ema(self) -> None:
-        if self.ema is not None:
-            self._eval_stack.enter_context(self.ema.swapped_into(self.sae))
-        search = self.lr_search
-        if search is not None and not search.done and int(search.scored_steps):  # mid-sweep: the current leader
-            saved = {k: v.clone() for k, v in self.sae.state_dict().items()}
-            self.sae.load_state_dict(search.candidates[int(torch.argmin(search.scores()))].state_dict())
-            self._eval_stack.callback(self.sae.load_state_dict, saved)
-
-    def _exit_ema(self) -> None:
-        self._eval_stack.close()
-
-    def on_validation_epoch_start(self) -> None:
-        self._enter_ema()
-
-    def on_validation_epoch_end(self) -> None:
-        self._exit_ema()
-
-    def on_test_epoch_start(self) -> None:
-        self._enter_ema()
-
-    def on_test_epoch_end(self) -> None:
-        self._exit_ema()
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Normalised MSE and L0 over the whole validation split (torchmetrics: exact across batches and ranks)."""
-        _, y, out = self._run(batch, "validation")
-        self.val_nmse.update(y, out.x_hat)
-        self.val_l0.update(out.latent_values)
-        self.log("val/nmse", self.val_nmse, prog_bar=True)
-        self.log("val/l0", self.val_l0)
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        """Like validation; returns what the evaluation callbacks need."""
-        x, y, out = self._run(batch, "test")
-        self.test_nmse.update(y, out.x_hat)
-        self.test_l0.update(out.latent_values)
-        self.log("test/nmse", self.test_nmse)
-        self.log("test/l0", self.test_l0)
-        return {
-            "x": y,  # what x_hat reconstructs: the input for an SAE, the target for a transcoder
-            "x_in": x,
-            "x_hat": out.x_hat,
-            "latent_values": out.latent_values,
-            "latent_indices": out.latent_indices,
-            "batch": batch,
-        }
-
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
-        """Export the trained SAE (EMA weights when on) in SAELens's layout: from the final checkpoint by the
-        function ``lit-sae export`` runs (the same files and provenance: checkpoint and manifest sha256, context
-        size, BOS, dataset) when ``last.ckpt`` was written at the last step; from the weights in memory otherwise."""
+        """Export the trained SAE (EMA weights when on) in SAELens's layout (``lit_sae.train.fit_export``)."""
         if self.lr_search is not None and not self.lr_search.done:
             self._choose_lr()  # the run ended inside the sweep
-        if self.hparams.export_dir == "none":
-            return
-        out = Path(self.hparams.export_dir or export_dir(self.trainer.default_root_dir))
-        if is_sharded(self):  # every rank takes part in gathering the shards
-            return export_at_fit_end(self, out)
-        from lit_sae.artifacts.export import export, export_sae, final_checkpoint
-
-        ckpt = final_checkpoint(self.trainer)
-        if ckpt is not None:
-            if self.trainer.is_global_zero:
-                export(str(ckpt), str(out), overwrite=True)
-                log.info("exported the SAE of %s to %s", ckpt, out)
-            self.trainer.strategy.barrier()
-            return
-        if not self.trainer.is_global_zero:
-            return
-
-        with ExitStack() as stack:
-            if self.ema is not None:
-                stack.enter_context(self.ema.swapped_into(self.sae))
-            export_sae(self.sae, out, hook_point=self.hparams.hook_point, lm_name=self.hparams.lm_name,
-                       **({"target_hook_point": self.hparams.target_hook_point, "strict": False}
-                          if self.hparams.transcoder else {}))
-        log.info("exported the SAE to %s", out)
-
-
-
-
-def _check_transcoder_keys(transcoder: bool, skip: bool, d_out: Optional[int], target_hook_point: Optional[str],
-                           d_in: int) -> None:
-    """The transcoder keys agree with each other and with the data (ValueError naming the key and the fix)."""
-    if skip and not transcoder:
-        raise ValueError("model.skip=true: a skip term needs a transcoder (an SAE's skip would reconstruct its input "
-                         "by a dense matrix); set model.transcoder: true with data.target_hook_point, or remove skip")
-    if transcoder and target_hook_point is None and d_out is None:
-        raise ValueError("model.transcoder=true needs a target: set data.target_hook_point "
-                         "(e.g. blocks.L.hook_mlp_out) on a multi-hook harvest that holds it")
-    if not transcoder and target_hook_point is not None:
-        raise ValueError(f"data.target_hook_point={target_hook_point!r} is set but model.transcoder is false: set "
-                         "model.transcoder: true to train a transcoder (or remove data.target_hook_point)")
-    if not transcoder and d_out is not None and d_out != d_in:
-        raise ValueError(f"model.d_out={d_out} differs from d_in={d_in} but model.transcoder is false: set "
-                         "model.transcoder: true")
+        export_trained(self)

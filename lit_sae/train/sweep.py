@@ -9,7 +9,9 @@ optimizers would re-implement them. Consequences, stated: ``trainer.gradient_cli
 would clip the SAEs jointly (refused); a non-finite loss in any SAE stops the whole sweep (named).
 
 Each SAE keeps its own dead-latent counters (a buffer in its ``SweepMember``), its own validation / test metrics,
-its own LR schedule and EMA (``TRAINING_KEYS``), and is exported to ``<run root>/sae/<name>/`` at the end of fit.
+its own LR schedule and EMA (``TRAINING_KEYS``; the per-SAE keys and ``expand_specs`` live in
+``lit_sae.train.sweep_specs``, the memory estimate in ``lit_sae.train.sweep_memory``), and is exported to
+``<run root>/sae/<name>/`` at the end of fit.
 ``lit-sae sweep test`` writes one table (``<run root>/sweep_test.md`` and ``.json``) with every SAE's NMSE, L0 and
 dead fraction; with ``--config callbacks/eval.yaml`` also every SAE's full evaluation report
 (``<run root>/reports/<name>/report.{json,md}``, ``lit_sae.callbacks.sweep_report``) and the table gains delta CE,
@@ -18,9 +20,7 @@ probe loss, ablation sparsity and explainability.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import re
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -30,99 +30,25 @@ import torch
 from torch import Tensor, nn
 
 from lit_sae.eval.metrics import L0, NormalizedMSE
-from lit_sae.sae import activations
 from lit_sae.sae.checks import check_acts
-from lit_sae.sae.config import MODULE_KEYS
 from lit_sae.sae.ema import EMA
 from lit_sae.sae.model import TopKSAE
+from lit_sae.train.batches import batch_acts
 from lit_sae.train.dead_latents import count_fired_
-from lit_sae.train.module import PAPER_EPS, batch_acts, default_lr
+from lit_sae.train.module import PAPER_EPS, default_lr
 from lit_sae.train.rng_state import rng_states, set_rng_states
 from lit_sae.train.runs import export_dir
 from lit_sae.train.schedule import check_schedule, check_threshold_lr_scale, param_groups, step_scheduler
+from lit_sae.train.sweep_memory import (  # noqa: F401 (re-exported)
+    BYTES_PER_PARAM,
+    DENSE_BUFFERS,
+    available_bytes,
+    estimate_bytes,
+)
+from lit_sae.train.sweep_specs import DATA_KEYS, SAE_KEYS, TRAINING_KEYS, expand_specs  # noqa: F401 (re-exported)
 from lit_sae.train.sweep_table import TABLE_COLUMNS, table_row, write_test_table  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-#: Per-SAE settings of a sweep: ``SAEModule``'s SAE arguments (``lit_sae.sae.config.MODULE_KEYS``) but d_in (the
-#: data's, shared) and fast (a sweep always runs the sparse kernels).
-SAE_KEYS = tuple(key for key in MODULE_KEYS if key not in ("d_in", "fast"))
-#: Per-SAE optimisation settings (as ``SAEModule``'s): Adam's lr, linear warm-up steps, the fraction of the run after
-#: which the lr decays linearly to 0, the decay of an EMA of the weights used for validation, test and export, and
-#: a jumprelu SAE's threshold learning rate as a multiple of its lr.
-TRAINING_KEYS = ("lr", "warmup_steps", "decay_start", "ema_decay", "jumprelu_threshold_lr_scale")
-#: Per-SAE data settings: the hook point the SAE reads (``batch["acts@{hook_point}"]`` of a DataModule reading several
-#: hook points from one LM pass; default: the data's main hook point, ``batch["acts"]``) and its width (default: the
-#: model's ``d_in``; checked against the data's).
-DATA_KEYS = ("hook_point", "d_in")
-# Bytes per SAE parameter during training: fp32 weight, gradient and Adam's two moments.
-BYTES_PER_PARAM = 16
-# Dense (B, n_latents) fp32 temporaries alive at once in a step (pre-activations, their gradient, the code's mask).
-DENSE_BUFFERS = 3
-
-
-def expand_specs(saes: Optional[list[dict[str, Any]]], grid: Optional[dict[str, list]],
-                 defaults: dict[str, Any]) -> list[dict[str, Any]]:
-    """One settings dict per SAE: ``defaults`` updated by each entry of ``saes``, then by each point of the Cartesian
-    product of ``grid`` (keys of ``SAE_KEYS`` and ``TRAINING_KEYS``). Every dict gets a ``name``: the entry's name (or
-    its settings) followed by its grid values, e.g. ``topk-n_latents4096``. Raises ValueError naming the key for
-    unknown keys, an empty grid list, duplicate names, and an architecture setting an entry or the grid gives to an
-    activation it does not apply to (``lit_sae.sae.activations.APPLIES_TO``; ``defaults`` may hold settings of several
-    architectures)."""
-    allowed = set(SAE_KEYS) | set(TRAINING_KEYS) | set(DATA_KEYS) | {"name"}
-    base = [dict(s) for s in (saes or [{}])]
-    for i, spec in enumerate(base):
-        unknown = sorted(set(spec) - allowed)
-        if unknown:
-            raise ValueError(f"model.saes[{i}]: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    grid = dict(grid or {})
-    unknown = sorted(set(grid) - (allowed - {"name"}))
-    if unknown:
-        raise ValueError(f"model.grid: unknown key(s) {unknown}; allowed: {sorted(allowed - {'name'})}")
-    for key, values in grid.items():
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"model.grid.{key}={values!r}: give a non-empty list of values")
-    specs = []
-    for spec in base:
-        for point in itertools.product(*grid.values()):
-            s = {**defaults, **spec, **dict(zip(grid, point))}
-            suffix = [f"{k}{v}" for k, v in zip(grid, point)]
-            if "name" in spec:
-                s["name"] = "-".join([str(spec["name"]), *suffix])
-            else:
-                s["name"] = "-".join([f"{k}{v}" for k, v in spec.items()] + suffix) or "sae"
-            s["name"] = re.sub(r"[^A-Za-z0-9_\-]", "_", str(s["name"]))
-            own = {**spec, **dict(zip(grid, point))}
-            activations.check_applicable(s.get("activation", "topk"), own, f"model.saes[{s['name']}].", s)
-            specs.append(s)
-    names = [s["name"] for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"model.saes: duplicate SAE names {dup}: give each entry a distinct 'name'")
-    return specs
-
-
-def estimate_bytes(d_in: int, spec: dict[str, Any], batch_tokens: int) -> int:
-    """Training memory of one SAE: parameters x 16 bytes (weight, grad, Adam moments; 4 more with ``ema_decay``,
-    the EMA's shadow copy) plus the dense (B, n_latents) fp32 temporaries of a step. An estimate (a lower bound: the
-    allocator and the data add more; a relu / jumprelu code wider than its final L0 early in training adds more)."""
-    n = int(spec["n_latents"])
-    params = 2 * n * d_in + n + d_in + n
-    per_param = BYTES_PER_PARAM + (4 if spec.get("ema_decay") is not None else 0)
-    return per_param * params + DENSE_BUFFERS * 4 * batch_tokens * n
-
-
-def available_bytes(device: torch.device) -> Optional[int]:
-    """Free memory of ``device``: CUDA's free memory, or MemAvailable of /proc/meminfo on CPU (None if unknown)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 class SweepMember(nn.Module):
