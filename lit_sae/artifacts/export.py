@@ -43,7 +43,7 @@ FORMATS = ("saelens", "sparsify", "openai", "circuit-tracer")
 
 
 def export(ckpt: str, out: str, format: Format = "saelens", overwrite: bool = False,
-           manifest: Optional[str] = None) -> Path:
+           manifest: Optional[str] = None, strict: bool = True) -> Path:
     """Export the SAE of a ``lit-sae fit`` checkpoint to the folder ``out``; returns ``out``.
 
     Args:
@@ -53,6 +53,8 @@ def export(ckpt: str, out: str, format: Format = "saelens", overwrite: bool = Fa
             sae.safetensors) or ``openai`` (sae.pt; topk + layernorm SAEs only).
         overwrite: replace an existing export in ``out`` (a folder holding anything else is never touched).
         manifest: the shards' manifest.json, when it is no longer where the checkpoint's data path says.
+        strict: refuse a variant the format's readers cannot load (a topk transcoder in SAELens's layout); the
+            export at the end of fit passes False, writing it as lit-sae's own ``topk_transcoder`` architecture.
 
     Raises:
         FileNotFoundError: no checkpoint at ``ckpt``.
@@ -67,7 +69,7 @@ def export(ckpt: str, out: str, format: Format = "saelens", overwrite: bool = Fa
     prov = provenance(ckpt, info, manifest)
     extra = {"target_hook_point": hp.get("target_hook_point")} if hp.get("transcoder") else {}
     return export_sae(sae, out, hook_point=hp.get("hook_point"), lm_name=hp.get("lm_name"), format=format,
-                      overwrite=overwrite, provenance=prov, **extra)
+                      overwrite=overwrite, provenance=prov, strict=strict, **extra)
 
 
 def export_sae(sae: TopKSAE, out_dir: str | Path, *, hook_point: Optional[str] = None, lm_name: Optional[str] = None,

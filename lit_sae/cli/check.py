@@ -264,7 +264,10 @@ def add_lit_sae_arguments(parser: Any) -> None:
     for source, target in LINKS:
         parser.link_arguments(source, target, apply_on="instantiate")
     for target, attribute in OPTIONAL_LINKS:  # DataModules without a target hook point give None
-        parser.link_arguments("data", target, compute_fn=_attribute_or_none(attribute), apply_on="instantiate")
+        try:
+            parser.link_arguments("data", target, compute_fn=_attribute_or_none(attribute), apply_on="instantiate")
+        except ValueError:  # "No action for key": the model has no such argument (SAESweepModule: no transcoders)
+            pass
     parser.add_argument("--untrained", type=bool, default=False, help=UNTRAINED_HELP)
 
 

@@ -29,7 +29,7 @@ def export_trained(module) -> None:
     ckpt = final_checkpoint(trainer)
     if ckpt is not None:
         if trainer.is_global_zero:
-            export(str(ckpt), str(out), overwrite=True)
+            export(str(ckpt), str(out), overwrite=True, strict=not hparams.transcoder)
             log.info("exported the SAE of %s to %s", ckpt, out)
         trainer.strategy.barrier()
         return
