@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lit_sae.data import harvest as harvest_mod
+from lit_sae.data import norms as norms_mod  # the harvest's forward (forward_hooks) lives there
 from lit_sae.data.harvest import HarvestConfigError, run_harvest, split_of
 from lit_sae.data.shards import LMInfo, decode_block, read_manifest
 from lit_sae.data.text import ContentHash, open_source
@@ -235,7 +236,7 @@ def test_crash_then_resume_equals_uninterrupted(tiny_gpt2, corpus, tmp_path, mon
     ref_out, ref_manifest = reference
     out = tmp_path / "c"
     calls = {"n": 0}
-    real = harvest_mod.truncated_forward
+    real = norms_mod.truncated_forward
 
     def crashing(*a, **kw):
         calls["n"] += 1
@@ -243,16 +244,16 @@ def test_crash_then_resume_equals_uninterrupted(tiny_gpt2, corpus, tmp_path, mon
             raise KeyboardInterrupt("injected crash")
         return real(*a, **kw)
 
-    monkeypatch.setattr(harvest_mod, "truncated_forward", crashing)
+    monkeypatch.setattr(norms_mod, "truncated_forward", crashing)
     with pytest.raises(KeyboardInterrupt):
         run_harvest(**_args(tiny_gpt2, corpus, out, norm_filter_multiple=1.1))
     partial = json.loads((out / "manifest.json").read_text())
     assert not partial["complete"]
     assert set(_shard_bytes(out)) >= {sh["name"] for s in partial["splits"].values() for sh in s["shards"]}
-    monkeypatch.setattr(harvest_mod, "truncated_forward", real)
+    monkeypatch.setattr(norms_mod, "truncated_forward", real)
     calls["n"] = 0
     counting = lambda *a, **kw: (calls.__setitem__("n", calls["n"] + 1), real(*a, **kw))[1]  # noqa: E731
-    monkeypatch.setattr(harvest_mod, "truncated_forward", counting)
+    monkeypatch.setattr(norms_mod, "truncated_forward", counting)
     manifest = run_harvest(**_args(tiny_gpt2, corpus, out, norm_filter_multiple=1.1))
     assert _strip(manifest) == _strip(ref_manifest)
     assert _shard_bytes(out) == _shard_bytes(ref_out)  # same rows, same bytes
@@ -296,11 +297,12 @@ def test_crash_inside_shard_write_leaves_no_final_name(tiny_gpt2, corpus, tmp_pa
 _CHILD = """
 import json, sys, time
 import lit_sae.data.harvest as h
-real = h.truncated_forward
+import lit_sae.data.norms as norms  # the harvest's forward (forward_hooks) lives there
+real = norms.truncated_forward
 def slow(*a, **kw):
     time.sleep(0.15)  # slow enough for the parent to kill us mid-run
     return real(*a, **kw)
-h.truncated_forward = slow
+norms.truncated_forward = slow
 h.run_harvest(**json.loads(sys.argv[1]))
 """
 
@@ -379,7 +381,7 @@ def test_shard_writing_overlaps_the_forward(tiny_gpt2, corpus, tmp_path, monkeyp
     ref_out, ref_manifest = reference
     forwards = {"n": 0}
     started = threading.Condition()
-    real = harvest_mod.truncated_forward
+    real = norms_mod.truncated_forward
     overlapped = []
 
     def counting(*a, **kw):
@@ -395,7 +397,7 @@ def test_shard_writing_overlaps_the_forward(tiny_gpt2, corpus, tmp_path, monkeyp
                     overlapped.append(started.wait_for(lambda: forwards["n"] >= 2, timeout=30))
             super().add(*a, **kw)
 
-    monkeypatch.setattr(harvest_mod, "truncated_forward", counting)
+    monkeypatch.setattr(norms_mod, "truncated_forward", counting)
     monkeypatch.setattr(harvest_mod, "ShardWriter", SlowWriter)
     out = tmp_path / "o"
     manifest = run_harvest(**_args(tiny_gpt2, corpus, out, norm_filter_multiple=1.1))

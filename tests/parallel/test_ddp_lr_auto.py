@@ -24,8 +24,7 @@ def test_lr_auto_under_ddp_equals_one_process_and_resumes(tmp_path):
     shards = tmp_path / "shards"
     _write_shards(shards)
     plain = "lit_sae.data.datamodule.ActivationDataModule"
-    ref = _auto(_config(tmp_path / "ref", shards, "tests.support.global_batch.GlobalBatchOfRanks", {"ranks": 2}),
-                0.5)
+    ref = _auto(_config(tmp_path / "ref", shards, plain), 0.5)  # batch_size_tokens is the global batch: one process reads it whole
     _lit_sae(ref)
     ddp = _lit_sae(_auto(_config(tmp_path / "ddp", shards, plain), 0.5), *DDP)
     chosen = [line for line in ddp.stderr.splitlines() if "chose lr" in line]
