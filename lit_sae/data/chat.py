@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lit_sae.data.text import JSONL_SUFFIXES, TextSource, _permute
+from lit_sae.data.text import JSONL_SUFFIXES, TextSource, _permute, jsonl_records
 
 _SHAPE = ('each line must be {"messages": [{"role": "user", "content": "..."}, ...]} (role and content strings, '
           "at least one message)")
@@ -51,15 +51,8 @@ def _messages(record, where: str) -> list[dict]:
 def read_conversations(path: str | Path) -> Iterator[list[dict]]:
     """The conversations of a JSONL file or folder, in order (ValueError naming file:line for a malformed line)."""
     for p in _files(Path(path)):
-        with open(p, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"data.source: {p}:{line_no}: invalid JSON ({e.msg}); {_SHAPE}") from None
-                yield _messages(record, f"{p}:{line_no}")
+        for line_no, record in jsonl_records(p, "data.source", _SHAPE):
+            yield _messages(record, f"{p}:{line_no}")
 
 
 def chat_source(path: str | Path, tokenizer, shuffle_seed: int | None = None) -> TextSource:

@@ -128,19 +128,26 @@ def stdlib_documents(shuffle_seed: int | None = None) -> list[Callable[[], str]]
     return _permute(loaders, shuffle_seed)
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_records(path: Path, key: str = "", hint: str = "") -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) of each non-blank line of a JSONL file; a line that is not JSON raises a
+    ValueError ``"{key}: {path}:{line}: invalid JSON (...); {hint}"`` (key and hint only when given)."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            text = record if isinstance(record, str) else record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_no}: no string field {text_field!r} (set text_field)")
-            yield text
+                raise ValueError(f"{key + ': ' if key else ''}{path}:{line_no}: invalid JSON ({e.msg})"
+                                 f"{'; ' + hint if hint else ''}") from None
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for line_no, record in jsonl_records(path):
+        text = record if isinstance(record, str) else record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_no}: no string field {text_field!r} (set text_field)")
+        yield text
 
 
 def file_documents(path: str | Path, text_field: str = "text",
