@@ -51,6 +51,20 @@ def slurm_save_and_requeue(trainer: Any, signum: int) -> None:
     trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
 
 
+def lightning_restores_signals_to(trainer: Any, handlers: dict) -> None:
+    """Make Lightning's signal connector put back ``handlers`` (signal number -> handler) when the trainer tears down,
+    instead of the handlers it found installed when the fit started (``trainer._signal_connector._original_handlers``).
+
+    After a failed fit Lightning calls the callbacks' ``on_exception`` first and restores its saved handlers after
+    them; a callback that installed its own handlers before Lightning's would find them reinstalled for good (a
+    notebook whose Ctrl-C only sets a flag, a test process that ignores its runner's SIGTERM). No public API
+    changes what the connector restores."""
+    originals = trainer._signal_connector._original_handlers
+    for signum, handler in handlers.items():
+        if signum in originals:
+            originals[signum] = handler
+
+
 def run_cli_parse_ckpt_path(cli: Any) -> None:
     """LightningCLI's own ``_parse_ckpt_path`` (reloads a checkpoint file's hyperparameters into the model config),
     for subclasses that keep it only for some subcommands."""
@@ -98,5 +112,6 @@ def private_names() -> Iterator[str]:
                 "ModelCheckpoint._last_global_step_saved",
                 "Trainer._accelerator_connector.cluster_environment", "Strategy._checkpoint_io", "FitLoop._data_source",
                 "LightningCLI._parse_ckpt_path",
-                "Trainer._signal_connector._slurm_sigusr_handler_fn", "ArgumentParser._subcommands_action",
+                "Trainer._signal_connector._slurm_sigusr_handler_fn",
+                "Trainer._signal_connector._original_handlers", "ArgumentParser._subcommands_action",
                 "aten._embedding_bag_per_sample_weights_backward", "DDPStrategy._ddp_kwargs")

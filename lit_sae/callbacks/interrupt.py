@@ -45,6 +45,7 @@ class SaveOnInterrupt(L.Callback):
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._previous: dict[int, Any] = {}
+        self._fallback: dict[int, Any] = {}  # what a signal does once this callback is done with it
         self._pid = os.getpid()
 
     # ------------------------------------------------------------------ signal handlers (main thread only)
@@ -54,8 +55,11 @@ class SaveOnInterrupt(L.Callback):
         self.received, self._pid = None, os.getpid()
         _children_block_stop_signals(True)
         for signum in self._signals(trainer):
-            self._previous[signum] = signal.getsignal(signum)
+            current = signal.getsignal(signum)
+            if current != self._on_signal:  # a second setup without teardown keeps the first one's originals
+                self._previous[signum] = current
             signal.signal(signum, self._on_signal)
+        self._fallback = dict(self._previous)
 
     @staticmethod
     def _signals(trainer: L.Trainer) -> list[int]:
@@ -68,6 +72,9 @@ class SaveOnInterrupt(L.Callback):
     def _on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
             return  # a forked DataLoader worker inherited this handler: the training process decides, workers go on
+        if signum not in self._previous:  # the fit is over: act as the handler this one replaced
+            _act_as(self._fallback.get(signum, signal.SIG_DFL), signum, frame)
+            return
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         if self.received is None:
@@ -84,14 +91,18 @@ class SaveOnInterrupt(L.Callback):
 
     def _restore(self) -> None:
         _children_block_stop_signals(False)
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning restores the handlers it saved at the start of the fit (these) after this hook: have it restore
+        # the ones from before this callback instead
+        compat.lightning_restores_signals_to(trainer, {s: h for s, h in self._previous.items() if h is not None})
         self._restore()
 
     # ------------------------------------------------------------------ the save, at a step boundary
@@ -123,6 +134,19 @@ class SaveOnInterrupt(L.Callback):
         path = str(checkpoint_dir(trainer.default_root_dir) / LAST)
         trainer.save_checkpoint(path)
         return path
+
+
+def _act_as(handler: Any, signum: int, frame: Any) -> None:
+    """Do what ``handler`` (a callable, ``SIG_DFL`` or ``SIG_IGN``, as ``signal.getsignal`` returns it) would do."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_IGN:
+        return
+    elif signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    else:  # the default action (SIGTERM: the process ends)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 _BLOCK_IN_CHILDREN = [False]
