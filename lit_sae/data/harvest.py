@@ -37,11 +37,10 @@ from lit_sae.data.filters import keep_masks, norm_threshold
 from lit_sae.data.harvest_state import (
     HarvestConfigError,
     SplitProgress,
-    check_inputs,
-    clean_output,
     existing_hook_sets,
     hook_list,
     refresh_totals,
+    start_over_if_inputs_changed,
     validate_settings,
 )
 from lit_sae.data.hook_sets import HookSets
@@ -154,7 +153,9 @@ def run_harvest(
         test_fraction: Fraction of contexts assigned to the test split.
         seed: Seed of the split assignment and of the document permutation.
         device: Device the model runs on ("cpu", "cuda", ...); may differ between a run and its resume.
-        overwrite: Delete an existing harvest in ``out_dir`` whose configuration differs, instead of raising.
+        overwrite: Delete an existing harvest in ``out_dir`` whose configuration differs, instead of raising; and
+            one made from other inputs (model weights, tokenizer or text changed behind the same names), which is
+            otherwise moved aside to ``<out_dir>.superseded-<UTC time>`` before the harvest starts over.
         progress: Show a progress bar (tokens/s and ETA) on stderr.
     """
     config = {k: v for k, v in locals().items() if k not in _NOT_IN_CONFIG}
@@ -175,9 +176,6 @@ def run_harvest(
     folders = {h: out / sets.folders[h] for h in hooks} if sets is not None else {hooks[0]: out}
     configs = {h: {**config, "hook_point": h} for h in hooks}
     manifests = existing_hook_sets(out, sets, folders, configs, overwrite) if out.is_dir() else {}
-    if manifests and all(m.complete for m in manifests.values()):
-        log.info("%s already holds this complete harvest; nothing to do", out)
-        return manifests[hooks[0]] if sets is None else sets
 
     lm, tokenizer = load_lm(model, gguf_file=gguf_file, dtype=model_dtype, device=device)
     for h in hooks:
@@ -193,12 +191,16 @@ def run_harvest(
     n_contexts = math.ceil(total_tokens / kept_per_context)
 
     inputs = identify(lm, tokenizer, text)  # content hashes: a resume must find the same weights, tokenizer, text
-    if manifests and any(check_inputs(folders[h], m, inputs, overwrite) is None for h, m in manifests.items()):
-        for folder in folders.values():  # overwrite=true on changed inputs: every hook's folder starts over
-            if folder.is_dir():
-                clean_output(folder)
+    if manifests and start_over_if_inputs_changed(out, list(folders.values()), list(manifests.values()), inputs,
+                                                  overwrite):
+        for folder in folders.values():  # every hook's folder starts over, from these inputs
             folder.mkdir(parents=True, exist_ok=True)
+        if sets is not None:
+            write_manifest_atomic(str(out), sets.to_json())
         manifests = {}
+    if manifests and all(m.complete for m in manifests.values()):  # of these very inputs (checked above)
+        log.info("%s already holds this complete harvest; nothing to do", out)
+        return manifests[hooks[0]] if sets is None else sets
     with torch.inference_mode():
         if not manifests:
             medians = (norm_medians(lm, tokenizer, text, config, device, hooks) if norm_filter_multiple is not None

@@ -13,8 +13,9 @@ from lit_sae.data.hook_sets import HookSets, read_hook_sets_file
 from lit_sae.data.manifest import Manifest
 from lit_sae.data.shard_format import MANIFEST_NAME, ShardError
 
-__all__ = ["HarvestConfigError", "SplitProgress", "check_inputs", "clean_output", "config_diff",
-           "existing_hook_sets", "existing_manifest", "hook_list", "refresh_totals", "validate_settings"]
+__all__ = ["HarvestConfigError", "SplitProgress", "clean_output", "config_diff", "existing_hook_sets",
+           "existing_manifest", "hook_list", "refresh_totals", "set_aside", "start_over_if_inputs_changed",
+           "validate_settings"]
 
 log = logging.getLogger("lit_sae.data.harvest")
 
@@ -111,29 +112,63 @@ def existing_manifest(out: Path, config: dict, overwrite: bool) -> Optional[Mani
     return None
 
 
-def check_inputs(out: Path, manifest: Manifest, now, overwrite: bool) -> Optional[Manifest]:
-    """``manifest`` if the harvest it records was made from the same inputs as ``now`` (a
-    :class:`~lit_sae.data.manifest.InputsInfo` of the model, tokenizer and text source loaded for the resume), else
-    None after deleting the old harvest when ``overwrite`` is set.
+def start_over_if_inputs_changed(out: Path, folders: list[Path], manifests: list[Manifest], now,
+                                 overwrite: bool) -> bool:
+    """Whether the harvest in ``out`` must start over because its inputs changed since it started (``now``: the
+    :class:`~lit_sae.data.manifest.InputsInfo` of the model, tokenizer and text source loaded for this run; compared
+    with every hook folder's recorded ``inputs``). If so, its files are first moved out of the way: deleted with
+    ``overwrite``, else moved, unchanged, to a sibling ``<out_dir>.superseded-<UTC time>`` (named in a warning), so
+    the folder never mixes activations of two models or texts under one manifest and nothing written is lost.
 
-    Raises:
-        HarvestConfigError: an input's content changed (each changed input named with its recorded and current
-            sha256), or the manifest records no content hashes (written before they were recorded).
+    A manifest that records no content hashes (written before they were recorded) counts as changed. The caller
+    recreates ``folders`` (and a multi-hook set's top manifest) afterwards.
     """
     from lit_sae.data.identity import changed_inputs
 
-    changed = changed_inputs(manifest.inputs, now)
+    changed = next((c for c in (changed_inputs(m.inputs, now) for m in manifests) if c), None)
     if not changed:
-        return manifest
-    path = out / MANIFEST_NAME
-    if not overwrite:
-        raise HarvestConfigError(
-            f"{path}: cannot resume this harvest, its inputs changed since it started: " + "; ".join(changed)
-            + ". Its shards would mix activations of two inputs under one manifest. Restore the original, harvest "
-            "into another out_dir, or set overwrite=true to delete it and start over")
-    log.warning("%s: deleting a harvest made from other inputs (%s)", out, "; ".join(changed))
-    clean_output(out)
-    return None
+        return False
+    what = "; ".join(changed)
+    if overwrite:
+        log.warning("%s: deleting a harvest made from other inputs (%s); starting over", out, what)
+        for folder in folders:
+            if folder.is_dir():
+                clean_output(folder)
+        if (out / MANIFEST_NAME).exists():
+            (out / MANIFEST_NAME).unlink()
+        return True
+    dest = set_aside(out, folders)
+    log.warning("%s: its inputs changed since this harvest started (%s), so it cannot be resumed without mixing two "
+                "inputs' activations; its files were moved, unchanged, to %s and the harvest starts over. Delete "
+                "that folder if you do not need it; to finish the old harvest instead, restore the original inputs "
+                "and move its files back.", out, what, dest)
+    return True
+
+
+def set_aside(out: Path, folders: list[Path]) -> Path:
+    """Move the harvest files of ``folders`` (``out`` itself, or a multi-hook set's subfolders) and ``out``'s
+    manifest into a new sibling folder ``<out>.superseded-<UTC time>[-n]``, keeping the layout; returns it.
+
+    The manifest goes first, so an interruption midway leaves ``out`` without a manifest (a later run refuses its
+    leftover shards by name) and never a manifest listing shards that moved."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = out.with_name(f"{out.name}.superseded-{stamp}"), 0
+    while dest.exists():
+        n += 1
+        dest = out.with_name(f"{out.name}.superseded-{stamp}-{n}")
+    dest.mkdir(parents=True)
+    for folder in [out] + [f for f in folders if f != out]:
+        if not folder.is_dir():
+            continue
+        target = dest / folder.relative_to(out)
+        target.mkdir(parents=True, exist_ok=True)
+        files = sorted((p for p in folder.iterdir() if p.name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp")
+                        or SHARD_RE.match(p.name)), key=lambda p: p.name != MANIFEST_NAME)
+        for p in files:
+            p.rename(target / p.name)
+    return dest
 
 
 DEFAULT_HOOK_POINT = "blocks.20.hook_resid_post"

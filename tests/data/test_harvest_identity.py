@@ -1,6 +1,7 @@
 """A harvest resumes only from the same inputs, identified by content (``lit_sae.data.identity``): replacing the
-model folder's weights, the tokenizer or the text source's files between an interruption and the rerun refuses the
-resume with a message naming the input (issue 25's case: a resume after the weights changed)."""
+model folder's weights, the tokenizer or the text source's files between an interruption and the rerun sets the old
+files aside (a sibling ``.superseded-*`` folder, named in a warning) and starts over, so every row of the finished
+folder comes from the inputs of the rerun (issue 25's case: a resume after the weights changed)."""
 
 import json
 import shutil
@@ -10,7 +11,6 @@ import torch
 
 from lit_sae.data import writer as W
 from lit_sae.data.harvest import run_harvest
-from lit_sae.data.harvest_state import HarvestConfigError
 from lit_sae.data.identity import tokenizer_sha256, weights_sha256
 from lit_sae.data.text import open_source
 from tests.support.tiny_lm import FILES, STDLIB, tiny_lm
@@ -65,38 +65,88 @@ def _replace_weights(lm):
     model.save_pretrained(lm)  # same path, architecture and tokenizer; other weights
 
 
-def test_resume_after_the_weights_changed_is_refused_naming_them(base, tmp_path, monkeypatch):
+def _rows(out):
+    """Every stored row of every split: {split: {acts, tok, ctx, pos}} as numpy arrays."""
+    import numpy as np
+
+    from lit_sae.data.manifest import read_manifest
+    from lit_sae.data.reader import ShardRef, read_shard
+
+    m = read_manifest(str(out))
+    rows = {}
+    for split in ("train", "val", "test"):
+        pieces = [p for s in m.splits[split].shards for p in read_shard(ShardRef(str(out / s.name), s.name, s.tokens), m)]
+        rows[split] = {k: np.concatenate([np.array(p[k]) for p in pieces]) for k in ("acts", "tok", "ctx", "pos")}
+    return rows
+
+
+def test_resume_after_the_weights_changed_sets_the_old_harvest_aside(base, tmp_path, monkeypatch, caplog):
     lm, texts, out = _interrupted(base, tmp_path, monkeypatch)
-    before = sorted(p.name for p in out.iterdir())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     old = json.loads((out / "manifest.json").read_text())["inputs"]["weights_sha256"]
     _replace_weights(lm)
-    with pytest.raises(HarvestConfigError) as e:
-        run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
-    msg = str(e.value)
-    assert "model's weights" in msg and "tokenizer" not in msg and "text source" not in msg
-    assert "manifest.json" in msg and "overwrite=true" in msg
-    assert sorted(p.name for p in out.iterdir()) == before  # nothing deleted or added
-    # overwrite=true starts over: the finished harvest holds only the new model's activations
-    man = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), overwrite=True, **SETTINGS)
-    assert man.complete and man.inputs.weights_sha256 != old and man.splits["train"].shards[0].name == "train-000000.tar"
+    with caplog.at_level("WARNING", logger="lit_sae"):
+        man = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
+    aside = sorted(tmp_path.glob("shards.superseded-*"))
+    assert len(aside) == 1
+    msg = caplog.text
+    assert "model's weights" in msg and "tokenizer (" not in msg and str(aside[0]) in msg
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == before  # the old files, unchanged
+    assert man.complete and man.inputs.weights_sha256 != old
+    assert man.splits["train"].shards[0].name == "train-000000.tar"
+    # every row of the finished folder is the new model's: equal to a harvest of the new weights from scratch
+    # (the same kernels on the same inputs in this process, so bit for bit)
+    fresh = run_harvest(out_dir=str(tmp_path / "fresh"), model=str(lm), source=str(texts), **SETTINGS)
+    assert fresh.inputs == man.inputs
+    got, want = _rows(out), _rows(tmp_path / "fresh")
+    for split in want:
+        for k in want[split]:
+            assert (got[split][k] == want[split][k]).all(), (split, k)
 
 
-def test_resume_after_the_text_or_tokenizer_changed_is_refused_naming_it(base, tmp_path, monkeypatch):
+def test_resume_after_the_text_or_tokenizer_changed_starts_over_and_the_same_inputs_resume(base, tmp_path,
+                                                                                           monkeypatch, caplog):
     lm, texts, out = _interrupted(base, tmp_path, monkeypatch)
     first = sorted(texts.iterdir())[0]
-    first.write_text(first.read_text() + "\n# one more line\n")
-    with pytest.raises(HarvestConfigError, match=r"text source's files") as e:
+    saved = first.read_text()
+    first.write_text(saved + "\n# one more line\n")
+    with caplog.at_level("WARNING", logger="lit_sae"):
         run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
-    assert "weights" not in str(e.value)
-    shutil.copy(base / "texts" / first.name, first)  # restored: the same content resumes...
+    assert "the text source's files" in caplog.text and "weights" not in caplog.text
+    assert len(list(tmp_path.glob("shards.superseded-*"))) == 1
+    # unchanged inputs: a complete harvest is kept as it is, nothing set aside
+    man = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
+    assert man.complete and len(list(tmp_path.glob("shards.superseded-*"))) == 1
+
+
+def test_a_complete_harvest_of_other_inputs_is_not_served_as_this_one(base, tmp_path):
+    """huggingface/datasets #2956: a finished harvest whose model changed behind its path is redone, not returned."""
+    lm, texts, out = tmp_path / "lm", base / "texts", tmp_path / "shards"
+    shutil.copytree(base / "lm", lm)
+    first = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
+    again = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
+    assert again.inputs == first.inputs and not list(tmp_path.glob("shards.superseded-*"))  # same inputs: kept
+    _replace_weights(lm)
+    redone = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
+    assert redone.complete and redone.inputs.weights_sha256 != first.inputs.weights_sha256
+    assert len(list(tmp_path.glob("shards.superseded-*"))) == 1
+
+
+def test_overwrite_deletes_a_harvest_of_other_inputs(base, tmp_path, monkeypatch):
+    lm, texts, out = _interrupted(base, tmp_path, monkeypatch)
     cfg = json.loads((lm / "tokenizer.json").read_text())
-    cfg["model"]["merges"] = cfg["model"]["merges"][:-1]  # ...but not with another tokenizer (one merge fewer)
+    cfg["model"]["merges"] = cfg["model"]["merges"][:-1]  # another tokenizer (one merge fewer)
     (lm / "tokenizer.json").write_text(json.dumps(cfg))
-    with pytest.raises(HarvestConfigError, match=r"the tokenizer \(sha256") as e:
-        run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
-    shutil.copy(base / "lm" / "tokenizer.json", lm / "tokenizer.json")
-    man = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)  # all restored: resumes
-    assert man.complete
+    man = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), overwrite=True, **SETTINGS)
+    assert man.complete and not list(tmp_path.glob("shards.superseded-*"))
+
+
+def test_an_unchanged_interrupted_harvest_resumes_in_place(base, tmp_path, monkeypatch):
+    lm, texts, out = _interrupted(base, tmp_path, monkeypatch)
+    first = (out / "train-000000.tar").read_bytes()
+    man = run_harvest(out_dir=str(out), model=str(lm), source=str(texts), **SETTINGS)
+    assert man.complete and (out / "train-000000.tar").read_bytes() == first
+    assert not list(tmp_path.glob("shards.superseded-*"))
 
 
 def test_identities_follow_content_not_names(base, tmp_path):
