@@ -18,3 +18,77 @@ def harvested(tmp_path_factory):
     from tests.support.tiny_lm import harvest_tiny
 
     return harvest_tiny(tmp_path_factory.mktemp("tiny_harvest"))
+
+
+
+# ---- the suite leaves nothing behind ---------------------------------------------------------------------------------
+# Every process the suite starts carries this marker in its environment (inherited by subprocesses, DDP ranks,
+# DataLoader workers), so one that outlives its test can be found even after it was re-parented.
+_MARK = "LIT_SAE_TEST_SESSION"
+
+
+def pytest_configure(config):
+    import os
+    import uuid
+
+    os.environ[_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # a suite run by a test gets its own
+
+
+def _marked_processes() -> list[tuple[int, str]]:
+    """(pid, command line) of live processes other than this one that carry this session's marker."""
+    import os
+    from pathlib import Path
+
+    mark = f"{_MARK}={os.environ.get(_MARK, '')}".encode()
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        pid = int(d.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if mark in (d / "environ").read_bytes().split(b"\0"):
+                found.append((pid, (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """What would keep the runner waiting after the last test is reported and cleaned up: a process started by the
+    suite still alive (it holds the runner's output pipe open), a non-daemon thread (the interpreter waits for it),
+    or SIGINT/SIGTERM handlers a test left installed (the runner's SIGTERM would be swallowed). A leak fails the
+    session, naming what leaked; leaked processes are killed so the runner is not kept waiting."""
+    import os
+    import signal
+    import threading
+
+    problems = []
+    for pid, cmd in _marked_processes():
+        problems.append(f"process {pid} still running: {cmd}")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if threads:
+        problems.append(f"non-daemon threads still running: {threads}")
+    for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(signum) is not default:
+            problems.append(f"{signal.Signals(signum).name} handler left installed: {signal.getsignal(signum)!r}")
+    if problems:
+        session.config._lit_sae_leaks = problems
+        if session.exitstatus == 0:
+            session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in getattr(config, "_lit_sae_leaks", []):
+        terminalreporter.write_line(f"LEAK: {line}", red=True)
+
+
+def pytest_unconfigure(config):
+    """Should the interpreter still not have exited two minutes after the suite ended (a hang in its shutdown), print
+    every thread's stack and exit 1, rather than keep the runner waiting for its time limit."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)
