@@ -128,8 +128,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_lightning(None if from_console else argv)
         else:
             result = run_tools(argv)
-            if result is not None:  # the command's product (an export folder, the browser's index.html): stdout
-                print(result)
+            if isinstance(result, (str, os.PathLike)):  # the command's product (an export folder, the browser's
+                print(result)  # index.html) on stdout; a harvest's manifest is summarised by its log line instead
     except Exception as exn:
         if os.environ.get("LIT_SAE_TRACEBACK") or not _is_user_error(exn):
             raise

@@ -178,3 +178,14 @@ def test_cli_unknown_hook_point_exits_2_and_writes_nothing(tiny_gpt2, corpus, tm
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "blocks.10.hook_resid_pre" in err[0] and "no layer 10" in err[0]
     assert "did you mean" not in err[0] and not out.exists()
+
+
+def test_cli_harvest_prints_no_object_dump(tiny_gpt2, corpus, tmp_path, capsys):
+    """stdout of a tool is its product or nothing: a harvest is reported by its log line, not by a Manifest repr."""
+    from lit_sae.cli.main import main
+
+    main(["harvest", "--out_dir", str(tmp_path / "h"), "--model", tiny_gpt2, "--source", corpus, "--hook_point",
+          HOOKS[0], "--total_tokens", "600", "--context_length", "16", "--block_tokens", "64",
+          "--tokens_per_shard", "128", "--progress", "false"])
+    assert (tmp_path / "h" / "manifest.json").exists()
+    assert "Manifest(" not in capsys.readouterr().out
