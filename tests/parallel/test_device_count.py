@@ -33,7 +33,9 @@ def _fit(base: Path, shards: Path, name: str) -> dict:
     cfg = {"seed_everything": 3,
            "trainer": {"default_root_dir": str(root), "max_steps": STEPS, "accelerator": "cpu", "precision": "32-true",
                        "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-                       "enable_model_summary": False, "enable_checkpointing": False, "logger": False},
+                       "enable_model_summary": False, "logger": False,
+                       "callbacks": [{"class_path": "lit_sae.callbacks.checkpoint.Checkpoint",
+                                      "init_args": {"save_last": True, "every_n_train_steps": 1000, "save_top_k": 0}}]},
            "model": {"n_latents": 64, "k": 4, "k_aux": 8, "lr": LR, "dead_after_tokens": 2 * B, "init_tokens": 512,
                      "warmup_steps": 2},
            "data": {"class_path": "lit_sae.data.datamodule.ActivationDataModule",
@@ -46,7 +48,12 @@ def _fit(base: Path, shards: Path, name: str) -> dict:
     proc = subprocess.run([str(Path(sys.executable).parent / "lit-sae"), "fit", "--config", str(root / "fit.yaml"),
                            *LAYOUTS[name]], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads((root / "sae" / "cfg.json").read_text())["d_sae"] == 64
+    cfg = json.loads((root / "sae" / "cfg.json").read_text())
+    assert cfg["d_sae"] == 64
+    # one export path whatever the layout: from the final checkpoint (a folder of per-rank files when sharded), with
+    # its provenance
+    assert cfg["lit_sae"]["checkpoint"]["step"] == STEPS and len(cfg["lit_sae"]["checkpoint"]["sha256"]) == 64
+    assert cfg["lit_sae"]["manifest"]["path"] == str((shards / "manifest.json").resolve())
     return load_file(str(root / "sae" / "sae_weights.safetensors"))
 
 
