@@ -32,6 +32,23 @@ def pytest_configure(config):
     import uuid
 
     os.environ[_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # a suite run by a test gets its own
+    config._lit_sae_tree = _tree_status(config.rootpath)
+
+
+def _tree_status(root) -> set:
+    """``git status`` lines of the checkout (files changed or added outside .gitignore); empty outside a git
+    checkout."""
+    import subprocess
+
+    if not (root / ".git").exists():
+        return set()
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True,
+                         text=True)
+    return set(out.stdout.splitlines()) if out.returncode == 0 else set()
+
+
+# multiprocessing's helper processes of this interpreter: they end when it does (they read a pipe from it)
+_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
 
 def _marked_processes() -> list[tuple[int, str]]:
@@ -46,29 +63,47 @@ def _marked_processes() -> list[tuple[int, str]]:
         if pid == os.getpid():
             continue
         try:
-            if mark in (d / "environ").read_bytes().split(b"\0"):
-                found.append((pid, (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]))
+            if mark not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone, or not ours to read
             continue
+        if any(helper in cmd for helper in _HELPERS):
+            continue
+        found.append((pid, cmd[:200]))
     return found
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """What would keep the runner waiting after the last test is reported and cleaned up: a process started by the
-    suite still alive (it holds the runner's output pipe open), a non-daemon thread (the interpreter waits for it),
-    or SIGINT/SIGTERM handlers a test left installed (the runner's SIGTERM would be swallowed). A leak fails the
+    """What would keep the runner waiting after the last test is reported and cleaned up: a child process that
+    ``terminate()`` does not end (multiprocessing's exit routine terminates and joins every child), a process started
+    by the suite still alive (it holds the runner's output pipe open), a non-daemon thread (the interpreter waits for
+    it), SIGINT/SIGTERM handlers a test left installed (the runner's SIGTERM would be swallowed), or files written
+    into the checkout. A leak fails the
     session, naming what leaked; leaked processes are killed so the runner is not kept waiting."""
+    import multiprocessing
     import os
     import signal
     import threading
 
     problems = []
+    for child in multiprocessing.active_children():  # the interpreter's exit terminates and joins each of these
+        child.terminate()
+        child.join(timeout=10)
+        if child.is_alive():
+            problems.append(f"child process {child.pid} ({child.name}) does not end on terminate(): the "
+                            "interpreter's exit would wait for it forever")
+            child.kill()
+            child.join(timeout=10)
     for pid, cmd in _marked_processes():
         problems.append(f"process {pid} still running: {cmd}")
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    wrote = sorted(_tree_status(session.config.rootpath) - getattr(session.config, "_lit_sae_tree", set()))
+    if wrote:
+        problems.append(f"the suite wrote into the checkout (write under tmp_path instead): {wrote[:5]}")
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if threads:
         problems.append(f"non-daemon threads still running: {threads}")

@@ -31,9 +31,9 @@ class Payload:
 def genuine(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("genuine")
     dm = SyntheticDataModule(d_in=8, n_features=16, active=2, batch_size_tokens=64, train_tokens=2 * 64)
-    module = SAEModule(d_in=8, n_latents=16, k=2, export_dir=None)
+    module = SAEModule(d_in=8, n_latents=16, k=2, export_dir="none")
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp)
     trainer.fit(module, dm)
     trainer.save_checkpoint(tmp / "last.ckpt")
     return tmp / "last.ckpt"

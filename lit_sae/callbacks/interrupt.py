@@ -158,13 +158,28 @@ def _children_block_stop_signals(on: bool) -> None:
     A terminal's Ctrl-C and a scheduler's SIGTERM reach the whole process group; torch's workers die of SIGTERM
     (their C handler re-raises it), and the training process would then fail mid-step with "DataLoader worker ...
     killed by signal" instead of saving at the end of the step. The signal mask survives torch's own handler
-    setup in the worker; the training process shuts its workers down itself when it stops."""
+    setup in the worker; the training process shuts its workers down itself when it stops, and its own SIGTERM
+    (``Process.terminate()``) still ends them (:func:`_exit_on_parents_sigterm`)."""
     _BLOCK_IN_CHILDREN[0] = on
 
 
 def _block_stop_signals_if_asked() -> None:
     if _BLOCK_IN_CHILDREN[0]:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        threading.Thread(target=_exit_on_parents_sigterm, args=(os.getppid(),), name="lit-sae-sigterm",
+                         daemon=True).start()
+
+
+def _exit_on_parents_sigterm(parent: int) -> None:
+    """In a child forked during a fit (its SIGTERM blocked): take each SIGTERM as it comes; one sent by the parent
+    (``Process.terminate()``: the DataLoader shutting its workers down, multiprocessing's exit routine) ends the
+    child as torch's worker handler does, one from anyone else (a scheduler signalling the process group) is
+    dropped, since the training process stops its workers itself. Without this a worker outliving its fit (an
+    iterator not yet collected) could not be terminated, and the interpreter's exit would wait for it forever."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(0)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX

@@ -81,3 +81,32 @@ def test_a_stale_handler_acts_as_the_one_it_replaced(tmp_path, own_handlers):
     signal.signal(signal.SIGTERM, cb._on_signal)
     os.kill(os.getpid(), signal.SIGTERM)
     assert seen == [signal.SIGTERM] and cb.received is None
+
+
+def test_a_child_forked_during_a_fit_ends_on_its_parents_sigterm_only():
+    """A DataLoader worker forked during a fit starts with SIGINT/SIGTERM blocked (a scheduler's SIGTERM to the
+    process group must not kill it mid-step), yet ``Process.terminate()`` from the training process still ends it:
+    otherwise a worker outliving its fit (an iterator kept by a failed fit's traceback) stops the interpreter's exit,
+    where multiprocessing terminates and joins every child."""
+    import multiprocessing
+    import subprocess
+    import time
+
+    from lit_sae.callbacks.interrupt import _children_block_stop_signals
+
+    _children_block_stop_signals(True)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+        child.start()
+    finally:
+        _children_block_stop_signals(False)
+    try:
+        subprocess.run(["kill", "-TERM", str(child.pid)], check=True)  # from another process: dropped
+        child.join(timeout=2)
+        assert child.is_alive()
+        child.terminate()  # from the parent: ends it
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    finally:
+        child.kill()
+        child.join()

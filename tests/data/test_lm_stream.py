@@ -183,7 +183,9 @@ def test_kill_then_resume_continues_bit_exactly(world, tmp_path):
     assert code == 0, out[-2000:]
     ref, after = read_losses(tmp_path / "full.tsv"), read_losses(tmp_path / "resumed.tsv")
     first = min(after)
-    assert 4 <= first <= 15 and sorted(after) == list(range(first, 31))  # 30 steps cross the epoch (42 batches: no)
+    # resumed after a checkpoint (every 4 steps) inside the run: where exactly depends on how far the killed run got
+    # between the poll that saw 14 steps and the kill (2 cores under load: a few steps); 30 steps stay in epoch 1
+    assert 5 <= first <= 30 and sorted(after) == list(range(first, 31))
     assert all(after[s] == ref[s] for s in after)  # same batch hashes and bit-identical losses
     a, b = _state(tmp_path / "full"), _state(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
