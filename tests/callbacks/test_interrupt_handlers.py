@@ -101,6 +101,9 @@ def test_a_child_forked_during_a_fit_ends_on_its_parents_sigterm_only():
     finally:
         _children_block_stop_signals(False)
     try:
+        deadline = time.time() + 60  # the child blocks the signals in its at-fork hook: wait until it has
+        while not _blocked(child.pid, signal.SIGTERM) and time.time() < deadline:
+            time.sleep(0.01)
         subprocess.run(["kill", "-TERM", str(child.pid)], check=True)  # from another process: dropped
         child.join(timeout=2)
         assert child.is_alive()
@@ -110,3 +113,13 @@ def test_a_child_forked_during_a_fit_ends_on_its_parents_sigterm_only():
     finally:
         child.kill()
         child.join()
+
+
+def _blocked(pid: int, signum: int) -> bool:
+    """Whether ``signum`` is in the signal mask of ``pid``'s main thread (``SigBlk`` of /proc/PID/status)."""
+    from pathlib import Path
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
