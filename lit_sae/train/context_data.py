@@ -108,7 +108,7 @@ class ContextDataModule(L.LightningDataModule):
         FileNotFoundError: the manifest or the model cannot be found.
     """
 
-    def __init__(self, manifest: str, batch_size_tokens: int = 4032, seed: int = 0,
+    def __init__(self, manifest: str, batch_size_tokens: int = 2016, seed: int = 0,
                  max_contexts: Optional[int] = None, model_dtype: str = "float32", device: str = "auto"):
         super().__init__()
         self.save_hyperparameters()

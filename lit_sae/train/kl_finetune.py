@@ -98,7 +98,7 @@ class KLFinetuneHooks:
 
         def replace(act: Tensor) -> Tensor:
             mask = splice_mask(act, first, threshold)
-            out = self.sae(act[mask].float(), dead_mask)
+            out = self.sae(act[mask].to(self.sae.W_dec.dtype), dead_mask)  # the SAE runs in its own dtype
             held.update(out=out, mask=mask)
             return act.index_put((mask,), out.x_hat.to(act.dtype))
 
