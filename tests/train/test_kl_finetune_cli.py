@@ -144,3 +144,26 @@ def test_kl_coef_on_activation_shards_says_which_data_it_needs(harvest, tmp_path
 def test_batch_size_that_does_not_divide_into_contexts_names_the_key(harvest, tmp_path):
     line = _error(harvest, tmp_path, harvest / "shards", "--data.init_args.batch_size_tokens", "100")
     assert "data.batch_size_tokens=100" in line and "93" in line
+
+
+def test_ddp_two_processes_equal_one_on_the_global_batch(harvest, tmp_path):
+    """``--trainer.devices 2 --trainer.strategy ddp`` (gloo, CPU, float64 LM and SAE): each rank runs the LM on its
+    half of every global batch; the KL means and the SAE's global-batch loss make DDP's gradient average the one
+    process's gradient, so after 4 steps the weights agree to float64 rounding carried through Adam."""
+    f64 = ("--trainer.precision", "64-true", "--data.init_args.model_dtype", "float64")
+    one, two = tmp_path / "one", tmp_path / "two"
+    fit(*args(harvest, one, 4), *f64)
+    fit(*args(harvest, two, 4), *f64, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp")
+    a, b = (torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+            for run in (one, two))
+    assert int(a["tokens_seen"]) == int(b["tokens_seen"]) == 4 * BATCH
+    assert a["sae.W_dec"].dtype == torch.float64
+    # Both runs sum the same float64 terms in another order (per-rank partial sums, then the all-reduce): relative
+    # differences of a few eps64 (~1e-15) in each gradient, which Adam's m / sqrt(v) passes on as relative
+    # differences of the same size in each update (<= lr = 8e-4 per step): ~1e-18 per step on weights of ~0.1-1 that
+    # round at ~1e-17. 1e-12 leaves a factor 1e4 for growth over 4 steps and stays far below the ~1e-3 they move.
+    for key in (k for k in a if a[k].is_floating_point()):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-12, msg=key)
+    start = load_file(str(harvest / "sae" / "sae_weights.safetensors"))["W_dec"].double()
+    assert (a["sae.W_dec"] - start).abs().max() > 1e-4
