@@ -95,6 +95,8 @@ class ContextDataModule(L.LightningDataModule):
             data-parallel processes holds 1/W): a multiple of ``W * (context_length - first_position)``.
         seed: the order of contexts in each epoch.
         max_contexts: use only the first this many train contexts (None: all).
+        val_contexts: validate on the first this many contexts of the harvest's val split (0: no validation):
+            ``val/kl``, ``val/delta_ce``, ``val/nmse``, ``val/l0``.
         model_dtype: the LM's dtype (float32 on CPU).
         device: where the LM runs: ``auto`` (the trainer's device) or a device name.
 
@@ -109,7 +111,8 @@ class ContextDataModule(L.LightningDataModule):
     """
 
     def __init__(self, manifest: str, batch_size_tokens: int = 2016, seed: int = 0,
-                 max_contexts: Optional[int] = None, model_dtype: str = "float32", device: str = "auto"):
+                 max_contexts: Optional[int] = None, val_contexts: int = 32, model_dtype: str = "float32",
+                 device: str = "auto"):
         super().__init__()
         self.save_hyperparameters()
         from lit_sae.data.contexts import split_contexts
@@ -141,10 +144,12 @@ class ContextDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"{where}: the harvest's model {s['model']!r} cannot be loaded ({first}); make "
                                     "it available at that path or name (the KL fine-tune runs it)") from None
         text = _text(s, self.tokenizer)  # ValueError naming the manifest when the source or tokenizer changed
-        rows = split_contexts(self.tokenizer, text.documents(), "train", max_contexts or 2**62,
-                              context_length=self.context_length, n_contexts=s["n_contexts"],
-                              max_contexts_per_document=s["max_contexts_per_document"], seed=s["seed"],
-                              val_fraction=s["val_fraction"], test_fraction=s["test_fraction"])
+        cut = {"context_length": self.context_length, "n_contexts": s["n_contexts"], "seed": s["seed"],
+               "max_contexts_per_document": s["max_contexts_per_document"], "val_fraction": s["val_fraction"],
+               "test_fraction": s["test_fraction"]}
+        rows = split_contexts(self.tokenizer, text.documents(), "train", max_contexts or 2**62, **cut)
+        val = split_contexts(self.tokenizer, text.documents(), "val", val_contexts, **cut) if val_contexts else []
+        self.val_ids = torch.tensor([ids for _, ids in val], dtype=torch.long).view(len(val), self.context_length)
         if not rows:
             raise ValueError(f"{where}: no train-split context could be rebuilt from text source {s['source']!r}")
         self.context_ids = [c for c, _ in rows]
@@ -190,8 +195,14 @@ class ContextDataModule(L.LightningDataModule):
         return _Loader(ds, self._begin_pass, self)
 
     def val_dataloader(self):
-        """None: the fine-tune is evaluated by ``lit-sae test`` on the harvest's shards (docs/finetune.md)."""
-        return []
+        """This rank's share of the val contexts (equal shares: the tail that does not split evenly is left out), in
+        batches of the training batch's contexts per rank; [] without val contexts."""
+        rank, world = self._world()
+        share = len(self.val_ids) // world
+        if share == 0:
+            return []
+        mine = self.val_ids[rank * share:(rank + 1) * share]
+        return DataLoader([{"input_ids": b} for b in mine.split(self.per_rank_contexts())], batch_size=None)
 
     def _begin_pass(self, ds: ContextStream) -> None:
         """Before a pass: continue a restored position, repeat a pass that consumed nothing (Lightning may create the

@@ -87,7 +87,8 @@ class KLFinetuneHooks:
 
     def kl_objective(self, input_ids: Tensor, dead_mask: Optional[Tensor] = None) -> dict[str, Any]:
         """Losses of one batch of contexts (B, T) int64: ``loss`` (the objective), ``kl`` (mean per scored position),
-        ``delta_ce`` (no gradient), ``out`` (the SAE's output on the replaced activations), ``mask`` (B, T) bool."""
+        ``delta_ce`` (no gradient), ``out`` (the SAE's output on the replaced activations ``x`` (N, d_in)), ``mask``
+        (B, T) bool: the replaced positions."""
         lm, hook, first, threshold = self._kl_context
         ids = input_ids.to(next(lm.parameters()).device)
         if ids.shape[1] < first + 2:
@@ -99,7 +100,7 @@ class KLFinetuneHooks:
         def replace(act: Tensor) -> Tensor:
             mask = splice_mask(act, first, threshold)
             out = self.sae(act[mask].to(self.sae.W_dec.dtype), dead_mask)  # the SAE runs in its own dtype
-            held.update(out=out, mask=mask)
+            held.update(out=out, mask=mask, x=act[mask])
             return act.index_put((mask,), out.x_hat.to(act.dtype))
 
         with splice(lm, hook, replace):
@@ -110,7 +111,7 @@ class KLFinetuneHooks:
         with torch.no_grad():
             target = ids[:, first + 1:].flatten()
             ce = -(spliced.gather(1, target[:, None]) - clean.gather(1, target[:, None])).mean()
-        return {"loss": loss, "kl": kl, "delta_ce": ce, "out": out, "mask": held["mask"]}
+        return {"loss": loss, "kl": kl, "delta_ce": ce, "out": out, "mask": held["mask"], "x": held["x"]}
 
     def _kl_training_step(self, batch: Any) -> dict[str, Tensor]:
         """One step of the KL objective; returns the sparse code for the callbacks as ``training_step`` does."""
@@ -135,3 +136,19 @@ class KLFinetuneHooks:
         self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
         self.log("train/dead_fraction", self.dead_latent_mask().float().mean())
         return {"loss": res["loss"], "latent_values": out.latent_values.detach(), "latent_indices": out.latent_indices}
+
+    @torch.no_grad()
+    def _kl_validation_step(self, batch: Any) -> None:
+        """``val/kl`` and ``val/delta_ce`` (means per scored position over the val contexts and ranks), ``val/nmse``
+        and ``val/l0`` of the replaced activations."""
+        if self._kl_context is None:
+            self._kl_setup()
+        res = self.kl_objective(batch["input_ids"])
+        ids, first = batch["input_ids"], self._kl_context[2]
+        n = ids.shape[0] * (ids.shape[1] - 1 - first)
+        self.val_nmse.update(res["x"].float(), res["out"].x_hat.float())
+        self.val_l0.update(res["out"].latent_values)
+        self.log("val/kl", res["kl"], batch_size=n, sync_dist=True, prog_bar=True)
+        self.log("val/delta_ce", res["delta_ce"], batch_size=n, sync_dist=True)
+        self.log("val/nmse", self.val_nmse)
+        self.log("val/l0", self.val_l0)

@@ -59,9 +59,10 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_yaml_fit_then_exact_resume_across_an_epoch_end(harvest, tmp_path):
     """8 steps straight equal 5 steps, a stop, and ``--ckpt_path last`` for 3 more, bit for bit (same process
-    layout, same kernels); the export says it was KL-fine-tuned and differs from the SAE it started from."""
+    layout, same kernels), though only the straight run validates (every 4 steps: val/kl, val/delta_ce on the val
+    contexts); the export says it was KL-fine-tuned and differs from the SAE it started from."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    fit(*args(harvest, straight, 8))
+    fit(*args(harvest, straight, 8), "--trainer.val_check_interval", "4", "--data.init_args.val_contexts", "8")
     fit(*args(harvest, split, 5))
     first_half = weights(split)
     out = fit(*args(harvest, split, 8), "--ckpt_path", "last")
@@ -79,6 +80,14 @@ def test_yaml_fit_then_exact_resume_across_an_epoch_end(harvest, tmp_path):
     assert ckpt["global_step"] == 8
     assert not any(".transformer." in k or k.startswith("lm.") for k in ckpt["state_dict"])  # the LM is not saved
     assert int(ckpt["state_dict"]["tokens_seen"]) == 8 * BATCH
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight))
+    events.Reload()
+    for tag in ("val/kl", "val/delta_ce", "val/nmse", "train/kl", "train/delta_ce"):
+        assert tag in events.Tags()["scalars"], tag
+    assert [e.step for e in events.Scalars("val/kl")] == [3, 7]
+    assert all(0 < e.value < 10 for e in events.Scalars("val/kl"))
 
 
 def _manifest_copy(harvest: Path, tmp: Path, edit) -> Path:
