@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -96,7 +97,8 @@ def main() -> None:
     p.add_argument("--kl_fraction", type=float, default=0.1)
     p.add_argument("--test_contexts", type=int, default=64, help="test contexts for delta CE (the eval's default)")
     p.add_argument("--before_kl", action="store_true", help="also evaluate B's MSE part before its KL phase")
-    p.add_argument("--kl_args", nargs="*", default=[], help="extra overrides for the KL phase, e.g. --model.lr=4e-4")
+    p.add_argument("--kl_args", default="", help='overrides for the KL phase, e.g. "--model.kl_mse_coef 4"')
+    p.add_argument("--kl_name", default="kl", help="the KL phase's run folder in each seed's folder")
     a = p.parse_args()
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -113,14 +115,15 @@ def main() -> None:
         base = out / f"seed{seed}"
         times[("A", seed)] = fit_mse(base / "mse", shards, seed, a.steps)
         times[("B-mse", seed)] = fit_mse(base / "mse90", shards, seed, mse_steps)
-        times[("B-kl", seed)] = fit_kl(base / "kl", base / "mse90", shards, seed, kl_steps, a.kl_args)
+        times[("B-kl", seed)] = fit_kl(base / a.kl_name, base / "mse90", shards, seed, kl_steps, shlex.split(a.kl_args))
         runs = [("MSE only", base / "mse", n_tokens),
-                ("MSE 90% + KL 10%", base / "kl", mse_steps * MSE_BATCH + kl_steps * KL_BATCH)]
+                ("MSE 90% + KL 10%", base / a.kl_name, mse_steps * MSE_BATCH + kl_steps * KL_BATCH)]
         if a.before_kl:
             runs.append(("(MSE 90%, before KL)", base / "mse90", mse_steps * MSE_BATCH))
         for name, run, tokens in runs:
             rows.append({"seed": seed, "recipe": name, "tokens": tokens, **evaluate(run, shards, eval_yaml)})
-    lines = [f"MSE-only N = {a.steps} x {MSE_BATCH} = {n_tokens:,} tokens; B: {mse_steps} MSE steps + {kl_steps} KL "
+    lines = [f"KL phase: configs/finetune-kl.yaml {a.kl_args}".rstrip(),
+             f"MSE-only N = {a.steps} x {MSE_BATCH} = {n_tokens:,} tokens; B: {mse_steps} MSE steps + {kl_steps} KL "
              f"steps of {KL_BATCH}; test: {rows[0]['n_tokens']:,} scored tokens, clean CE {rows[0]['clean_ce']:.4f}",
              "", "| seed | recipe | tokens | test NMSE | delta CE (nats) | KL (nats) | L0 |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['recipe']} | {r['tokens']:,} | {r['nmse']:.4f} | {r['delta_ce']:.4f} | "
@@ -137,7 +140,7 @@ def main() -> None:
               "wall s: " + ", ".join(f"{k[0]} seed {k[1]}: {v:.0f}" for k, v in times.items() if not math.isnan(v))]
     text = "\n".join(lines)
     print(text)
-    (out / "table.md").write_text(text + "\n")
+    (out / f"table-{a.kl_name}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
