@@ -152,6 +152,11 @@ class ContextDataModule(L.LightningDataModule):
         self.val_ids = torch.tensor([ids for _, ids in val], dtype=torch.long).view(len(val), self.context_length)
         if not rows:
             raise ValueError(f"{where}: no train-split context could be rebuilt from text source {s['source']!r}")
+        recorded = ((obj.get("splits") or {}).get("train") or {}).get("contexts")
+        if max_contexts is None and recorded is not None and recorded != len(rows):
+            raise ValueError(f"{where}: the harvest recorded {recorded} train contexts, {len(rows)} were rebuilt from "
+                             f"text source {s['source']!r}: the contexts would not be the harvested ones; harvest "
+                             "again")
         self.context_ids = [c for c, _ in rows]
         self.contexts = torch.tensor([ids for _, ids in rows], dtype=torch.long)
         self._epoch, self._batches = 0, 0  # the position: batches of epoch consumed

@@ -128,6 +128,13 @@ def test_changed_text_source_is_refused(harvest, tmp_path):
     assert "manifest.json" in line and "changed since the harvest" in line and "harvest again" in line
 
 
+def test_train_contexts_that_differ_from_the_harvest_are_refused(harvest, tmp_path):
+    folder = _manifest_copy(harvest, tmp_path, lambda m: m["splits"]["train"].update(
+        contexts=m["splits"]["train"]["contexts"] + 1))
+    line = _error(harvest, tmp_path, folder)
+    assert "manifest.json" in line and "train contexts" in line and "harvest again" in line
+
+
 def test_model_that_cannot_be_loaded_is_one_line(harvest, tmp_path):
     missing = str(tmp_path / "no-such-model")
 
