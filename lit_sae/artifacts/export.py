@@ -138,15 +138,20 @@ def _export_transcoder(sae, out_dir, format, model, hook_point, target_hook_poin
 
 
 def provenance(ckpt: str | Path, info: dict[str, Any], manifest: Optional[str | Path] = None) -> dict[str, Any]:
-    """What produced a checkpoint's SAE: ``checkpoint`` {path, sha256, step, tokens_seen, ema_steps}, ``manifest``
-    {path, sha256}, ``context_length``, ``prepend_bos``, ``drop_first_position``, ``dataset_path`` and, for a GGUF
+    """What produced a checkpoint's SAE: ``checkpoint`` {path, sha256, step, tokens_seen, ema_steps}, ``kl_finetune``
+    {kl_coef, kl_mse_coef, init_from} for an end-to-end KL fine-tune, ``manifest`` {path, sha256},
+    ``context_length``, ``prepend_bos``, ``drop_first_position``, ``dataset_path`` and, for a GGUF
     model converted by lit-sae, the converted folder a transformers loader can open (``model_name_resolvable``).
     Fields the checkpoint or manifest do not say are None."""
     prov: dict[str, Any] = {"checkpoint": {"path": str(Path(ckpt).resolve()), "sha256": _sha256(Path(ckpt)),
                                            "step": info.get("global_step"), "tokens_seen": info.get("tokens_seen"),
                                            "ema_steps": info.get("ema_steps")}}
+    hp = info.get("hparams") or {}
+    if hp.get("kl_coef") is not None:  # fine-tuned end to end on the LM's KL (lit_sae.train.kl_finetune)
+        prov["kl_finetune"] = {"kl_coef": hp["kl_coef"], "kl_mse_coef": hp.get("kl_mse_coef"),
+                               "init_from": hp.get("init_from")}
     dm = info.get("datamodule") or {}
-    where = manifest or dm.get("manifest_path") or dm.get("path")
+    where = manifest or dm.get("manifest_path") or dm.get("path") or dm.get("manifest")
     path = _find_manifest(where, Path(ckpt)) if where else None
     if path is None or not path.is_file():
         if where:

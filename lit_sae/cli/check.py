@@ -56,7 +56,8 @@ METHOD_SKIP = {
 MODEL_CLASSES = {"module": ("train/module.py", "SAEModule"), "sweep": ("train/sweep.py", "SAESweepModule")}
 DATA_CLASSES = {"lit_sae.data.datamodule": ("data/datamodule.py", "ActivationDataModule"),
                 "lit_sae.data.synthetic": ("data/synthetic.py", "SyntheticDataModule"),
-                "lit_sae.data.lm_stream": ("data/lm_stream/datamodule.py", "LMStreamDataModule")}
+                "lit_sae.data.lm_stream": ("data/lm_stream/datamodule.py", "LMStreamDataModule"),
+                "lit_sae.train.context_data": ("train/context_data.py", "ContextDataModule")}
 # Top-level packages an import may load during the check: besides the standard library, jsonargparse and its
 # optional packages (jsonargparse/_optionals.py). Any other import is refused and the check stands aside.
 ALLOWED_IMPORTS = {"jsonargparse", "yaml", "omegaconf", "antlr4", "docstring_parser", "typeshed_client",

@@ -37,6 +37,7 @@ from lit_sae.cli.messages import config_error
 from lit_sae.data import datamodule as _datamodule  # noqa: F401  known subclasses of --data (named in --help)
 from lit_sae.data import synthetic as _synthetic  # noqa: F401
 from lit_sae.fsync import check_writable
+from lit_sae.train import context_data as _context_data  # noqa: F401  the KL fine-tune's --data
 from lit_sae.train.atomic_io import use_atomic_checkpoints
 from lit_sae.train.module import SAEModule
 from lit_sae.train.run_lock import RunLock

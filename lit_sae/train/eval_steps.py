@@ -39,7 +39,10 @@ class EvalSteps:
         self._exit_ema()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Normalised MSE and L0 over the whole validation split (torchmetrics: exact across batches and ranks)."""
+        """Normalised MSE and L0 over the whole validation split (torchmetrics: exact across batches and ranks); token
+        contexts (``model.kl_coef``): the KL fine-tune's validation (``lit_sae.train.kl_finetune``)."""
+        if isinstance(batch, dict) and "input_ids" in batch:
+            return self._kl_validation_step(batch)
         _, y, out = self._run(batch, "validation")
         self.val_nmse.update(y, out.x_hat)
         self.val_l0.update(out.latent_values)

@@ -33,6 +33,7 @@ from lit_sae.train.dead_latents import DeadLatentTracker, count_fired_
 from lit_sae.train.eval_steps import EvalSteps
 from lit_sae.train.fit_export import export_trained
 from lit_sae.train.init_from import load_init_from
+from lit_sae.train.kl_finetune import KLFinetuneHooks, check_kl_keys
 from lit_sae.train.lr_auto import LR_AUTO_FRACTION, LR_AUTO_MULTIPLIERS, LRAutoHooks, LRSearch, base_lr, check_lr
 from lit_sae.train.resume_checks import RESUME_MUST_MATCH, ResumeChecks, _same  # noqa: F401 (re-exported)
 from lit_sae.train.schedule import check_schedule, check_threshold_lr_scale, param_groups, step_scheduler
@@ -52,7 +53,7 @@ def default_lr(n_latents: int) -> float:
     return PAPER_LR / math.sqrt(n_latents / 2**14)
 
 
-class SAEModule(EvalSteps, LRAutoHooks, ResumeChecks, L.LightningModule):
+class SAEModule(EvalSteps, LRAutoHooks, KLFinetuneHooks, ResumeChecks, L.LightningModule):
     """Trains an SAE as Gao et al. (2024) train TopK SAEs (Adam, unit-norm decoder rows, AuxK, EMA, schedules),
     with any architecture of ``lit_sae.sae.activations``.
 
@@ -103,6 +104,10 @@ class SAEModule(EvalSteps, LRAutoHooks, ResumeChecks, L.LightningModule):
         skip: transcoder only: add the linear skip term W_skip x (Paulo et al. 2025).
         d_out: the target's width (linked from the data's target hook point by the CLI; default d_in).
         target_hook_point: where the target comes from (recorded in exports; linked from the data).
+        kl_coef: null: the usual objective on activations. A number: end-to-end fine-tuning on token contexts
+            (``data: ContextDataModule``): loss = kl_coef * KL(clean || spliced next-token distributions) +
+            kl_mse_coef * the usual loss (``lit_sae.train.kl_finetune``; docs/finetune.md).
+        kl_mse_coef: the weight of the usual loss (NMSE + AuxK) beside the KL term (default 1).
     """
 
     def __init__(
@@ -141,6 +146,8 @@ class SAEModule(EvalSteps, LRAutoHooks, ResumeChecks, L.LightningModule):
         skip: bool = False,
         d_out: Optional[int] = None,
         target_hook_point: Optional[str] = None,
+        kl_coef: Optional[float] = None,
+        kl_mse_coef: float = 1.0,
     ):
         super().__init__()
         check_lr(lr, lr_auto_multipliers or LR_AUTO_MULTIPLIERS, lr_auto_fraction)
@@ -149,6 +156,10 @@ class SAEModule(EvalSteps, LRAutoHooks, ResumeChecks, L.LightningModule):
                              "set ema_decay: null, or a number for lr")
         check_schedule(warmup_steps, decay_start)
         check_threshold_lr_scale(jumprelu_threshold_lr_scale)
+        check_kl_keys(kl_coef, kl_mse_coef, lr)
+        if kl_coef is not None and transcoder:
+            raise ValueError("model.kl_coef with model.transcoder: the KL fine-tune replaces one activation by an "
+                             "SAE's reconstruction; set model.kl_coef: null")
         self.save_hyperparameters()
         arch = {"sparsity_coef": sparsity_coef, "sparsity_warmup_steps": sparsity_warmup_steps,
                 "jumprelu_bandwidth": jumprelu_bandwidth, "jumprelu_init_threshold": jumprelu_init_threshold,
@@ -234,6 +245,8 @@ class SAEModule(EvalSteps, LRAutoHooks, ResumeChecks, L.LightningModule):
             from lit_sae.parallel.data_parallel import use_data_parallel_losses
 
             use_data_parallel_losses(self.sae)
+            if self.hparams.get("kl_coef") is not None:
+                self._kl_setup()  # the DataModule's LM, or one line saying which data the KL objective needs
             if self.lr_search is not None:  # the sweep's candidates, then the chosen SAE, each unused in turn
                 for cand in self.lr_search.candidates:
                     use_data_parallel_losses(cand)
@@ -319,7 +332,10 @@ class SAEModule(EvalSteps, LRAutoHooks, ResumeChecks, L.LightningModule):
         return self.sae(x, dead_mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """One step of the paper's objective; returns the sparse code for the callbacks."""
+        """One step of the paper's objective (or of the KL fine-tune's, ``model.kl_coef``); returns the sparse code
+        for the callbacks."""
+        if self.hparams.get("kl_coef") is not None:
+            return self._kl_training_step(batch)
         if self.lr_search is not None and not self.lr_search.done:
             if self.global_step < self.lr_sweep_steps():
                 return self._sweep_step(check_acts(batch_acts(batch), self.sae.d_in, "training batch acts"))
