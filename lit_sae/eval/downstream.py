@@ -164,16 +164,28 @@ def _transcoder_replacer(stack: ExitStack, model: nn.Module, input_hook_point: s
     return fn
 
 
+def next_token_logprobs(logits: Tensor, first_position: int) -> Tensor:
+    """(B * (T - 1 - first_position), V) log-probabilities of the logits (B, T, V) at positions first_position .. T-2
+    (those that predict a token of the context), in float32 or wider (float64 logits stay float64)."""
+    lp = logits[:, first_position:-1]
+    if lp.dtype not in (torch.float32, torch.float64):
+        lp = lp.float()
+    return F.log_softmax(lp, dim=-1).flatten(0, 1)
+
+
+def kl_per_token(clean_logprobs: Tensor, logprobs: Tensor) -> Tensor:
+    """(N,) KL(clean || these) per position, nats: ``sum_v p_v (log p_v - log q_v)``."""
+    return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
+
+
 def token_losses(logits: Tensor, input_ids: Tensor, clean_logprobs: Tensor | None, first_position: int):
     """Per evaluated token: (cross-entropy (n,), log-probs (n, V), KL(clean || these) (n,) or None), float32.
 
     logits (B, T, V) predict input_ids shifted by one; tokens at positions >= first_position (and < T - 1)."""
-    lp = F.log_softmax(logits[:, first_position:-1].float(), dim=-1).flatten(0, 1)
+    lp = next_token_logprobs(logits.float(), first_position)
     target = input_ids[:, first_position + 1 :].flatten().to(lp.device)
     ce = -lp.gather(1, target[:, None]).squeeze(1)
-    kl = None
-    if clean_logprobs is not None:
-        kl = (clean_logprobs.exp() * (clean_logprobs - lp)).sum(-1)
+    kl = kl_per_token(clean_logprobs, lp) if clean_logprobs is not None else None
     return ce, lp, kl
 
 

@@ -30,16 +30,15 @@ import logging
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_sae.data.lm import splice
-from lit_sae.eval.downstream import splice_mask
+from lit_sae.eval.downstream import kl_per_token, next_token_logprobs, splice_mask
 from lit_sae.parallel.data_parallel import data_parallel_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KLFinetuneHooks", "check_kl_keys", "next_token_logprobs", "kl_per_token"]
+__all__ = ["KLFinetuneHooks", "check_kl_keys"]
 
 
 def check_kl_keys(kl_coef: Optional[float], kl_mse_coef: float, lr: Any) -> None:
@@ -52,20 +51,6 @@ def check_kl_keys(kl_coef: Optional[float], kl_mse_coef: float, lr: Any) -> None
     if lr == "auto":
         raise ValueError("model.lr=auto with model.kl_coef: the learning-rate sweep trains on activations, not on the "
                          "LM's outputs; give model.lr as a number")
-
-
-def next_token_logprobs(logits: Tensor, first_position: int) -> Tensor:
-    """(B * (T - 1 - first_position), V) log-probabilities of the logits at positions first_position .. T-2 (those
-    that predict a token of the context), in float32 or wider."""
-    lp = logits[:, first_position:-1]
-    if lp.dtype not in (torch.float32, torch.float64):
-        lp = lp.float()
-    return F.log_softmax(lp, dim=-1).flatten(0, 1)
-
-
-def kl_per_token(clean_logprobs: Tensor, logprobs: Tensor) -> Tensor:
-    """(N,) KL(clean || these) per position, nats: ``sum_v p_v (log p_v - log q_v)`` (as ``token_losses``)."""
-    return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
 
 
 class KLFinetuneHooks:
