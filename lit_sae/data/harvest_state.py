@@ -131,11 +131,9 @@ def start_over_if_inputs_changed(out: Path, folders: list[Path], manifests: list
     what = "; ".join(changed)
     if overwrite:
         log.warning("%s: deleting a harvest made from other inputs (%s); starting over", out, what)
-        for folder in folders:
+        for folder in {out, *folders}:  # a multi-hook set's top manifest is in out itself
             if folder.is_dir():
                 clean_output(folder)
-        if (out / MANIFEST_NAME).exists():
-            (out / MANIFEST_NAME).unlink()
         return True
     dest = set_aside(out, folders)
     log.warning("%s: its inputs changed since this harvest started (%s), so it cannot be resumed without mixing two "
