@@ -1,54 +1,19 @@
-"""The two autograd-aware collectives a latent-sharded SAE needs (the pair Megatron-LM calls f and g).
+"""The collectives a latent-sharded SAE needs besides the candidates' ``all_gather`` (:func:`all_gather_cat`).
 
-- :func:`copy_to_shards`: forward identity (every tensor-parallel rank holds the same input), backward all-reduce
-  (each shard's encoder contributes a partial gradient of that input).
-- :func:`sum_over_shards`: forward all-reduce (each shard decoded its own latents: partial sums), backward identity
-  (every shard needs the whole output gradient).
-
-Both act on one process group (the tensor-parallel group of a DeviceMesh). Plain ``all_gather`` of selection
-candidates carries no gradient and is called directly.
+A sum whose bits must not depend on how it is split runs as a chain instead of an all-reduce (whose order of
+addition is the backend's): :func:`chain_receive` gives a rank the previous rank's partial result to continue,
+:func:`chain_pass_on` hands its own to the next and every rank gets the last one's, and :func:`take_chained` gives
+the chained result a gradient that reaches each rank's own part. All act on one process group (the tensor-parallel
+group of a DeviceMesh).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-
-class _CopyToShards(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-class _SumOverShards(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        out = x.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-def copy_to_shards(x: Tensor, group) -> Tensor:
-    """Identity forward; the gradient is summed over ``group`` (x: any shape, replicated on the group)."""
-    return _CopyToShards.apply(x, group)
-
-
-def sum_over_shards(x: Tensor, group) -> Tensor:
-    """Sum of ``x`` over ``group`` (x: same shape on every rank); the gradient passes unchanged to every rank."""
-    return _SumOverShards.apply(x, group)
 
 
 def all_gather_cat(t: Tensor, group, dim: int = 1) -> Tensor:
@@ -56,3 +21,40 @@ def all_gather_cat(t: Tensor, group, dim: int = 1) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+def chain_receive(shape: tuple[int, ...], dtype: torch.dtype, device, group) -> Optional[Tensor]:
+    """The partial result of the previous rank of ``group`` (a tensor of ``shape``), or None on its first rank."""
+    t = dist.get_rank(group)
+    if t == 0:
+        return None
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(buf, src=dist.get_global_rank(group, t - 1), group=group)
+    return buf
+
+
+def chain_pass_on(partial: Tensor, group) -> Tensor:
+    """Send ``partial`` (this rank's continued result) to the next rank of ``group``; returns the last rank's result,
+    the whole chain's, on every rank (no gradient: :func:`take_chained`)."""
+    T, t = dist.get_world_size(group), dist.get_rank(group)
+    out = partial.detach().contiguous().clone()
+    if t < T - 1:
+        dist.send(out, dst=dist.get_global_rank(group, t + 1), group=group)
+    dist.broadcast(out, src=dist.get_global_rank(group, T - 1), group=group)
+    return out
+
+
+class _TakeChained(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: Tensor, total: Tensor) -> Tensor:
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def take_chained(local: Tensor, total: Tensor) -> Tensor:
+    """``total`` (a chain's result, the same on every rank) whose gradient passes unchanged to ``local``, this rank's
+    part of it (as :func:`sum_over_shards`, whose forward is an all-reduce)."""
+    return _TakeChained.apply(local, total)

@@ -35,10 +35,60 @@ class GroupSum(BatchSum):
         return out.to(t.dtype)
 
 
-def use_data_parallel_losses(sae, group: Optional[dist.ProcessGroup] = None) -> None:
-    """Make ``sae``'s training losses those of the global batch of the data-parallel ``group`` (no-op for 1 rank)."""
+class TokenGather(BatchSum):
+    """Data parallelism that trains exactly as one process (the bits of its weights, step after step).
+
+    Each rank computes the dense encoder product and the top-k selection of its own rows only (the cost that grows
+    with n_latents), then the ranks' selections and centred inputs are gathered (in rank order, which is the
+    global batch's token order: ``lit_sae.data.datamodule``), and every rank computes the decode, the losses and
+    the sparse backward on the whole global batch, as one process does with the same kernels on the same numbers.
+    Every rank then holds the global batch's gradient itself, so DDP's gradient average is turned off
+    (:meth:`keep_local_gradients`). Per step and rank this gathers B x (d_in + a few k) numbers instead of
+    all-reducing the n_latents x d_in gradients; the sparse part of the step (about k / n_latents of the dense
+    product, plus AuxK's k_aux) is done on every rank.
+
+    Used by ``SAEModule`` under plain DDP for a TopK SAE (``lit_sae.train.module``); other objectives keep
+    :class:`GroupSum`, whose gradients agree with one process to rounding.
+    """
+
+    gathers = True
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t  # the statistics are taken over the gathered global batch already
+
+    def gather(self, t: Tensor) -> Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.detach().contiguous(), group=self.group)
+        return torch.cat(parts, dim=0)
+
+    def own_rows(self, t: Tensor) -> Tensor:
+        rows = t.shape[0] // self.world_size
+        return t[self.rank * rows:(self.rank + 1) * rows]
+
+    @staticmethod
+    def keep_local_gradients(ddp_model) -> None:
+        """Turn off the gradient all-reduce of ``ddp_model`` (a ``DistributedDataParallel``): each rank's gradient is
+        the global batch's already. Call before the first backward."""
+        ddp_model.register_comm_hook(None, _no_reduction)
+
+
+def _no_reduction(state, bucket):
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def use_data_parallel_losses(sae, group: Optional[dist.ProcessGroup] = None, gather: bool = False) -> None:
+    """Make ``sae``'s training losses those of the global batch of the data-parallel ``group`` (no-op for 1 rank):
+    ``gather``: every rank computes the global batch's step (:class:`TokenGather`, TopK SAEs under DDP), else the
+    losses' statistics are summed over the ranks (:class:`GroupSum`)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        sae.batch_sum = GroupSum(group)
+        sae.batch_sum = TokenGather(group) if gather else GroupSum(group)
 
 
 def data_parallel_size(trainer) -> int:

@@ -11,10 +11,15 @@ Forward (communication per step, B tokens, K = max(k, k_multi)):
     2. ``all_gather`` of the candidates (values, global indices): (B, T*K); the global top-K of the candidates in the
        exact order of one device (value descending, ties by lower latent index): an element of the global top-K is
        in its shard's top-K, so nothing is lost;
-    3. decode: each shard sums its own selected latents' rows of W_dec; one all-reduce (B, d_in) adds the partial sums.
+    3. decode, as a chain: shard 0 sums its selected latents' rows of W_dec, each next shard continues those sums with
+       its own (every token's rows in ascending latent order, as one process adds them), the last shard's (B, d_in)
+       sums are broadcast: T - 1 sends and one broadcast of (B, d_in), and the reconstruction has the bits of one
+       process's (``kernels.sparse_decode_sets``).
 Backward: the output gradient is already on every rank (replicated loss); each shard back-propagates through its own
-selected (row, latent) pairs only (sparse, as ``kernels``), and one all-reduce (B, d_in) sums the shards' parts of
-the input gradient (which reaches ``b_pre``).
+selected (row, latent) pairs only (sparse, as ``kernels``, each weight row summing its pairs in the one-process
+order), and b_pre's gradient is the shards' float64 parts summed by one all-reduce of (d_in,) and rounded once. So
+one process and any number of shards compute the same gradients (up to the rare float64 sum that lands on a float32
+rounding boundary), and, with the same global batch, train the same SAE (``tests/parallel/test_device_count.py``).
 
 The same module also runs data parallel: the losses' batch statistics are summed over the data-parallel group
 (``lit_sae.sae.losses.BatchSum``) and gradients are averaged over it by :func:`average_gradients_`.
@@ -28,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lit_sae.parallel.collectives import all_gather_cat, copy_to_shards, sum_over_shards
+from lit_sae.parallel.collectives import all_gather_cat, chain_pass_on, chain_receive, take_chained
 from lit_sae.sae import kernels
 from lit_sae.sae.config import SHARDED_KEYS, defaults
 from lit_sae.sae.init import draw_decoder
@@ -68,16 +73,22 @@ def _merge_candidates(vals: Tensor, gidx: Tensor, K: int, group) -> tuple[Tensor
 
 
 class _ShardedTopKEncode(torch.autograd.Function):
-    """Exact global top-K (and AuxK) of a latent-sharded encoder; backward through this shard's selections only."""
+    """Exact global top-K (and AuxK) of a latent-sharded encoder; backward through this shard's selections only.
+
+    x_n - b_pre is formed here, as ``kernels.topk_encode`` does, so that b_pre's gradient is the float64 product
+    of the pre-activations' gradient with W_enc (``kernels.center_grad64``), summed over the shards in float64 and
+    rounded once: the bits of one process's, where a per-token input gradient summed over the shards would not be."""
 
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, K, k_aux, dead_idx, offset, n_total, group):
+    def forward(ctx, x_n, W_enc, b_enc, b_pre, K, k_aux, dead_idx, offset, n_total, group, k):
+        x_c = x_n - b_pre
+        ctx.k = k
         n_local = W_enc.shape[0]
         width_aux = min(k_aux, n_local) if dead_idx is not None else 0
         vals, idx, aux_v, aux_i = kernels._select_chunks(x_c, W_enc, b_enc, K, dead_idx, width_aux)
         gv, gi = _merge_candidates(vals, idx + offset, K, group)
         gv.relu_()
-        ctx.offset, ctx.n_local = offset, n_local
+        ctx.offset, ctx.n_local, ctx.group = offset, n_local, group
         av = ai = None
         if dead_idx is not None:
             pad = width_aux - aux_v.shape[1]  # this shard may hold fewer dead latents than the others
@@ -93,26 +104,37 @@ class _ShardedTopKEncode(torch.autograd.Function):
             ai = gi.new_empty(gi.shape[0], 0)
         ctx.save_for_backward(x_c, W_enc, gv, gi, av, ai)
         ctx.b_enc_meta = (b_enc.dtype, b_enc.shape)
+        ctx.b_pre_dtype = b_pre.dtype
         ctx.mark_non_differentiable(gi, ai)
         return gv, gi, av, ai
 
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
         x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        need_x, need_W, need_b, need_pre = ctx.needs_input_grad[:4]
         pt = W_enc.dtype
-        parts_g, parts_i = [], []
-        for g, v, i in ((g_vals, vals, idx), (g_aux, aux_vals, aux_idx)):
+        pairs = []
+        for g, v, i, sets in ((g_vals, vals, idx, True), (g_aux, aux_vals, aux_idx, False)):
             if g is None or i.shape[1] == 0:
                 continue
             owned = (i >= ctx.offset) & (i < ctx.offset + ctx.n_local)
-            parts_g.append((g * ((v > 0) & owned)).to(pt))  # ReLU's gradient, and only this shard's pairs
-            parts_i.append(torch.where(owned, i - ctx.offset, 0))
-        if not parts_g:
-            return (None,) * 9
-        g, ii = torch.cat(parts_g, dim=1), torch.cat(parts_i, dim=1)
-        # this shard's part of dx; copy_to_shards sums the parts over the tensor-parallel group
-        grads = kernels._encode_grads(x_c, W_enc, ctx.b_enc_meta, g, ii, *ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None, None)
+            g = (g * ((v > 0) & owned)).to(pt)  # ReLU's gradient, and only this shard's pairs
+            i = torch.where(owned, i - ctx.offset, ctx.n_local)  # n_local: not this shard's (spilled)
+            pairs += kernels.code_sets(g, i, ctx.k) if sets else [(g, i)]
+        if not pairs:
+            return (None,) * 11
+        g, ii = kernels.in_decode_layout(pairs)
+        b_meta = (pt, ctx.b_enc_meta[1]) if need_pre else ctx.b_enc_meta
+        dx, dW, db = kernels._encode_grads(x_c, W_enc, b_meta, g, ii, need_x, need_W, need_b or need_pre, spill=True)
+        if dx is not None:  # this shard's part of the input's gradient: the sum over the shards
+            dist.all_reduce(dx, group=ctx.group)
+        d_pre = None
+        if need_pre:
+            part = kernels.center_grad64(db, W_enc)
+            dist.all_reduce(part, group=ctx.group)
+            d_pre = part.neg_().to(ctx.b_pre_dtype)
+            db = db.to(ctx.b_enc_meta[0]) if need_b else None
+        return (dx, dW, db, d_pre, None, None, None, None, None, None, None)
 
 
 class ShardedTopKSAE(TopKSAE):
@@ -185,7 +207,9 @@ class ShardedTopKSAE(TopKSAE):
         return slice(self.offset, self.offset + self.n_local)
 
     # ---- the two seams TopKSAE.forward goes through ----------------------------------------------------------------
-    def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor]):
+    def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor], gather=None):
+        if gather is not None:
+            raise ValueError("a latent-sharded SAE sums its data-parallel statistics (GroupSum); it does not gather")
         k_multi = self.k * self.multi_topk_factor if self.multi_topk else 0
         K = max(self.k, k_multi)
         dead_idx, k_aux = None, 0
@@ -197,24 +221,34 @@ class ShardedTopKSAE(TopKSAE):
             dist.all_reduce(total, group=self.tp_group)
             if int(total):  # the same decision on every shard
                 dead_idx, k_aux = local, min(self.k_aux, int(total))
-        x_c = copy_to_shards(x_n - self.b_pre, self.tp_group)
-        vals, idx, av, ai = _ShardedTopKEncode.apply(x_c, self.W_enc, self.b_enc, K, k_aux, dead_idx, self.offset,
-                                                     self.n_latents, self.tp_group)
+        vals, idx, av, ai = _ShardedTopKEncode.apply(x_n, self.W_enc, self.b_enc, self.b_pre, K, k_aux, dead_idx,
+                                                     self.offset, self.n_latents, self.tp_group, self.k)
         multi = (vals, idx) if k_multi else (None, None)
         aux = (av, ai) if dead_idx is not None else (None, None)
         return vals[:, :self.k], idx[:, :self.k], *multi, *aux, None  # None: no sparsity penalty (TopK)
 
     def _decode_n(self, values: Tensor, indices: Tensor) -> Tensor:
-        """sum_j values[:, j] W_dec[indices[:, j]] over all shards: this shard's pairs, then one all-reduce."""
-        owned = (indices >= self.offset) & (indices < self.offset + self.n_local)
-        local = torch.where(owned, indices - self.offset, 0)
-        part = kernels.sparse_decode(values * owned, local, self.W_dec)
-        return sum_over_shards(part, self.tp_group)
+        """sum_j values[:, j] W_dec[indices[:, j]] over all shards (``_decode_sets_n`` of one code)."""
+        return self._decode_sets_n([(values, indices)])[0]
 
     def _decode_sets_n(self, codes: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-        """Each code through this class's sharded ``_decode_n`` (the unsharded fused decode would read W_dec rows
-        this shard does not hold)."""
-        return [self._decode_n(v, i) for v, i in codes]
+        """Each code decoded as a chain over the shards: shard t continues shard t-1's partial sums with its own
+        latents (``kernels.sparse_decode_sets`` with ``inits``; every token's rows in ascending latent order, the
+        other shards' pairs spilled), the last shard's sums go to every rank. The result has the bits of one
+        process's decode, which an all-reduce of partial sums would not."""
+        if not codes:
+            return []
+        B, d, n_local = codes[0][0].shape[0], self.d_in, self.n_local
+        local = []
+        for v, i in codes:
+            owned = (i >= self.offset) & (i < self.offset + n_local)
+            local.append((v * owned, torch.where(owned, i - self.offset, n_local)))
+        S, dt = len(codes), self.W_dec.dtype
+        prev = chain_receive((S * B, d), dt, self.W_dec.device, self.tp_group)
+        inits = None if prev is None else list(prev.split(B))
+        parts = kernels.sparse_decode_sets(local, self.W_dec, inits=inits, spill=True)
+        totals = chain_pass_on(torch.cat(parts), self.tp_group).split(B)
+        return [take_chained(p, tot) for p, tot in zip(parts, totals)]
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """This shard's dense pre-activations (B, n_latents / T) (analysis only)."""

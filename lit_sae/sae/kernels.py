@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_sae.sae.decode_kernels import sparse_decode, sparse_decode_sets
+from lit_sae.sae.decode_kernels import in_latent_order, sparse_decode, sparse_decode_sets
 from lit_sae.sae.scatter import _gather_sum, _scatter_rows
 from lit_sae.sae.selection import stable_topk_reference as _stable_topk_reference
 from lit_sae.sae.selection import topk_exact as _topk_exact
@@ -132,11 +132,15 @@ class _TopKEncode(torch.autograd.Function):
     """values = ReLU(top-K of x_c @ W_enc.T + b_enc) (and AuxK values), backward from the selected pairs only."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, K: int, k_aux: int, dead_idx: Optional[Tensor], b_pre: Optional[Tensor]):
+    def forward(ctx, x, W_enc, b_enc, K: int, k_aux: int, dead_idx: Optional[Tensor], b_pre: Optional[Tensor],
+                k: int, gather):
         x_c = x if b_pre is None else x - b_pre
+        ctx.k, ctx.gather = k, gather
         vals, idx, aux_vals, aux_idx = _select_chunks(x_c, W_enc, b_enc, K, dead_idx, k_aux)
         vals.relu_()
         aux_vals.relu_()
+        if gather is not None:  # every rank's selection and centred rows: the backward is the global batch's
+            vals, idx, aux_vals, aux_idx, x_c = (gather.gather(t) for t in (vals, idx, aux_vals, aux_idx, x_c))
         ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.b_enc_meta = (b_enc.dtype, b_enc.shape)
         ctx.b_pre_dtype = None if b_pre is None else b_pre.dtype
@@ -150,45 +154,84 @@ class _TopKEncode(torch.autograd.Function):
         need_pre = ctx.needs_input_grad[6]
         pt = W_enc.dtype
         # d ReLU: the gradient passes where the kept value is > 0 (i.e. the pre-activation was > 0).
-        parts_g, parts_i = [], []
+        pairs = []
         if g_vals is not None:
-            parts_g.append((g_vals * (vals > 0)).to(pt))
-            parts_i.append(idx)
+            pairs += code_sets((g_vals * (vals > 0)).to(pt), idx, ctx.k)
         if g_aux is not None and aux_idx.shape[1]:
-            parts_g.append((g_aux * (aux_vals > 0)).to(pt))
-            parts_i.append(aux_idx)
-        if not parts_g:
-            return None, None, None, None, None, None, None
-        g = torch.cat(parts_g, dim=1) if len(parts_g) > 1 else parts_g[0]
-        ii = torch.cat(parts_i, dim=1) if len(parts_i) > 1 else parts_i[0]
+            pairs.append(((g_aux * (aux_vals > 0)).to(pt), aux_idx))
+        if not pairs:
+            return (None,) * 9
+        g, ii = in_decode_layout(pairs)
         # b_pre's gradient is minus the sum over rows of x_c's: sum_b sum_j g[b, j] W_enc[ii[b, j]] = db_enc @ W_enc,
         # one (n,) x (n, d) product instead of gathering B * m rows of W_enc (which only a per-row dx needs).
         b_meta = (pt, ctx.b_enc_meta[1]) if need_pre else ctx.b_enc_meta
         dx, dW, db = _encode_grads(x_c, W_enc, b_meta, g, ii, need_x, need_W, need_b or need_pre)
+        if dx is not None and ctx.gather is not None:
+            dx = ctx.gather.own_rows(dx)
         d_pre = None
         if need_pre:
-            with torch.autocast(x_c.device.type, enabled=False):
-                d_pre = (db @ W_enc).neg_().to(ctx.b_pre_dtype)
+            d_pre = center_grad64(db, W_enc).neg_().to(ctx.b_pre_dtype)
             db = db.to(ctx.b_enc_meta[0]) if need_b else None
-        return dx, dW, db, None, None, None, d_pre
+        return dx, dW, db, None, None, None, d_pre, None, None
+
+
+def code_sets(g: Tensor, idx: Tensor, k: int) -> list[tuple[Tensor, Tensor]]:
+    """The (B, K) selection as the decoder's sets: the k-code, then Multi-TopK's extra K - k (if any)."""
+    if idx.shape[1] <= k:
+        return [(g, idx)]
+    return [(g[:, :k], idx[:, :k]), (g[:, k:], idx[:, k:])]
+
+
+def in_decode_layout(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(g (B, m), ii (B, m)) of the encoder's backward laid out as the decoder's backward lays out the same pairs
+    (each set in ascending latent, ``decode_kernels.in_latent_order``; the sets side by side), so the W_enc scatter
+    reuses the W_dec scatter's sort (``scatter._latent_order``'s memo). The sums do not depend on it."""
+    parts = [in_latent_order(g, i) for g, i in pairs]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+CENTER_GRAD_CHUNK_BYTES = 64 * 2**20
+"""Rows of W_enc converted to float64 at once by ``center_grad64`` (bounds its temporary on wide dictionaries)."""
+
+
+def center_grad64(db: Tensor, W_enc: Tensor) -> Tensor:
+    """(d,) float64 = sum_i db[i] * W_enc[i]: the centring bias's gradient before its sign (db: (n,) the
+    pre-activations' gradient summed over tokens; W_enc: (n, d)).
+
+    Summed in float64 from float32 (or narrower) inputs, whose products are exact there: rounded to float32 once, the
+    result does not depend on how the latents were split or summed (a latent-sharded SAE adds its shards' float64
+    parts, ``lit_sae.parallel.tensor``) but where the float64 sums straddle a float32 rounding boundary, about
+    one element in 10^8."""
+    rows = max(1, CENTER_GRAD_CHUNK_BYTES // max(1, 8 * W_enc.shape[1]))
+    out = torch.zeros(W_enc.shape[1], dtype=torch.float64, device=W_enc.device)
+    with torch.autocast(W_enc.device.type, enabled=False):
+        for r0 in range(0, W_enc.shape[0], rows):
+            out.addmv_(W_enc[r0:r0 + rows].t().double(), db[r0:r0 + rows].double())
+    return out
 
 
 def _encode_grads(x_c: Tensor, W_enc: Tensor, b_enc_meta, g: Tensor, ii: Tensor, need_x: bool, need_W: bool,
-                  need_b: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                  need_b: bool, spill: bool = False) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of x_c (B, d), W_enc (n, d) and b_enc (n,) from the selected pairs only (shared by the sharded
     encoder in ``lit_sae.parallel.tensor``): ii (B, m) int64 rows of W_enc, g (B, m) their pre-activation gradients
-    in W_enc's dtype (ReLU's mask applied; 0 for pairs that carry none). b_enc_meta: (dtype, shape) of b_enc."""
+    in W_enc's dtype (ReLU's mask applied; 0 for pairs that carry none). b_enc_meta: (dtype, shape) of b_enc.
+    ``spill``: ii == n marks pairs of another shard (g 0 there): they touch no row. Each row's sum runs over its
+    pairs in ascending position (``scatter._latent_order``), so a shard's rows have the bits of one process's."""
     pt = W_enc.dtype
+    n = W_enc.shape[0]
+    rows = n + 1 if spill else n
     dx = dW = db = None
     with torch.autocast(x_c.device.type, enabled=False):
         if need_x:  # dx_c[b] = sum_j g[b, j] W_enc[ii[b, j]]
-            dx = _gather_sum(ii, W_enc, g).to(x_c.dtype)
+            dx = _gather_sum(ii.clamp_max(n - 1) if spill else ii, W_enc, g).to(x_c.dtype)
         if need_W:  # dW_enc[i] = sum over (b, j) selecting i of g[b, j] x_c[b]
-            dW = _scatter_rows(ii, g, x_c.to(pt), W_enc.shape[0])
+            dW = _scatter_rows(ii, g, x_c.to(pt), rows)[:n]
         if need_b:
             b_dtype, b_shape = b_enc_meta
-            db = torch.zeros(b_shape, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
-            db = db.to(b_dtype)
+            db = torch.zeros(rows, dtype=pt, device=g.device).index_add_(0, ii.reshape(-1), g.reshape(-1))
+            db = db[:n].reshape(b_shape).to(b_dtype)
     return dx, dW, db
 
 
@@ -222,8 +265,13 @@ def topk_encode(
     k_aux: int = 0,
     dead_mask: Optional[Tensor] = None,
     b_pre: Optional[Tensor] = None,
+    gather=None,
 ) -> EncodeOut:
     """Fast TopK encoder: one dense product, exact top-k / top-k_multi / AuxK selection, sparse backward.
+
+    ``gather`` (a ``lit_sae.sae.losses.BatchSum`` that gathers, e.g. ``lit_sae.parallel.data_parallel.TokenGather``):
+    x_c holds this data-parallel rank's rows; the outputs are every rank's rows (the global batch, token order) and
+    the weights' gradients are the global batch's, computed on every rank as one process computes them.
 
     x_c: (B, d) input, centred by the caller (x_n - b_pre) or, when ``b_pre`` (d,) is given, here: the product is
     then (x_c - b_pre) @ W_enc.T + b_enc, and b_pre's gradient is -(sum of the pre-activation gradients per latent)
@@ -238,7 +286,7 @@ def topk_encode(
     _check_encode_args(x_c, W_enc, k, k_multi, b_pre)
     K = max(k, k_multi)
     dead_idx = _dead_indices(dead_mask, k_aux, x_c.device)
-    vals, idx, aux_vals, aux_idx = _TopKEncode.apply(x_c, W_enc, b_enc, K, k_aux, dead_idx, b_pre)
+    vals, idx, aux_vals, aux_idx = _TopKEncode.apply(x_c, W_enc, b_enc, K, k_aux, dead_idx, b_pre, k, gather)
     multi = (vals, idx) if k_multi else (None, None)
     aux = (aux_vals, aux_idx) if dead_idx is not None else (None, None)
     return EncodeOut(vals[:, :k], idx[:, :k], *multi, *aux)

@@ -219,9 +219,13 @@ class TopKSAE(UnitNormDecoder, nn.Module):
             return kernels.sparse_decode_sets(codes, self.W_dec)
         return [kernels.naive_sparse_decode(v, i, self.W_dec) for v, i in codes]
 
-    def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor]):
+    def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor], gather: Optional[BatchSum] = None):
         """Returns (values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity_loss) in the SAE's
-        space (sparsity_loss: None but for relu / jumprelu)."""
+        space (sparsity_loss: None but for relu / jumprelu). ``gather`` (a ``BatchSum`` that gathers, topk only):
+        the code of every data-parallel rank's rows, in token order."""
+        if gather is not None and (self.activation != "topk" or not self.fast):
+            raise ValueError(f"gathering the ranks' codes needs activation='topk' and fast kernels, not "
+                             f"{self.activation!r} (fast={self.fast})")
         use_aux = dead_mask is not None and self.auxk_coef > 0
         if self.activation in THRESHOLD_CODES:
             pre = (x_n - self.b_pre) @ self.W_enc.T + self.b_enc
@@ -242,6 +246,7 @@ class TopKSAE(UnitNormDecoder, nn.Module):
             k_aux=self.k_aux if use_aux else 0,
             dead_mask=dead_mask if use_aux else None,
             b_pre=self.b_pre,
+            **({"gather": gather} if gather is not None else {}),
         )
         return out.values, out.indices, out.multi_values, out.multi_indices, out.aux_values, out.aux_indices, None
 
@@ -264,8 +269,18 @@ class TopKSAE(UnitNormDecoder, nn.Module):
         """Encode ``x_n`` (B, d_in), reconstruct ``target_n`` (B, d_out) as ``base`` + the decoded code, and the
         losses, all in the SAE's space. An SAE passes (x_n, x_n, b_pre); a transcoder its target and b_dec (+ skip).
         The returned ``x_hat`` is still in the SAE's space."""
-        values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(x_n, dead_mask)
         bs = self.batch_sum if self.training else LOCAL  # eval ranks may hold unequal batch counts: no collectives
+        gather = bs if bs.gathers else None
+        if gather is not None:
+            if base.dim() != 1:
+                raise ValueError("gathering the data-parallel ranks' rows needs a per-latent base (b_pre), not a "
+                                 "per-token one")
+            values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(
+                x_n, dead_mask, gather)
+            target_n, bs = gather.gather(target_n), LOCAL  # from here on, the global batch's step on every rank
+        else:
+            values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(
+                x_n, dead_mask)
         matryoshka = self.activation == "matryoshka_batchtopk" and self.training
         # Every code is decoded in one call (one W_dec gradient for all in the fast path): the k-code (matryoshka
         # decodes its prefixes itself); Multi-TopK's extra 3k (the first k of the top-4k are the top-k: only the
@@ -298,6 +313,8 @@ class TopKSAE(UnitNormDecoder, nn.Module):
             if self.training and torch.is_grad_enabled():
                 self.sparsity_step += 1
         mse = (recon_n - target_n).pow(2).mean()
+        if gather is not None:  # the losses are the global batch's; the code and reconstruction, this rank's rows
+            recon_n, values, indices = (gather.own_rows(t) for t in (recon_n, values, indices))
         return SAEOutput(recon_n, values, indices, loss, mse, nmse, aux, multik, sparsity)
 
     # ---------------------------------------------------------------- save / load (SAELens's layout)

@@ -6,6 +6,8 @@ Shapes: idx, g: (B, m) with idx int64 latent rows; X: (B, d); W: (n, d). Nothing
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -52,7 +54,12 @@ def _latent_order(flat: Tensor, n: int) -> tuple[Tensor, Tensor]:
         if (key.shape == flat.shape and key.device == flat.device and key._version == version
                 and offsets.numel() == n and torch.equal(key, flat)):
             return order, offsets
-    order = flat.sort(descending=True).indices.flip(0)  # ascending latent index; order within a latent is free
+    # Ascending latent, and within a latent ascending position: the keys latent * P + position are unique, so any
+    # sort gives this one order. A fixed order within a latent makes each weight-gradient row one fixed sum, the
+    # same whether the pairs come from one process or from a latent shard (lit_sae.parallel.tensor).
+    P = flat.numel()
+    keys = torch.arange(P, device=flat.device).add_(flat, alpha=P)
+    order = keys.sort(descending=True).indices.flip(0)
     offsets = torch.zeros(n, dtype=torch.long, device=flat.device)
     torch.cumsum(torch.bincount(flat, minlength=n)[:-1], 0, out=offsets[1:])
     _workspace.order = (flat, flat._version, order, offsets)
@@ -71,8 +78,17 @@ def _gather_dot(idx: Tensor, W: Tensor, G: Tensor) -> Tensor:
     return out.view(B, m)
 
 
-def _gather_sum(indices: Tensor, W: Tensor, values: Tensor) -> Tensor:
-    """(B, d) = sum_j values[:, j, None] * W[indices[:, j]] (``embedding_bag`` or its Triton kernel)."""
+def _gather_sum(indices: Tensor, W: Tensor, values: Tensor, init: Optional[Tensor] = None) -> Tensor:
+    """(B, d) = init + values[:, 0, None] * W[indices[:, 0]] + values[:, 1, None] * W[indices[:, 1]] + ..., added
+    one after another from the left (``embedding_bag`` or its Triton kernel), so that a sum continued from a
+    partial one (``init`` (B, d), in W's dtype, default 0) has the bits of the whole sum done at once. A pair whose
+    value is 0 adds nothing."""
     if _triton.use_triton(W):
-        return _triton.gather_sum(values, indices, W)
-    return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
+        return _triton.gather_sum(values, indices, W, init)
+    if init is None:
+        return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
+    # the partial sum rides along as the first row of each bag (weight 1: 0 + 1 * init is init exactly)
+    B, n = indices.shape[0], W.shape[0]
+    first = torch.arange(n, n + B, device=indices.device).unsqueeze(1)
+    return F.embedding_bag(torch.cat([first, indices], dim=1), torch.cat([W, init.to(W.dtype)]),
+                           per_sample_weights=torch.cat([values.new_ones(B, 1), values], dim=1), mode="sum")

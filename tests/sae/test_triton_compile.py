@@ -21,7 +21,7 @@ def test_every_cuda_launch_compiles_to_a_cubin_without_spills(tmp_path, monkeypa
     from lit_sae.sae.triton_kernels import compile_check
 
     rows = compile_check.compile_all(90)
-    assert len(rows) == 9, [r["label"] for r in rows]
+    assert len(rows) == 10, [r["label"] for r in rows]  # 6 selections, 3 sparse products, the continued decode
     failed = [f"{r['label']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)
     assert all(r["reg"] > 0 for r in rows), rows  # the resource report was read from the cubin

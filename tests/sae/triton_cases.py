@@ -218,3 +218,27 @@ def test_dispatch_modes_and_a_bad_setting(monkeypatch):
         dispatch.set_mode(None)
     with pytest.raises(ValueError, match="not one of"):
         dispatch.set_mode("fast")
+
+
+def test_chained_decode_on_triton_kernels_has_the_bits_of_one_decode(triton_mode):
+    """A latent-sharded decode (``lit_sae.parallel.tensor``) continues the previous shard's sums (the kernel's INIT)
+    with its own pairs, the other shards' spilled: float32 bits equal to one decode of the whole code, and W_dec's
+    gradient rows (each shard's segments are one process's segments, summed by the same program) too."""
+    g = torch.Generator().manual_seed(11)
+    B, n, d, m, T = 40, 96, 130, 12, 2
+    W = torch.randn(n, d, generator=g).requires_grad_()
+    idx = torch.stack([torch.randperm(n, generator=g)[:m] for _ in range(B)])
+    vals = torch.rand(B, m, generator=g).requires_grad_()
+    G = torch.randn(B, d, generator=g)
+    one = kernels.sparse_decode_sets([(vals, idx)], W)[0]
+    one.backward(G)
+    nl, prev, dW = n // T, None, []
+    for t in range(T):
+        Wt = W[t * nl:(t + 1) * nl].detach().clone().requires_grad_()
+        owned = (idx >= t * nl) & (idx < (t + 1) * nl)
+        part = kernels.sparse_decode_sets([(vals.detach() * owned, torch.where(owned, idx - t * nl, nl))], Wt,
+                                          inits=prev, spill=True)[0]
+        part.backward(G)
+        prev, _ = [part.detach()], dW.append(Wt.grad)
+    assert torch.equal(prev[0], one.detach())
+    assert torch.equal(torch.cat(dW), W.grad)

@@ -42,7 +42,8 @@ def configurations():
     w = _PTR[torch.float32]
     kernels = (
         ("gather_sum", sparse._gather_sum_kernel,
-         {"val_ptr": w, "idx_ptr": "*i64", "w_ptr": w, "out_ptr": w, "B": "i32", "m": "i32", "d": "i32"}),
+         {"val_ptr": w, "idx_ptr": "*i64", "w_ptr": w, "init_ptr": w, "out_ptr": w, "B": "i32", "m": "i32",
+          "d": "i32"}),
         ("gather_dot", sparse._gather_dot_kernel,
          {"idx_ptr": "*i64", "w_ptr": w, "g_ptr": w, "out_ptr": w, "B": "i32", "m": "i32", "d": "i32"}),
         ("scatter_sorted", sparse._scatter_sorted_kernel,
@@ -53,6 +54,9 @@ def configurations():
         meta = sparse.launch_meta(name, True, torch.float32)
         const = {k: v for k, v in meta.items() if k != "num_warps"}
         yield f"{name}, float32", kernel, {**sig, **dict.fromkeys(const, "constexpr")}, meta
+        if "INIT" in meta:  # the latent-sharded decode continues a partial sum
+            yield f"{name} (continued), float32", kernel, {**sig, **dict.fromkeys(const, "constexpr")}, \
+                {**meta, "INIT": True}
 
 
 def _resources(cubin: bytes) -> dict:

@@ -106,11 +106,11 @@ def select(pre: Tensor, K: int, bits: Optional[Tensor], k_aux: int):
     return topk.select(pre, K, bits, k_aux)
 
 
-def gather_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+def gather_sum(values: Tensor, indices: Tensor, W: Tensor, init: Optional[Tensor] = None) -> Tensor:
     """``sparse.gather_sum``."""
     from lit_sae.sae.triton_kernels import sparse
 
-    return sparse.gather_sum(values, indices, W)
+    return sparse.gather_sum(values, indices, W, init)
 
 
 def gather_dot(indices: Tensor, W: Tensor, G: Tensor) -> Tensor:

@@ -10,6 +10,8 @@ loop (the Triton interpreter, on numpy >= 2.4, cannot run ``range`` over a runti
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -17,12 +19,15 @@ from torch import Tensor
 
 
 @triton.jit
-def _gather_sum_kernel(val_ptr, idx_ptr, w_ptr, out_ptr, B, m, d,
-                       BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, F64: tl.constexpr):
+def _gather_sum_kernel(val_ptr, idx_ptr, w_ptr, init_ptr, out_ptr, B, m, d,
+                       BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, F64: tl.constexpr, INIT: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask, cmask = rows < B, cols < d
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float64 if F64 else tl.float32)
+    if INIT:  # continue a partial sum (a latent shard's chained decode): the pairs are added after it, in order
+        acc += tl.load(init_ptr + rows[:, None] * d + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                       other=0.0).to(acc.dtype)
     j = 0
     while j < m:
         i = tl.load(idx_ptr + rows * m + j, mask=rmask, other=0)
@@ -91,20 +96,26 @@ BLOCKS = {
 
 def launch_meta(kernel: str, cuda: bool, dtype: torch.dtype) -> dict:
     """The compile-time parameters of ``kernel`` (a key of ``BLOCKS``) for weights / rows of ``dtype``."""
-    return {**BLOCKS[kernel][0 if cuda else 1], "F64": dtype == torch.float64}
+    meta = {**BLOCKS[kernel][0 if cuda else 1], "F64": dtype == torch.float64}
+    return {**meta, "INIT": False} if kernel == "gather_sum" else meta
 
 
-def gather_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    """(B, d) = sum_j values[:, j, None] * W[indices[:, j]]: ``embedding_bag(indices, W, per_sample_weights=values,
-    mode="sum")``. values: (B, m) in W's dtype; indices: (B, m) int64, repeats allowed."""
+def gather_sum(values: Tensor, indices: Tensor, W: Tensor, init: Optional[Tensor] = None) -> Tensor:
+    """(B, d) = init + sum_j values[:, j, None] * W[indices[:, j]], the pairs added in order j = 0, 1, ...:
+    ``embedding_bag(indices, W, per_sample_weights=values, mode="sum")`` (plus ``init``). values: (B, m) in W's
+    dtype; indices: (B, m) int64, repeats allowed; init: (B, d) or None (0)."""
     B, m = indices.shape
     d = W.shape[1]
     out = torch.empty(B, d, dtype=W.dtype, device=W.device)
-    if B == 0 or d == 0 or m == 0:  # a launch needs a non-empty grid; the sum of nothing is 0
+    if B == 0 or d == 0:  # a launch needs a non-empty grid
         return out.zero_()
-    meta = launch_meta("gather_sum", W.is_cuda, W.dtype)
+    if m == 0:  # the sum of nothing is init
+        return out.zero_() if init is None else out.copy_(init)
+    meta = {**launch_meta("gather_sum", W.is_cuda, W.dtype), "INIT": init is not None}
     grid = (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(d, meta["BLOCK_D"]))
-    _gather_sum_kernel[grid](values.contiguous(), indices.contiguous(), W.contiguous(), out, B, m, d, **meta)
+    init_arg = out if init is None else init.to(W.dtype).contiguous()  # unread without INIT
+    _gather_sum_kernel[grid](values.contiguous(), indices.contiguous(), W.contiguous(), init_arg, out, B, m, d,
+                             **meta)
     return out
 
 
