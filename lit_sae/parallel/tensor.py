@@ -17,9 +17,9 @@ Forward (communication per step, B tokens, K = max(k, k_multi)):
        process's (``kernels.sparse_decode_sets``).
 Backward: the output gradient is already on every rank (replicated loss); each shard back-propagates through its own
 selected (row, latent) pairs only (sparse, as ``kernels``, each weight row summing its pairs in the one-process
-order), and b_pre's gradient is the shards' float64 parts summed by one all-reduce of (d_in,) and rounded once. So
-one process and any number of shards compute the same gradients (up to the rare float64 sum that lands on a float32
-rounding boundary), and, with the same global batch, train the same SAE (``tests/parallel/test_device_count.py``).
+order), and b_pre's gradient is chained over the shards as the decode is (a (d_in,) vector). So one process and any
+number of shards compute the same gradients and, with the same global batch, train the same SAE
+(``tests/parallel/test_device_count.py``).
 
 The same module also runs data parallel: the losses' batch statistics are summed over the data-parallel group
 (``lit_sae.sae.losses.BatchSum``) and gradients are averaged over it by :func:`average_gradients_`.
@@ -75,9 +75,10 @@ def _merge_candidates(vals: Tensor, gidx: Tensor, K: int, group) -> tuple[Tensor
 class _ShardedTopKEncode(torch.autograd.Function):
     """Exact global top-K (and AuxK) of a latent-sharded encoder; backward through this shard's selections only.
 
-    x_n - b_pre is formed here, as ``kernels.topk_encode`` does, so that b_pre's gradient is the float64 product
-    of the pre-activations' gradient with W_enc (``kernels.center_grad64``), summed over the shards in float64 and
-    rounded once: the bits of one process's, where a per-token input gradient summed over the shards would not be."""
+    x_n - b_pre is formed here, as ``kernels.topk_encode`` does, so that b_pre's gradient is the pre-activations'
+    gradient times W_enc summed over the latents in ascending order (``kernels.center_grad``), each shard continuing
+    the previous shard's sum: the bits of one process's, where a per-token input gradient summed over the shards
+    would not be."""
 
     @staticmethod
     def forward(ctx, x_n, W_enc, b_enc, b_pre, K, k_aux, dead_idx, offset, n_total, group, k):
@@ -129,10 +130,10 @@ class _ShardedTopKEncode(torch.autograd.Function):
         if dx is not None:  # this shard's part of the input's gradient: the sum over the shards
             dist.all_reduce(dx, group=ctx.group)
         d_pre = None
-        if need_pre:
-            part = kernels.center_grad64(db, W_enc)
-            dist.all_reduce(part, group=ctx.group)
-            d_pre = part.neg_().to(ctx.b_pre_dtype)
+        if need_pre:  # continued shard after shard, as one process sums the latents (kernels.center_grad)
+            prev = chain_receive((W_enc.shape[1],), kernels.center_grad_dtype(W_enc), W_enc.device, ctx.group)
+            total = chain_pass_on(kernels.center_grad(db, W_enc, prev), ctx.group)
+            d_pre = total.neg().to(ctx.b_pre_dtype)
             db = db.to(ctx.b_enc_meta[0]) if need_b else None
         return (dx, dW, db, d_pre, None, None, None, None, None, None, None)
 

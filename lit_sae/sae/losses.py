@@ -41,9 +41,10 @@ LOCAL = BatchSum()
 
 
 def sum64(t: Tensor) -> Tensor:
-    """Sum of a (B, d) tensor in float64, in one order whatever the thread count or the machine: each token's d
-    values (one row at a time), then the tokens in order (a sequential scan). Returns a float64 scalar; 0 for B = 0."""
-    rows = t.to(torch.float64).sum(dim=1)
+    """Sum of a (B, d) tensor in one order whatever the thread count: each token's d values (a row sum, which one
+    thread computes whatever the thread count), then the tokens' sums in float64 in token order (a sequential scan).
+    Returns a float64 scalar; 0 for B = 0."""
+    rows = t.sum(dim=1).to(torch.float64)
     return rows.cumsum(0)[-1] if rows.numel() else rows.new_zeros(())
 
 
@@ -60,24 +61,24 @@ def normalized_mse(x_hat: Tensor, x: Tensor, batch_sum: BatchSum = LOCAL) -> Ten
     main and the auxiliary loss; for the main loss it is MSE times a per-batch constant, so the gradient direction is
     MSE's.
 
-    Both sums are taken in float64 in a fixed order (``sum64``): the loss and its gradient (2 (x_hat - x) / den) have
-    the same bits whatever the thread count, where a float32 ``sum`` splits its terms over the threads (measured: the
-    gradient differed between 1 and 2 threads, which then grew over the steps of a fit).
+    Both sums run in one order (``sum64``: row sums, then the tokens in float64): the loss and its gradient
+    (2 (x_hat - x) / den) have the same bits whatever the thread count, where a whole-tensor ``sum`` splits its terms
+    over the threads (measured: the gradient differed between 1 and 2 threads, which then grew over a fit's steps).
 
     With a data-parallel ``batch_sum`` (W ranks, each holding its part of the global batch), the mean and variance
     of ``x`` are the global batch's, the returned value is the global batch's NMSE on every rank, and its gradient is
     W times this rank's share of it, so that DDP's gradient average is exactly the global batch's gradient.
     """
-    num = sum64((x_hat.to(torch.float64) - x.to(torch.float64)).pow(2))
+    num = sum64((x_hat - x).pow(2))
     tiny = torch.finfo(x.dtype).tiny
     if batch_sum is LOCAL:
         mean = _column_sums64(x) / max(1, x.shape[0])
-        den = sum64((x.to(torch.float64) - mean).pow(2))
+        den = sum64((x - mean.to(x.dtype)).pow(2))
         return (num / den.clamp_min(tiny)).to(x.dtype)
     xd = x.detach()
     stats = batch_sum(torch.cat([_column_sums64(xd), num.new_tensor([xd.shape[0]])]))
     mean = stats[:-1] / stats[-1]
-    den = batch_sum(sum64((xd.to(torch.float64) - mean).pow(2)))
+    den = batch_sum(sum64((xd - mean.to(xd.dtype)).pow(2)))
     share = num / den.clamp_min(tiny)
     total = batch_sum(share.detach())
     # value: the global NMSE; gradient: W x this rank's share (DDP divides the summed gradients by W).

@@ -1,8 +1,9 @@
 """Scratch memory the fast TopK encoder keeps between calls, per thread (see ``lit_sae.sae.kernels``).
 
-Two kinds: the pre-activation chunk buffers (``_chunk_buffer``, CPU only) and the scatter order memo that the
-decoder's backward leaves for the encoder's (``lit_sae.sae.scatter._latent_order``). ``release_workspace`` frees
-both; ``workspace_bytes`` measures the buffers.
+Three kinds: the pre-activation chunk buffers (``_chunk_buffer``, CPU only), the scatter order memo that the
+decoder's backward leaves for the encoder's (``lit_sae.sae.scatter._latent_order``) and the per-row latent orders
+the decoder's forward leaves for the encoder's backward (``lit_sae.sae.decode_kernels.in_latent_order``).
+``release_workspace`` frees them; ``workspace_bytes`` measures the buffers.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ def _chunk_buffer(slot: str, rows: int, cols: int, dtype: torch.dtype, device: t
 
 
 def release_workspace() -> None:
-    """Free the pre-activation buffers this thread keeps between encoder calls on CPU (``_chunk_buffer``) and the
-    scatter order kept for the encoder's backward (``_latent_order``)."""
+    """Free the pre-activation buffers this thread keeps between encoder calls on CPU (``_chunk_buffer``), the
+    scatter order kept for the encoder's backward (``_latent_order``) and the per-row orders (``in_latent_order``)."""
     for slot in _WORKSPACE_SLOTS:
         setattr(_workspace, slot, None)
     _workspace.order = None
+    _workspace.row_orders = []
 
 
 def workspace_bytes() -> int:
