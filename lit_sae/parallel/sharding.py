@@ -79,7 +79,7 @@ def configure_sharded(module) -> None:
         raise ValueError(f"trainer.strategy={type(module.trainer.strategy).__name__}: shard the SAE with "
                          "lit_sae.parallel.strategy.SAEModelParallelStrategy (Lightning's ModelParallelStrategy with "
                          "the data-parallel gradients and sharded checkpoints a latent-sharded SAE needs)")
-    from lit_sae.parallel.data_parallel import GroupSum
+    from lit_sae.parallel.data_parallel import TokenGather
     from lit_sae.sae.ema import EMA
 
     tp_mesh, dp_mesh = mesh[TP_DIM], mesh[DP_DIM]
@@ -100,8 +100,8 @@ def configure_sharded(module) -> None:
             sae = ShardedTopKSAE.from_full(full.float(), tp_mesh.get_group())
     except ValueError as exn:
         raise ValueError(f"model.{exn}") from None
-    if dp_mesh.size() > 1:
-        sae.batch_sum = GroupSum(dp_mesh.get_group())
+    if dp_mesh.size() > 1:  # the data-parallel ranks gather their codes: each computes the global batch's step
+        sae.batch_sum = TokenGather(dp_mesh.get_group())
     sae.train(module.training)
     module.sae = sae
     if module.ema is not None:

@@ -7,8 +7,10 @@ or FSDP2) needs:
 
 - the mesh is checked before any process starts (``data_parallel_size x tensor_parallel_size`` must equal
   ``trainer.devices x trainer.num_nodes``), with a message naming the keys;
-- gradients are averaged over the data-parallel group after backward (there is no DDP wrapper), and
-  ``reduce`` sums replicated values over the data-parallel group, so that counters are not counted T times;
+- the data-parallel ranks gather their codes and each computes the global batch's gradient (``TokenGather``, set by
+  ``lit_sae.parallel.sharding``; there is no DDP wrapper; a summing ``GroupSum`` has its gradients averaged after
+  backward instead), and ``reduce`` sums replicated values over the data-parallel group, so that counters are not
+  counted T times;
 - checkpoints with ``torch.distributed.checkpoint`` (each rank writes its shard): the latent-sharded tensors
   (``sae.W_enc``, ``sae.b_enc``, ``sae.W_dec``, their EMA copies and Adam moments, ``tokens_since_fired``) as
   DTensors sharded over the tensor dimension, the rest replicated, Lightning's own state (loops, callbacks,
@@ -82,11 +84,15 @@ class SAEModelParallelStrategy(ModelParallelStrategy):
 
     # ---- gradients and reductions ----------------------------------------------------------------------------------
     def post_backward(self, closure_loss: torch.Tensor) -> None:
-        """Average every gradient over the data-parallel group (the losses are the global batch's: ``GroupSum``)."""
+        """Average every gradient over the data-parallel group when the losses sum their statistics over it
+        (``GroupSum``); when the ranks gather their codes (``TokenGather``, what ``SAEModule`` sets) every rank's
+        gradient is the global batch's already."""
         super().post_backward(closure_loss)
         from lit_sae.parallel.tensor import average_gradients_
 
-        if self.device_mesh["data_parallel"].size() > 1:
+        sae = getattr(self.lightning_module, "sae", None)
+        if self.device_mesh["data_parallel"].size() > 1 and not getattr(getattr(sae, "batch_sum", None), "gathers",
+                                                                          False):
             average_gradients_(self.lightning_module, self.data_parallel_group)
 
     def reduce(self, tensor, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean"):

@@ -21,8 +21,12 @@ order), and b_pre's gradient is chained over the shards as the decode is (a (d_i
 number of shards compute the same gradients and, with the same global batch, train the same SAE
 (``tests/parallel/test_device_count.py``).
 
-The same module also runs data parallel: the losses' batch statistics are summed over the data-parallel group
-(``lit_sae.sae.losses.BatchSum``) and gradients are averaged over it by :func:`average_gradients_`.
+The same module also runs data parallel. Under ``SAEModelParallelStrategy`` (``lit_sae.parallel.sharding``) each
+data-parallel rank encodes its own rows, then the ranks' selections and rows are gathered
+(``lit_sae.parallel.data_parallel.TokenGather``) and every rank computes the rest of the step on the global batch:
+its shard's gradients are the global batch's, with the bits of one process's. With a summing ``batch_sum``
+(``GroupSum``) instead, the losses' statistics are summed over the data-parallel group and the gradients averaged
+by :func:`average_gradients_` (equal to one process to rounding).
 """
 
 from __future__ import annotations
@@ -81,9 +85,9 @@ class _ShardedTopKEncode(torch.autograd.Function):
     would not be."""
 
     @staticmethod
-    def forward(ctx, x_n, W_enc, b_enc, b_pre, K, k_aux, dead_idx, offset, n_total, group, k):
+    def forward(ctx, x_n, W_enc, b_enc, b_pre, K, k_aux, dead_idx, offset, n_total, group, k, gather):
         x_c = x_n - b_pre
-        ctx.k = k
+        ctx.k, ctx.gather = k, gather
         n_local = W_enc.shape[0]
         width_aux = min(k_aux, n_local) if dead_idx is not None else 0
         vals, idx, aux_v, aux_i = kernels._select_chunks(x_c, W_enc, b_enc, K, dead_idx, width_aux)
@@ -103,6 +107,8 @@ class _ShardedTopKEncode(torch.autograd.Function):
         else:
             av = gv.new_empty(gv.shape[0], 0)
             ai = gi.new_empty(gi.shape[0], 0)
+        if gather is not None:  # every data-parallel rank's selection and rows: the global batch's step from here on
+            gv, gi, av, ai, x_c = (gather.gather(t) for t in (gv, gi, av, ai, x_c))
         ctx.save_for_backward(x_c, W_enc, gv, gi, av, ai)
         ctx.b_enc_meta = (b_enc.dtype, b_enc.shape)
         ctx.b_pre_dtype = b_pre.dtype
@@ -123,19 +129,21 @@ class _ShardedTopKEncode(torch.autograd.Function):
             i = torch.where(owned, i - ctx.offset, ctx.n_local)  # n_local: not this shard's (spilled)
             pairs += kernels.code_sets(g, i, ctx.k) if sets else [(g, i)]
         if not pairs:
-            return (None,) * 11
+            return (None,) * 12
         g, ii = kernels.in_decode_layout(pairs)
         b_meta = (pt, ctx.b_enc_meta[1]) if need_pre else ctx.b_enc_meta
         dx, dW, db = kernels._encode_grads(x_c, W_enc, b_meta, g, ii, need_x, need_W, need_b or need_pre, spill=True)
         if dx is not None:  # this shard's part of the input's gradient: the sum over the shards
             dist.all_reduce(dx, group=ctx.group)
+            if ctx.gather is not None:
+                dx = ctx.gather.own_rows(dx)
         d_pre = None
         if need_pre:  # continued shard after shard, as one process sums the latents (kernels.center_grad)
             prev = chain_receive((W_enc.shape[1],), kernels.center_grad_dtype(W_enc), W_enc.device, ctx.group)
             total = chain_pass_on(kernels.center_grad(db, W_enc, prev), ctx.group)
             d_pre = total.neg().to(ctx.b_pre_dtype)
             db = db.to(ctx.b_enc_meta[0]) if need_b else None
-        return (dx, dW, db, d_pre, None, None, None, None, None, None, None)
+        return (dx, dW, db, d_pre, None, None, None, None, None, None, None, None)
 
 
 class ShardedTopKSAE(TopKSAE):
@@ -209,8 +217,6 @@ class ShardedTopKSAE(TopKSAE):
 
     # ---- the two seams TopKSAE.forward goes through ----------------------------------------------------------------
     def _encode_n(self, x_n: Tensor, dead_mask: Optional[Tensor], gather=None):
-        if gather is not None:
-            raise ValueError("a latent-sharded SAE sums its data-parallel statistics (GroupSum); it does not gather")
         k_multi = self.k * self.multi_topk_factor if self.multi_topk else 0
         K = max(self.k, k_multi)
         dead_idx, k_aux = None, 0
@@ -223,7 +229,7 @@ class ShardedTopKSAE(TopKSAE):
             if int(total):  # the same decision on every shard
                 dead_idx, k_aux = local, min(self.k_aux, int(total))
         vals, idx, av, ai = _ShardedTopKEncode.apply(x_n, self.W_enc, self.b_enc, self.b_pre, K, k_aux, dead_idx,
-                                                     self.offset, self.n_latents, self.tp_group, self.k)
+                                                     self.offset, self.n_latents, self.tp_group, self.k, gather)
         multi = (vals, idx) if k_multi else (None, None)
         aux = (av, ai) if dead_idx is not None else (None, None)
         return vals[:, :self.k], idx[:, :self.k], *multi, *aux, None  # None: no sparsity penalty (TopK)

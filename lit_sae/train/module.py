@@ -266,7 +266,9 @@ class SAEModule(EvalSteps, LRAutoHooks, KLFinetuneHooks, ResumeChecks, L.Lightni
     def on_fit_start(self) -> None:
         """Turn off DDP's gradient average when every rank computes the global batch's gradient (``setup``); then
         initialise b_pre (geometric median) and the input scale from data, once: never on resume."""
-        if self.sae.batch_sum.gathers:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.sae.batch_sum.gathers and isinstance(self.trainer.strategy.model, DistributedDataParallel):
             self.sae.batch_sum.keep_local_gradients(self.trainer.strategy.model)
         if bool(self.sae.data_initialized):
             return
