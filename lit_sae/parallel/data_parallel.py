@@ -71,16 +71,33 @@ class TokenGather(BatchSum):
         return t[self.rank * rows:(self.rank + 1) * rows]
 
     @staticmethod
-    def keep_local_gradients(ddp_model) -> None:
-        """Turn off the gradient all-reduce of ``ddp_model`` (a ``DistributedDataParallel``): each rank's gradient is
-        the global batch's already. Call before the first backward."""
-        ddp_model.register_comm_hook(None, _no_reduction)
+    def keep_local_gradients(model) -> None:
+        """Turn off the gradient all-reduce of ``model`` if it is a ``DistributedDataParallel`` (each rank's gradient
+        is the global batch's already; ``SAEModelParallelStrategy`` skips its average itself). Call before the first
+        backward."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):
+            model.register_comm_hook(None, _no_reduction)
 
 
 def _no_reduction(state, bucket):
     fut = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
+
+
+def gathers_codes(strategy, sae, plain_objective: bool) -> bool:
+    """Whether a fit's DDP ranks gather their codes and each compute the global batch's step (:class:`TokenGather`):
+    plain DDP (``strategy``) of a TopK SAE (``sae``, fast kernels) on the paper's objective (``plain_objective``: no
+    ``lr: auto`` candidates, no KL fine-tune). A transcoder and the other activations keep the summed statistics and
+    DDP's gradient average (equal to one process to rounding)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_sae.sae.model import TopKSAE
+
+    return (isinstance(strategy, DDPStrategy) and type(sae) is TopKSAE and sae.activation == "topk" and sae.fast
+            and plain_objective)
 
 
 def use_data_parallel_losses(sae, group: Optional[dist.ProcessGroup] = None, gather: bool = False) -> None:

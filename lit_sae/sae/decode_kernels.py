@@ -54,6 +54,9 @@ def in_latent_order(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     row sort is ~25 ms on 2 CPU cores)."""
     if indices.shape[1] <= 1:
         return values, indices
+    if indices.is_inference():  # no backward to share it with (and no version counter to check it by)
+        ordered, perm = indices.sort(dim=1, stable=True)
+        return values.gather(1, perm), ordered
     memo = getattr(_workspace, "row_orders", None)
     if memo is None:
         memo = _workspace.row_orders = []

@@ -242,9 +242,10 @@ class SAEModule(EvalSteps, LRAutoHooks, KLFinetuneHooks, ResumeChecks, L.Lightni
         """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data_parallel``): DDP on W
         ranks of ``data.batch_size_tokens / W`` each trains exactly as one process on ``data.batch_size_tokens``."""
         if stage == "fit":
-            from lit_sae.parallel.data_parallel import use_data_parallel_losses
+            from lit_sae.parallel.data_parallel import gathers_codes, use_data_parallel_losses
 
-            use_data_parallel_losses(self.sae, gather=self._exact_data_parallel())
+            use_data_parallel_losses(self.sae, gather=gathers_codes(
+                self.trainer.strategy, self.sae, self.lr_search is None and self.hparams.get("kl_coef") is None))
             if self.hparams.get("kl_coef") is not None:
                 self._kl_setup()  # the DataModule's LM, or one line saying which data the KL objective needs
             if self.lr_search is not None:  # the sweep's candidates, then the chosen SAE, each unused in turn
@@ -252,23 +253,10 @@ class SAEModule(EvalSteps, LRAutoHooks, KLFinetuneHooks, ResumeChecks, L.Lightni
                     use_data_parallel_losses(cand)
                 compat.ddp_find_unused_parameters(self.trainer.strategy)
 
-    def _exact_data_parallel(self) -> bool:
-        """Whether this fit's DDP ranks gather their rows and each compute the global batch's step
-        (``lit_sae.parallel.data_parallel.TokenGather``): plain DDP of a TopK SAE's own objective (the paper's
-        losses on the fast kernels). A transcoder, the other activations, ``lr: auto``'s candidates and the KL
-        fine-tune keep the summed statistics and DDP's gradient average (equal to one process to rounding)."""
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return (isinstance(self.trainer.strategy, DDPStrategy) and type(self.sae) is TopKSAE
-                and self.sae.activation == "topk" and self.sae.fast and self.lr_search is None
-                and self.hparams.get("kl_coef") is None)
-
     def on_fit_start(self) -> None:
         """Turn off DDP's gradient average when every rank computes the global batch's gradient (``setup``); then
         initialise b_pre (geometric median) and the input scale from data, once: never on resume."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        if self.sae.batch_sum.gathers and isinstance(self.trainer.strategy.model, DistributedDataParallel):
+        if self.sae.batch_sum.gathers:
             self.sae.batch_sum.keep_local_gradients(self.trainer.strategy.model)
         if bool(self.sae.data_initialized):
             return
