@@ -1,7 +1,8 @@
 """Scale-out pieces; everything that runs in a process group lives here.
 
-- ``data_parallel``: the losses' batch statistics summed over the data-parallel ranks (``GroupSum``).
-- ``collectives``: the autograd-aware all-reduce pair a latent-sharded SAE needs.
+- ``data_parallel``: the global batch's step on data-parallel ranks: the ranks' codes gathered (``TokenGather``,
+  one process's bits) or the losses' statistics summed (``GroupSum``).
+- ``collectives``: the candidates' all-gather and the chain a latent-sharded SAE decodes with.
 - ``tensor``: ``ShardedTopKSAE``, one SAE split over its latents (exact sharded TopK, AuxK, Multi-TopK, decode).
 - ``layout``: which tensors are split over the tensor-parallel ranks, as DTensors, and the files of a sharded
   checkpoint folder (a leaf: every other module here reads the names from it).
