@@ -6,6 +6,9 @@ one-process run, and how many decoder rows differ at all.
 
     .venv/bin/python scripts/device_count.py --steps 100                  # quickstart on the demo shards (make demo)
     .venv/bin/python scripts/device_count.py --steps 20 --layouts ddp2 tp2 dp2tp2 --workdir /tmp/dc
+    .venv/bin/python scripts/device_count.py --steps 60 --model.dead_after_tokens 16384   # AuxK on from step 4
+
+Options it does not know go to every ``lit-sae fit`` as they are.
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ LAYOUTS = {
 }
 
 
-def fit(config: Path, work: Path, name: str, steps: int, seed: int) -> dict:
+def fit(config: Path, work: Path, name: str, steps: int, seed: int, extra: list[str]) -> dict:
     root = work / name
     cmd = [str(Path(sys.executable).parent / "lit-sae"), "fit", "--config", str(config),
            "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", "--trainer.default_root_dir", str(root),
-           "--trainer.accelerator", "cpu", "--seed_everything", str(seed), *LAYOUTS[name]]
+           "--trainer.accelerator", "cpu", "--seed_everything", str(seed), *LAYOUTS[name], *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name}: lit-sae fit exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -50,13 +53,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--layouts", nargs="+", default=["ddp2", "tp2", "dp2tp2"], choices=[k for k in LAYOUTS if k != "one"])
     p.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temporary folder)")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lit-sae-device-count-"))
     work.mkdir(parents=True, exist_ok=True)
-    ref = fit(args.config, work, "one", args.steps, args.seed)
+    ref = fit(args.config, work, "one", args.steps, args.seed, extra)
     worst = 0.0
     for name in args.layouts:
-        sae = fit(args.config, work, name, args.steps, args.seed)
+        sae = fit(args.config, work, name, args.steps, args.seed, extra)
         diffs = {k: float((sae[k].double() - v.double()).abs().max() / v.double().abs().max().clamp_min(1e-30))
                  for k, v in ref.items()}
         rows = int((sae["W_dec"] != ref["W_dec"]).any(dim=1).sum())
