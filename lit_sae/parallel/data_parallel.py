@@ -9,6 +9,7 @@ equals one process on the global batch (``tests/parallel/test_ddp.py``).
 
 from __future__ import annotations
 
+import atexit
 from typing import Optional
 
 import torch
@@ -112,3 +113,25 @@ def data_parallel_size(trainer) -> int:
     """Data-parallel ranks of a trainer: DDP's world size, a model-parallel mesh's data dimension, else 1."""
     kwargs = getattr(trainer, "distributed_sampler_kwargs", None)
     return int(kwargs["num_replicas"]) if kwargs else 1
+
+
+_destroy_registered = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy ``torch.distributed``'s process group at interpreter exit, while Python is still whole (idempotent;
+    no-op without a process group, or for NCCL, which Lightning already destroys at exit).
+
+    A gloo group left to the interpreter's finalisation can abort a process whose fit or test succeeded: exit -6,
+    "terminate called without an active exception" (its worker threads still hold tensors: pytorch/pytorch#179291;
+    seen once in lit-sae's CI on a 2-process ``trainer.test``)."""
+    global _destroy_registered
+    if _destroy_registered or not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "nccl":
+        return
+    atexit.register(_destroy_process_group)
+    _destroy_registered = True
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

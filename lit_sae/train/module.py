@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lit_sae import compat
 from lit_sae.eval.metrics import L0, NormalizedMSE
-from lit_sae.parallel.data_parallel import data_parallel_size
+from lit_sae.parallel.data_parallel import data_parallel_size, destroy_process_group_at_exit
 from lit_sae.parallel.sharding import configure_sharded, is_sharded, owned_indices, sae_init_context
 from lit_sae.sae import activations
 from lit_sae.sae.checks import check_acts
@@ -241,6 +241,7 @@ class SAEModule(EvalSteps, LRAutoHooks, KLFinetuneHooks, ResumeChecks, L.Lightni
     def setup(self, stage: str) -> None:
         """Under data parallelism the losses are the global batch's (``lit_sae.parallel.data_parallel``): DDP on W
         ranks of ``data.batch_size_tokens / W`` each trains exactly as one process on ``data.batch_size_tokens``."""
+        destroy_process_group_at_exit()
         if stage == "fit":
             from lit_sae.parallel.data_parallel import gathers_codes, use_data_parallel_losses
 

@@ -144,6 +144,9 @@ class SAESweepModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse what cannot work before training: joint norm clipping, a grid that does not fit in memory. (In
         test, an ``EvalReport`` callback gives every SAE its own report: it adapts itself to a sweep.)"""
+        from lit_sae.parallel.data_parallel import destroy_process_group_at_exit
+
+        destroy_process_group_at_exit()
         if stage != "fit":
             return
         clip = self.trainer.gradient_clip_val
