@@ -10,8 +10,11 @@ against measured peak memory on CPU by ``scripts/plan_memory.py --validate``). S
     preact       the encoder's pre-activation chunk: rows x n/T in the compute dtype, rows = the per-device batch
                  or fewer so that it stays under ``kernels.preact_budget(device)`` (plus its dead columns for AuxK,
                  ``dead_fraction`` of them; on CUDA in bf16 the exact top-k's tie repair adds up to 7/16 of the chunk)
-    batch        ``ACT_COPIES`` (B/D x d) activations alive during the step (input, centred input, reconstructions,
-                 residuals, their gradients) in the compute dtype, and the (B/D x K x T) selection candidates
+    batch        ``ACT_COPIES`` (B x d) activations alive during the step (input, centred input, reconstructions,
+                 residuals, their gradients) in the compute dtype, and the (B x K x T) selection candidates, where B
+                 is the global batch: the data-parallel ranks gather their codes and each computes the rest of the
+                 step on the whole batch (``data_parallel.TokenGather``), only the encoder product is per rank (B/D);
+                 with ``gathers=False`` (summed statistics, ``GroupSum``) everything is B/D
 
 The preact chunk is freed before backward allocates gradients, so the peak is
 weights + adam + ema + batch + max(preact, gradients).
@@ -51,7 +54,7 @@ class MemoryPlan:
 def plan_memory(d_in: int, n_latents: int, k: int, batch_size_tokens: int, *, data_parallel_size: int = 1,
                 tensor_parallel_size: int = 1, param_dtype: str = "float32", compute_dtype: str = "float32",
                 multi_topk_factor: int = 1, ema: bool = False, dead_fraction: float = 0.0,
-                batch_is_global: bool = True, device: str = "cpu") -> MemoryPlan:
+                batch_is_global: bool = True, device: str = "cpu", gathers: bool = True) -> MemoryPlan:
     """Memory per device of one training step.
 
     Args:
@@ -63,6 +66,8 @@ def plan_memory(d_in: int, n_latents: int, k: int, batch_size_tokens: int, *, da
         compute_dtype: pre-activations and activations (bfloat16 under bf16-mixed).
         dead_fraction: fraction of latents dead (AuxK selects among a copy of their pre-activation columns).
         device: "cpu" or "cuda": the pre-activation chunk's budget differs (``kernels.preact_budget``).
+        gathers: the data-parallel ranks gather their codes (what a TopK fit does: the step's activations are the
+            global batch's on every rank) or sum statistics (other objectives: each rank's share).
 
     Raises:
         ValueError: n_latents not divisible by tensor_parallel_size, or a batch that does not split over the
@@ -80,8 +85,9 @@ def plan_memory(d_in: int, n_latents: int, k: int, batch_size_tokens: int, *, da
     rows = min(b, max(1, preact_budget(device) // (n_l * c)))
     preact = rows * n_l * c + (rows * int(n_l * dead_fraction) * c if dead_fraction else 0)
     K = k * multi_topk_factor
-    candidates = b * min(K, n_l) * T * (c + 8) * 2  # gathered (values, indices), sorted copy
-    batch = ACT_COPIES * b * d_in * c + candidates
+    step_rows = b * D if gathers else b  # rows of the activations after the encoder product
+    candidates = step_rows * min(K, n_l) * T * (c + 8) * 2  # gathered (values, indices), sorted copy
+    batch = ACT_COPIES * step_rows * d_in * c + candidates
     return MemoryPlan(weights=params, gradients=params, adam=2 * params, ema=params if ema else 0, preact=preact,
                       batch=batch)
 

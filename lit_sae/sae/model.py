@@ -271,16 +271,13 @@ class TopKSAE(UnitNormDecoder, nn.Module):
         The returned ``x_hat`` is still in the SAE's space."""
         bs = self.batch_sum if self.training else LOCAL  # eval ranks may hold unequal batch counts: no collectives
         gather = bs if bs.gathers else None
-        if gather is not None:
-            if base.dim() != 1:
-                raise ValueError("gathering the data-parallel ranks' rows needs a per-latent base (b_pre), not a "
-                                 "per-token one")
-            values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(
-                x_n, dead_mask, gather)
-            target_n, bs = gather.gather(target_n), LOCAL  # from here on, the global batch's step on every rank
-        else:
-            values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(
-                x_n, dead_mask)
+        if gather is not None and base.dim() != 1:
+            raise ValueError("gathering the data-parallel ranks' rows needs a per-latent base (b_pre), not a "
+                             "per-token one")
+        args = (x_n, dead_mask) if gather is None else (x_n, dead_mask, gather)
+        values, indices, multi_values, multi_indices, aux_values, aux_indices, sparsity = self._encode_n(*args)
+        if gather is not None:  # from here on, the global batch's step on every rank
+            target_n, bs = gather.gather(target_n), LOCAL
         matryoshka = self.activation == "matryoshka_batchtopk" and self.training
         # Every code is decoded in one call (one W_dec gradient for all in the fast path): the k-code (matryoshka
         # decodes its prefixes itself); Multi-TopK's extra 3k (the first k of the top-4k are the top-k: only the

@@ -13,7 +13,10 @@ def test_plan_counts_by_hand():
     params = (2 * 8192 * 512 + 8192 + 512) * 4
     assert plan.weights == plan.gradients == params and plan.adam == 2 * params and plan.ema == 0
     assert plan.preact == 2048 * 8192 * 4  # 64 MiB: one chunk holds the whole per-device batch
-    assert plan.batch == ACT_COPIES * 2048 * 512 * 4 + 2048 * 32 * 2 * (4 + 8) * 2
+    # the activations after the encoder product are the global batch's on every rank (the codes are gathered)
+    assert plan.batch == ACT_COPIES * 4096 * 512 * 4 + 4096 * 32 * 2 * (4 + 8) * 2
+    summed = plan_memory(512, 16384, 32, 4096, data_parallel_size=2, tensor_parallel_size=2, gathers=False)
+    assert summed.batch == ACT_COPIES * 2048 * 512 * 4 + 2048 * 32 * 2 * (4 + 8) * 2
     assert plan.peak == 3 * params + plan.batch + max(plan.preact, params)  # preact is freed before the gradients
     # a wide shard: the chunk stays under MAX_PREACT_BYTES
     wide = plan_memory(512, 2**22, 32, 4096)
