@@ -56,5 +56,5 @@ class _TakeChained(torch.autograd.Function):
 
 def take_chained(local: Tensor, total: Tensor) -> Tensor:
     """``total`` (a chain's result, the same on every rank) whose gradient passes unchanged to ``local``, this rank's
-    part of it (as :func:`sum_over_shards`, whose forward is an all-reduce)."""
+    part of it: every rank needs the whole output gradient, and each back-propagates it through its own part."""
     return _TakeChained.apply(local, total)
