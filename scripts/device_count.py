@@ -5,7 +5,7 @@ Every layout uses the same global batch (``data.batch_size_tokens``) and seed; l
 one-process run, and how many decoder rows differ at all.
 
     .venv/bin/python scripts/device_count.py --steps 100                  # quickstart on the demo shards (make demo)
-    .venv/bin/python scripts/device_count.py --steps 20 --layouts ddp2 tp2 dp2tp2 --workdir /tmp/dc
+    .venv/bin/python scripts/device_count.py --steps 20 --layouts ddp2 tp2 dp2tp2 --workdir runs/device-count
     .venv/bin/python scripts/device_count.py --steps 60 --model.dead_after_tokens 16384   # AuxK on from step 4
 
 Options it does not know go to every ``lit-sae fit`` as they are.
