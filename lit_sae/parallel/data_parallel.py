@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lit_sae.parallel.collectives import all_gather_cat
 from lit_sae.sae.losses import BatchSum
 
 
@@ -63,9 +64,7 @@ class TokenGather(BatchSum):
         return t  # the statistics are taken over the gathered global batch already
 
     def gather(self, t: Tensor) -> Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.detach().contiguous(), group=self.group)
-        return torch.cat(parts, dim=0)
+        return all_gather_cat(t.detach(), self.group, dim=0)
 
     def own_rows(self, t: Tensor) -> Tensor:
         rows = t.shape[0] // self.world_size
